@@ -1,0 +1,251 @@
+/**
+ * Implements: the forward/backward worker actor (and, with `mode: "eval"`, the
+ * evaluator that reports validation loss).
+ *
+ * Holds nothing durable: a cached copy of each shard's latest params (from the
+ * `ps.*.version` broadcasts, or a `ps.<k>.pull` when it joins). Train loop: lease a batch
+ * → wait for params (sync: a version newer than the one it last pushed for) → forward +
+ * backward with TensorFlow.js → push each shard its gradients (shared/wire, f32 or int8
+ * with error feedback) → report `WorkerStep`. A gradient that is already stale when it
+ * is ready (sync: a newer version arrived meanwhile) is not pushed; the batch is handed
+ * back (`BatchFailed`) so another replica computes it on fresh params.
+ * Needs the Compute service (a TensorFlow.js backend). Run alone:
+ * `flotilla launch worker --job FILE --nats URL`.
+ */
+import { Deferred, Effect, Result, Schedule, Scope } from "effect"
+import { Bus, type BusMessage } from "../../shared/bus/Bus.ts"
+import { runHeartbeat } from "../../shared/actor/membership.ts"
+import type { JobConfig } from "../../shared/config/job.ts"
+import { Compute } from "../../shared/compute/backend.ts"
+import { evalLoss, lossAndGrads } from "../../shared/models/model.ts"
+import { makeModel } from "../../shared/models/zoo.ts"
+import { decodeBytes, decodeValue, encodeMessage, parseJson } from "../../shared/protocol/decode.ts"
+import {
+  BatchLeased,
+  HEADER_BATCH,
+  LeaseReply,
+  Rejected,
+  type ValidationLoss,
+  type WorkerStep
+} from "../../shared/protocol/messages.ts"
+import { assignShards } from "../../shared/protocol/sharding.ts"
+import { PROTOCOL_VERSION, subjects } from "../../shared/protocol/subjects.ts"
+import { toWire } from "../../shared/wire/codec.ts"
+import type { Codec, TensorBundle } from "../../shared/wire/tensor.ts"
+import { receiveBundles, requestBundle, sendBundle } from "../../shared/wire/transport.ts"
+
+export interface WorkerOptions {
+  readonly job: JobConfig
+  readonly id: string
+  readonly mode?: "train" | "eval"
+  /** gradient codec on the wire (int8-block uses error feedback). Default f32. */
+  readonly codec?: Codec
+}
+
+export interface WorkerHandle {
+  /** completes when the job's final version is seen (or the worker is told to stop). */
+  readonly finished: Deferred.Deferred<void>
+  readonly stats: { steps: number; stale: number; tokens: number; bytesSent: number }
+}
+
+interface Batch {
+  readonly meta: BatchLeased
+  readonly tokens: Int32Array
+}
+
+const decodeBatch = (m: BusMessage): Result.Result<Batch, string> => {
+  const h = m.headers[HEADER_BATCH]
+  if (h === undefined) {
+    const j = parseJson(m.data)
+    if (Result.isFailure(j)) return Result.fail(j.failure)
+    const r = decodeValue(LeaseReply, m.subject, j.success)
+    if (Result.isFailure(r)) return Result.fail(r.failure.reason)
+    return Result.fail(r.success._tag === "NoBatch" ? `no batch: ${r.success.reason}` : `rejected: ${r.success.reason}`)
+  }
+  const meta = parseJson(new TextEncoder().encode(h))
+  if (Result.isFailure(meta)) return Result.fail(meta.failure)
+  const d = decodeValue(BatchLeased, m.subject, meta.success)
+  if (Result.isFailure(d)) return Result.fail(d.failure.reason)
+  const need = d.success.B * (d.success.T + 1) * 4
+  if (m.data.byteLength !== need) return Result.fail(`batch payload is ${m.data.byteLength} bytes, expected ${need}`)
+  const tokens = new Int32Array(d.success.B * (d.success.T + 1))
+  new Uint8Array(tokens.buffer).set(m.data)
+  return Result.succeed({ meta: d.success, tokens })
+}
+
+export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, Bus | Compute | Scope.Scope> =>
+  Effect.gen(function* () {
+    const bus = yield* Bus
+    yield* Compute
+    const { job, id } = o
+    const mode = o.mode ?? "train"
+    const s = subjects(job.job)
+    const model = makeModel(job.model)
+    const shards = job.topology.psShards
+    const shardOf = assignShards(model.specs, shards)
+    const codec: Codec = o.codec ?? "f32"
+    const residuals = new Map<string, Float32Array>()
+    const stats = { steps: 0, stale: 0, tokens: 0, bytesSent: 0 }
+    const finished = yield* Deferred.make<void>()
+
+    // ---- the params cache: newest version of each shard, and a signal on every change
+    const cache = new Map<number, { version: number; params: Map<string, Float32Array> }>()
+    let changed = yield* Deferred.make<void>()
+    const onParams = (b: TensorBundle) =>
+      Effect.gen(function* () {
+        const shard = Number(b.meta.extra?.shard ?? -1)
+        if (b.meta.kind !== "params" || !(shard >= 0 && shard < shards)) return
+        const cur = cache.get(shard)
+        if (cur && cur.version >= b.meta.version) return
+        // copy: the bundle's arrays may view a buffer the transport reuses
+        cache.set(shard, { version: b.meta.version, params: new Map(b.tensors.map((t) => [t.name, Float32Array.from(t.data as Float32Array)])) })
+        const old = changed
+        changed = yield* Deferred.make<void>()
+        yield* Deferred.succeed(old, undefined)
+        if (b.meta.version >= job.train.steps && mode === "train") yield* Deferred.succeed(finished, undefined)
+      })
+    yield* receiveBundles(bus, s.psVersionAll, onParams)
+
+    /** versions of all shards when every shard is cached at the same version (else undefined). */
+    const commonVersion = (): number | undefined => {
+      if (cache.size < shards) return undefined
+      const vs = [...cache.values()].map((c) => c.version)
+      return vs.every((v) => v === vs[0]) ? vs[0] : undefined
+    }
+    const fullParams = () => {
+      const all = new Map<string, Float32Array>()
+      for (const c of cache.values()) for (const [k, v] of c.params) all.set(k, v)
+      return all
+    }
+    const waitFor = (pred: () => boolean): Effect.Effect<boolean> =>
+      Effect.gen(function* () {
+        while (true) {
+          if (yield* Deferred.isDone(finished)) return false
+          if (pred()) return true
+          yield* Deferred.await(changed).pipe(Effect.timeout(1_000), Effect.ignore)
+        }
+      })
+
+    // ---- join: pull every shard once (the broadcasts keep us current afterwards)
+    const pull = (k: number) =>
+      requestBundle(bus, s.psPull(k), encodeMessage({ _tag: "PullParams", v: PROTOCOL_VERSION, worker: id, minVersion: 0 }), { timeoutMs: 10_000 }).pipe(
+        Effect.flatMap((r) => onParams(r.bundle)),
+        Effect.retry({ times: 30, schedule: Schedule.spaced(300) }),
+        Effect.catch((e) => Effect.logWarning(`worker ${id}: pull of shard ${k} failed: ${e.message}`))
+      )
+    yield* Effect.forEach(Array.from({ length: shards }, (_, k) => k), pull, { discard: true })
+
+    yield* bus.subscribe(s.errors, (m) => {
+      const r = decodeBytes(Rejected, m.subject, m.data)
+      return Result.isSuccess(r) && r.success.sender === id
+        ? Effect.logWarning(`worker ${id}: ${r.success.by} rejected my message (${r.success.code}): ${r.success.reason}`)
+        : Effect.void
+    })
+
+    const hb = yield* runHeartbeat(s, mode === "eval" ? "evaluator" : "worker", id, job.train.heartbeatMs)
+
+    const lease = (split: "train" | "val", index?: number) =>
+      bus.request(s.dataLease, encodeMessage({ _tag: "LeaseBatch", v: PROTOCOL_VERSION, worker: id, split, index }), { timeoutMs: 5_000 }).pipe(
+        Effect.map(decodeBatch)
+      )
+
+    // ---- train loop
+    const trainLoop: Effect.Effect<void, Error> = Effect.gen(function* () {
+      let lastVersion = -1
+      while (!(yield* Deferred.isDone(finished))) {
+        const t0 = performance.now()
+        const leased: Result.Result<Batch, string> = yield* lease("train").pipe(
+          Effect.catch((e) => Effect.succeed(Result.fail(e.message)))
+        )
+        if (Result.isFailure(leased)) {
+          if (!leased.failure.includes("paused")) yield* Effect.logDebug(`worker ${id}: ${leased.failure}`)
+          yield* Effect.sleep(200)
+          continue
+        }
+        const batch = leased.success
+        const t1 = performance.now()
+        const sync = job.train.consistency.mode === "sync"
+        const ok = yield* waitFor(() => {
+          const v = commonVersion()
+          return sync ? v !== undefined && v > lastVersion : cache.size === shards
+        })
+        if (!ok) break
+        const t2 = performance.now()
+        const versions = new Map([...cache].map(([k, c]) => [k, c.version]))
+        const v = Math.min(...versions.values())
+        const { loss, grads } = lossAndGrads(model, fullParams(), { tokens: batch.tokens, batchSize: batch.meta.B, seqLen: batch.meta.T })
+        const t3 = performance.now()
+        if (sync && (commonVersion() ?? -1) > v) {
+          stats.stale++
+          yield* bus.publish(s.dataAck, encodeMessage({ _tag: "BatchFailed", v: PROTOCOL_VERSION, worker: id, batchId: batch.meta.batchId, reason: `stale: version ${v} was superseded while computing` }))
+          lastVersion = -1
+          continue
+        }
+        const tokens = batch.meta.B * batch.meta.T
+        let bytes = 0
+        for (let k = 0; k < shards; k++) {
+          const tensors = model.specs
+            .filter((sp) => shardOf.get(sp.name) === k)
+            .map((sp) => {
+              let residual = residuals.get(sp.name)
+              if (codec !== "f32" && !residual) residuals.set(sp.name, (residual = new Float32Array(grads.get(sp.name)!.length)))
+              return toWire(sp.name, sp.shape, grads.get(sp.name)!, codec, { residual })
+            })
+          const sent = yield* sendBundle(bus, s.psPush(k), {
+            tensors,
+            meta: { kind: "grads", job: job.job, version: versions.get(k)!, step: versions.get(k)!, sender: id, batchId: batch.meta.batchId, codec, extra: { samples: batch.meta.B, tokens, loss } }
+          }).pipe(Effect.orDie)
+          bytes += sent.bytes
+        }
+        const t4 = performance.now()
+        lastVersion = v
+        stats.steps++
+        stats.tokens += tokens
+        stats.bytesSent += bytes
+        hb.setInfo({ version: v, steps: stats.steps })
+        const metric: WorkerStep = {
+          _tag: "WorkerStep", v: PROTOCOL_VERSION, worker: id, version: v, batchId: batch.meta.batchId, loss, tokens,
+          waitBatchMs: t1 - t0, waitParamsMs: t2 - t1, computeMs: t3 - t2, pushMs: t4 - t3, bytesSent: bytes
+        }
+        yield* bus.publish(s.metrics("worker"), encodeMessage(metric)).pipe(Effect.ignore)
+      }
+    })
+
+    // ---- eval loop: validation loss every evalEvery versions, and at the end
+    const evalLoop: Effect.Effect<void, Error> = Effect.gen(function* () {
+      const valBatches: Batch[] = []
+      for (let i = 0; i < job.data.valBatches; i++) {
+        const b = yield* lease("val", i).pipe(Effect.orDie)
+        if (Result.isFailure(b)) return yield* Effect.fail(new Error(`evaluator ${id}: val batch ${i}: ${b.failure}`))
+        valBatches.push(b.success)
+      }
+      let lastEval = -1
+      const every = Math.max(1, job.train.evalEvery)
+      while (true) {
+        const ok = yield* waitFor(() => {
+          const v = commonVersion()
+          return v !== undefined && v > lastEval && (v % every === 0 || v >= job.train.steps)
+        })
+        if (!ok) break
+        const v = commonVersion()!
+        const params = fullParams()
+        const losses = valBatches.map((b) => evalLoss(model, params, { tokens: b.tokens, batchSize: b.meta.B, seqLen: b.meta.T }))
+        const loss = losses.reduce((a, b) => a + b, 0) / losses.length
+        lastEval = v
+        const msg: ValidationLoss = { _tag: "ValidationLoss", v: PROTOCOL_VERSION, evaluator: id, version: v, loss, batches: losses.length }
+        yield* bus.publish(s.metrics("evaluator"), encodeMessage(msg)).pipe(Effect.ignore)
+        if (v >= job.train.steps) {
+          yield* Deferred.succeed(finished, undefined)
+          break
+        }
+      }
+    })
+
+    const loop = mode === "eval" ? evalLoop : trainLoop
+    yield* loop.pipe(
+      Effect.catchCause((c) => Effect.logError(`worker ${id} loop ended`, c)),
+      Effect.ensuring(Deferred.succeed(finished, undefined)),
+      Effect.forkScoped
+    )
+    return { finished, stats } satisfies WorkerHandle
+  })

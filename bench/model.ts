@@ -1,0 +1,95 @@
+// Benchmarks one training step (forward + backward, gradients read back) of the model
+// zoo on the wasm backend: gpt-mini with tfjs' stock matMul gradients against
+// matMul2d/batchMatMul's plain-matMul gradients, and the LSTM classifier.
+// Owns: nothing but measurement. Run: node bench/model.ts [--steps N]   (~1.5-3 min)
+// Numbers are medians; shared 2-core machines vary by up to ~1.8x between runs
+// (PERF-NOTES.md has the reference numbers: ~290 tok/s stock, ~1,100 with the fixes).
+
+import os from "node:os"
+import { initBackend } from "../shared/compute/backend.ts"
+import { setPlainMatMulGradients } from "../shared/compute/ops.ts"
+import { gptMini, makeGpt } from "../shared/models/gpt.ts"
+import type { GptBatch } from "../shared/models/gpt.ts"
+import { lstmClassifierDefaults, makeLstmClassifier } from "../shared/models/lstm-classifier.ts"
+import type { LstmBatch } from "../shared/models/lstm-classifier.ts"
+import type { ModelDef } from "../shared/models/model.ts"
+import { countParams, lossAndGrads } from "../shared/models/model.ts"
+import { Rng } from "../shared/models/rng.ts"
+
+const argSteps = process.argv.indexOf("--steps")
+const STEPS = argSteps > 0 ? Number(process.argv[argSteps + 1]) : 3
+
+const median = (xs: number[]): number => {
+  const s = [...xs].sort((a, b) => a - b)
+  return s.length % 2 === 1 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2
+}
+
+interface Row {
+  readonly run: string
+  readonly firstMs: number
+  readonly medianMs: number
+  readonly rate: string
+}
+
+/** One warm-up step (reported: the first step pays one-off costs), then `steps` timed. */
+const time = <B>(run: string, def: ModelDef<B>, batch: B, items: number, unit: string, steps: number): Row => {
+  const params = def.init(0)
+  const t0 = performance.now()
+  lossAndGrads(def, params, batch)
+  const firstMs = performance.now() - t0
+  const ms: number[] = []
+  for (let i = 0; i < steps; i++) {
+    const t = performance.now()
+    const { loss } = lossAndGrads(def, params, batch)
+    ms.push(performance.now() - t)
+    if (!Number.isFinite(loss)) throw new Error(`${run}: loss is ${loss}`)
+  }
+  const m = median(ms)
+  const row = { run, firstMs, medianMs: m, rate: `${((items / m) * 1000).toFixed(unit === "tok/s" ? 0 : 1)} ${unit}` }
+  console.log(`  ${run}: steps ${ms.map((x) => x.toFixed(0)).join(", ")} ms`)
+  return row
+}
+
+const main = async () => {
+  const backend = await initBackend("wasm")
+  console.log(`backend: ${backend.reason}`)
+  console.log(`load average: ${os.loadavg().map((x) => x.toFixed(1)).join(" ")} on ${os.cpus().length} cores\n`)
+
+  const B = 32
+  const T = gptMini.contextLength
+  const gpt = makeGpt(gptMini)
+  console.log(`gpt-mini ${JSON.stringify(gpt.config)}, ${countParams(gpt).toLocaleString()} params, B=${B} T=${T}`)
+  const rng = new Rng(1)
+  const gptBatch: GptBatch = {
+    tokens: Int32Array.from({ length: B * (T + 1) }, () => rng.int(gptMini.vocabSize)),
+    batchSize: B,
+    seqLen: T
+  }
+
+  const lstm = makeLstmClassifier(lstmClassifierDefaults)
+  const L = 100
+  console.log(`lstm-classifier ${JSON.stringify(lstm.config)}, ${countParams(lstm).toLocaleString()} params, B=${B} L=${L}`)
+  const lstmBatch: LstmBatch = {
+    x: Int32Array.from({ length: B * L }, (_, i) => (i % L < 20 ? 0 : 1 + rng.int(lstm.config.vocabSize - 1))),
+    y: Float32Array.from({ length: B }, (_, i) => i % 2),
+    B,
+    L
+  }
+
+  const rows: Row[] = []
+  setPlainMatMulGradients(true)
+  rows.push(time("gpt-mini, matMul2d gradients", gpt, gptBatch, B * T, "tok/s", STEPS))
+  rows.push(time("lstm-classifier, matMul2d gradients", lstm, lstmBatch, B, "samples/s", STEPS))
+  setPlainMatMulGradients(false)
+  rows.push(time("gpt-mini, stock matMul gradients", gpt, gptBatch, B * T, "tok/s", Math.max(1, STEPS - 1)))
+  setPlainMatMulGradients(true)
+
+  const w = Math.max(...rows.map((r) => r.run.length))
+  console.log(`\n| ${"run".padEnd(w)} | first step ms | median step ms | throughput |`)
+  console.log(`| ${"-".repeat(w)} | ---: | ---: | ---: |`)
+  for (const r of rows) {
+    console.log(`| ${r.run.padEnd(w)} | ${r.firstMs.toFixed(0)} | ${r.medianMs.toFixed(0)} | ${r.rate} |`)
+  }
+}
+
+await main()

@@ -1,0 +1,73 @@
+/**
+ * Implements: `flotilla launch <role>` — one actor as its own process, joining a job
+ * over NATS. The same actor code `flotilla start` runs in-process; only the Bus layer
+ * differs. Workers and evaluators exit when the job's final version is out; the other
+ * roles run until SIGTERM/SIGINT (a parameter server checkpoints on the way out).
+ */
+import { existsSync } from "node:fs"
+import { hostname } from "node:os"
+import { Deferred, Effect, Layer } from "effect"
+import { runLoader } from "../actors/loader/loader.ts"
+import { runParamServer } from "../actors/param-server/server.ts"
+import { runScheduler } from "../actors/scheduler/scheduler.ts"
+import { runWorker } from "../actors/worker/worker.ts"
+import { NatsBus } from "../shared/bus/nats.ts"
+import { Compute, type BackendPreference } from "../shared/compute/backend.ts"
+import { loadJobFile, resolveJob, type JobConfig } from "../shared/config/job.ts"
+import type { Codec } from "../shared/wire/tensor.ts"
+import { UsageError } from "./main.ts"
+
+export const ROLES = ["loader", "worker", "evaluator", "param-server", "scheduler"] as const
+
+export const jobFromFlag = (flag: string | undefined): JobConfig => {
+  if (!flag) throw new UsageError("--job is required: a job file (JSON/YAML) or a job name")
+  return existsSync(flag) ? loadJobFile(flag) : resolveJob({ job: flag }, `--job ${flag}`)
+}
+
+export const codecFromFlag = (c: unknown): Codec => {
+  if (c === undefined || c === "f32") return "f32"
+  if (c === "int8" || c === "int8-block") return "int8-block"
+  throw new UsageError(`--codec must be f32 or int8, got ${JSON.stringify(c)}`)
+}
+
+export const launch = (o: { role: string; values: Record<string, unknown> }) => {
+  const v = o.values
+  if (!(ROLES as readonly string[]).includes(o.role)) throw new UsageError(`unknown role ${JSON.stringify(o.role)}: one of ${ROLES.join(", ")}`)
+  const job = jobFromFlag(v.job as string | undefined)
+  const servers = String(v.nats ?? process.env.NATS_URL ?? "nats://127.0.0.1:4222").split(",")
+  const shard = v.shard === undefined ? 0 : Number(v.shard)
+  if (!(Number.isInteger(shard) && shard >= 0 && shard < job.topology.psShards)) {
+    throw new UsageError(`--shard must be in [0, ${job.topology.psShards}) for this job, got ${v.shard}`)
+  }
+  const role = o.role
+  const id = (v.id as string | undefined) ?? `${role === "param-server" ? `ps${shard}` : role}-${hostname().replace(/[^A-Za-z0-9_-]/g, "")}-${process.pid}`
+  const codec = codecFromFlag(v.codec)
+  const bus = NatsBus.layer({ servers, name: `flotilla-${job.job}-${id}`, waitOnFirstConnect: true })
+
+  const program = Effect.gen(function* () {
+    yield* Effect.logInfo(`launch ${role} ${id} for job ${job.job} on ${servers.join(",")}`)
+    switch (role) {
+      case "loader":
+        yield* runLoader({ job, id })
+        return yield* Effect.never
+      case "scheduler":
+        yield* runScheduler({ job, id })
+        return yield* Effect.never
+      case "param-server": {
+        const minWorkers = v["min-workers"] === undefined ? undefined : Number(v["min-workers"])
+        yield* runParamServer({ job, shard, id, resume: v["no-resume"] !== true, minWorkers })
+        return yield* Effect.never
+      }
+      case "worker":
+      case "evaluator": {
+        const h = yield* runWorker({ job, id, mode: role === "evaluator" ? "eval" : "train", codec }).pipe(
+          Effect.provide(Compute.layer(v.backend as BackendPreference | undefined))
+        )
+        yield* Deferred.await(h.finished)
+        yield* Effect.logInfo(`${id}: done (${h.stats.steps} steps, ${h.stats.stale} stale, ${h.stats.bytesSent} bytes sent)`)
+        return
+      }
+    }
+  })
+  return program.pipe(Effect.scoped, Effect.provide(Layer.mergeAll(bus)))
+}

@@ -1,0 +1,174 @@
+/**
+ * Implements: the `flotilla` command line — parsing, help, and dispatch to the commands.
+ *
+ *   flotilla start  [job file] [--steps N] [--workers N] [--ps-shards N] [--backend B] [--json]
+ *   flotilla up     [job file] [--workers N] [--ps-shards N] [--steps N] [--nats URL] [--json]
+ *   flotilla launch <loader|worker|evaluator|param-server|scheduler> --job NAME|FILE --nats URL
+ *   flotilla ctl    <job> <verb> [args] [--nats URL]
+ *
+ * Every command takes --help. Options override the job file, which overrides defaults.
+ */
+import { parseArgs, type ParseArgsConfig } from "node:util"
+import { DEFAULT_JOB, loadJobFile, resolveJob, type JobConfig } from "../shared/config/job.ts"
+import type { BackendPreference } from "../shared/compute/backend.ts"
+import { runMain } from "./runtime.ts"
+
+export class UsageError extends Error {
+  readonly _tag = "UsageError"
+}
+
+const COMMON = {
+  steps: { type: "string" },
+  workers: { type: "string" },
+  "ps-shards": { type: "string" },
+  job: { type: "string" },
+  consistency: { type: "string" },
+  backend: { type: "string" },
+  json: { type: "boolean" },
+  help: { type: "boolean", short: "h" }
+} as const satisfies ParseArgsConfig["options"]
+
+export const HELP: Record<string, string> = {
+  main: `flotilla — train language models as a fleet of actors over NATS
+
+usage: flotilla <command> [options]     (flotilla <command> --help for more)
+
+commands:
+  start    train a job with every actor in this process (no NATS server needed)
+  up       run a job's whole topology as separate processes over NATS
+  launch   run one actor and join a job over NATS (from any host)
+  ctl      send a control message to a running job (status, pause, set-lr, ...)
+`,
+  start: `usage: flotilla start [job.json|job.yaml] [options]
+
+Trains with every actor in one process on the in-process bus (the embedded default).
+Defaults: a ${DEFAULT_JOB.model.kind === "gpt" ? `${DEFAULT_JOB.model.layers}-layer, width-${DEFAULT_JOB.model.width} GPT` : "model"} on Moby Dick, ${DEFAULT_JOB.train.steps} steps.
+
+options:
+  --steps N          optimizer steps (versions) to train
+  --workers N        data-parallel workers (each its own replica)
+  --ps-shards N      parameter-server shards
+  --consistency M    sync | async | bounded:S
+  --backend B        tensorflow | wasm | cpu (default: best available; env FLOTILLA_BACKEND)
+  --json             print a machine-readable summary instead of the report
+  --sample N         characters of text to sample at the end (default 200; 0 = none)
+`,
+  up: `usage: flotilla up [job file] [options]
+
+Runs loader, scheduler, parameter-server shards, workers and an evaluator as separate
+processes talking over NATS; starts a local nats-server when --nats is not given.
+
+options:
+  --nats URL         an existing NATS server (default: start one on a free port)
+  --steps N, --workers N, --ps-shards N, --consistency M, --backend B   as for start
+  --codec C          gradient codec on the wire: f32 | int8
+  --json             print a machine-readable summary at the end
+`,
+  launch: `usage: flotilla launch <loader|worker|evaluator|param-server|scheduler> --job NAME|FILE --nats URL [options]
+
+Runs one actor that joins a job over NATS. --job is a job file (JSON/YAML) or a job name
+(then the defaults are used: pass the same file to every actor of a job).
+
+options:
+  --nats URL         NATS server(s), comma separated (default nats://127.0.0.1:4222)
+  --id ID            actor id (default <role>-<host>-<pid>)
+  --shard K          param-server: which shard (default 0)
+  --codec C          worker: gradient codec f32 | int8
+  --no-resume        param-server: ignore existing checkpoints
+  --min-workers N    param-server: the first step waits for N live workers
+`
+}
+
+const int = (name: string, v: string | undefined): number | undefined => {
+  if (v === undefined) return undefined
+  const n = Number(v)
+  if (!Number.isInteger(n) || n < 1) throw new UsageError(`--${name} must be a positive integer, got ${JSON.stringify(v)}`)
+  return n
+}
+
+const consistency = (v: string | undefined) => {
+  if (v === undefined) return undefined
+  if (v === "sync" || v === "async") return { mode: v }
+  const m = /^bounded:(\d+)$/.exec(v)
+  if (m) return { mode: "bounded", staleness: Number(m[1]) }
+  throw new UsageError(`--consistency must be sync, async or bounded:S, got ${JSON.stringify(v)}`)
+}
+
+/** Job from a file (or defaults) with command-line overrides applied. */
+export const jobFromArgs = (file: string | undefined, v: Record<string, unknown>): JobConfig => {
+  const base: Record<string, any> = file ? { ...loadJobFile(file) } : {}
+  const patch: Record<string, any> = { train: {}, topology: {} }
+  const steps = int("steps", v.steps as string | undefined)
+  if (steps) patch.train.steps = steps
+  const c = consistency(v.consistency as string | undefined)
+  if (c) patch.train.consistency = c
+  const w = int("workers", v.workers as string | undefined)
+  if (w) patch.topology.workers = w
+  const k = int("ps-shards", v["ps-shards"] as string | undefined)
+  if (k) patch.topology.psShards = k
+  if (typeof v.jobName === "string") patch.job = v.jobName
+  const merged: Record<string, any> = { ...base, train: { ...base.train, ...patch.train }, topology: { ...base.topology, ...patch.topology } }
+  if (patch.job) merged.job = patch.job
+  // a file's schedule horizon follows a --steps override unless the file set it apart
+  if (steps && merged.schedule && "totalSteps" in merged.schedule && merged.schedule.totalSteps === base.train?.steps) {
+    merged.schedule = { ...merged.schedule, totalSteps: steps }
+  }
+  return resolveJob(merged, file ?? "job")
+}
+
+const parse = (args: string[], options: ParseArgsConfig["options"]): { values: Record<string, any>; positionals: string[] } =>
+  parseArgs({ args, options: { ...COMMON, ...options }, allowPositionals: true, strict: true })
+
+export const main = async (argv: string[]): Promise<void> => {
+  const [cmd, ...rest] = argv
+  if (!cmd || cmd === "--help" || cmd === "-h" || cmd === "help") {
+    process.stdout.write(HELP.main)
+    return
+  }
+  try {
+    switch (cmd) {
+      case "start": {
+        const { values: v, positionals } = parse(rest, { sample: { type: "string" } })
+        if (v.help) return void process.stdout.write(HELP.start)
+        const job = jobFromArgs(positionals[0], v)
+        const { startEmbedded } = await import("./start.ts")
+        const sample = v.sample === undefined ? 200 : Number(v.sample)
+        runMain(startEmbedded({ job, backend: v.backend as BackendPreference | undefined, json: v.json === true, sample }), "Warn")
+        return
+      }
+      case "up": {
+        const { values: v, positionals } = parse(rest, { nats: { type: "string" }, codec: { type: "string" } })
+        if (v.help) return void process.stdout.write(HELP.up)
+        const job = jobFromArgs(positionals[0], v)
+        const { up } = await import("./up.ts")
+        runMain(up({ job, jobFile: positionals[0], nats: v.nats, json: v.json === true, codec: v.codec, backend: v.backend, argv: rest }), "Warn")
+        return
+      }
+      case "launch": {
+        const { values: v, positionals } = parse(rest, {
+          nats: { type: "string" },
+          id: { type: "string" },
+          shard: { type: "string" },
+          codec: { type: "string" },
+          "no-resume": { type: "boolean" },
+          "min-workers": { type: "string" }
+        })
+        if (v.help || positionals.length === 0) return void process.stdout.write(HELP.launch)
+        const { launch } = await import("./launch.ts")
+        runMain(launch({ role: positionals[0], values: v }), "Info")
+        return
+      }
+      case "ctl": {
+        const { ctlMain } = await import("./ctl.ts")
+        await ctlMain(rest)
+        return
+      }
+      default:
+        throw new UsageError(`unknown command ${JSON.stringify(cmd)}\n\n${HELP.main}`)
+    }
+  } catch (e) {
+    process.stderr.write(`flotilla: ${(e as Error).message}\n`)
+    process.exit(2)
+  }
+}
+

@@ -1,0 +1,145 @@
+/**
+ * Implements: heartbeats out and membership in — who is alive in a job, by role.
+ *
+ * Every actor publishes a `Heartbeat` on `hb.<role>.<id>` every `heartbeatMs`, and one
+ * with state `leaving` when its scope closes (a clean SIGTERM), so barriers drop it at
+ * once instead of after `livenessMs` of silence. `Membership` is the pure table; 
+ * `trackMembership` keeps one up to date from the bus and reports joins and leaves.
+ */
+import { hostname } from "node:os"
+import { Effect, Result, Schedule, Scope } from "effect"
+import { Bus } from "../bus/Bus.ts"
+import { decodeBytes, encodeMessage } from "../protocol/decode.ts"
+import { Heartbeat } from "../protocol/messages.ts"
+import type { Role, Subjects } from "../protocol/subjects.ts"
+import { PROTOCOL_VERSION } from "../protocol/subjects.ts"
+
+export interface Member {
+  readonly role: Role
+  readonly id: string
+  readonly host: string
+  readonly pid: number
+  readonly startedAt: number
+  readonly lastSeen: number
+  readonly state: Heartbeat["state"]
+  readonly info?: Heartbeat["info"]
+}
+
+export type MembershipEvent = { readonly kind: "joined" | "left"; readonly member: Member; readonly why: string }
+
+/** The pure membership table: `observe` heartbeats, `sweep` the silent ones. */
+export class Membership {
+  private readonly members = new Map<string, Member>()
+  readonly livenessMs: number
+  constructor(livenessMs: number) {
+    this.livenessMs = livenessMs
+  }
+
+  private key = (role: string, id: string) => `${role}/${id}`
+
+  observe(hb: Heartbeat, now: number): MembershipEvent | undefined {
+    const k = this.key(hb.role, hb.id)
+    const known = this.members.get(k)
+    if (hb.state === "leaving") {
+      if (!known) return undefined
+      this.members.delete(k)
+      return { kind: "left", member: known, why: "left cleanly" }
+    }
+    const m: Member = { ...hb, lastSeen: now }
+    this.members.set(k, m)
+    return known ? undefined : { kind: "joined", member: m, why: "first heartbeat" }
+  }
+
+  sweep(now: number): MembershipEvent[] {
+    const out: MembershipEvent[] = []
+    for (const [k, m] of this.members) {
+      if (now - m.lastSeen > this.livenessMs) {
+        this.members.delete(k)
+        out.push({ kind: "left", member: m, why: `silent for ${now - m.lastSeen} ms` })
+      }
+    }
+    return out
+  }
+
+  /** Live members of a role, sorted by id (the fixed order gradients are summed in). */
+  live(role: Role): Member[] {
+    return [...this.members.values()].filter((m) => m.role === role).sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0))
+  }
+
+  isLive = (role: Role, id: string) => this.members.has(this.key(role, id))
+  all = (): Member[] => [...this.members.values()]
+}
+
+/** Subscribe to a job's heartbeats and keep `membership` current. */
+export const trackMembership = (
+  s: Subjects,
+  livenessMs: number,
+  onChange: (e: MembershipEvent) => Effect.Effect<void> = () => Effect.void
+): Effect.Effect<Membership, never, Bus | Scope.Scope> =>
+  Effect.gen(function* () {
+    const bus = yield* Bus
+    const membership = new Membership(livenessMs)
+    yield* bus
+      .subscribe(s.hbAll, (m) => {
+        const hb = decodeBytes(Heartbeat, m.subject, m.data)
+        if (Result.isFailure(hb)) return Effect.logWarning(hb.failure.message)
+        const e = membership.observe(hb.success, Date.now())
+        return e ? onChange(e) : Effect.void
+      })
+      .pipe(Effect.orDie)
+    yield* Effect.forkScoped(
+      Effect.suspend(() => Effect.forEach(membership.sweep(Date.now()), onChange, { discard: true })).pipe(
+        Effect.repeat(Schedule.spaced(Math.max(50, Math.floor(livenessMs / 4))))
+      )
+    )
+    return membership
+  })
+
+export interface HeartbeatHandle {
+  setState(state: "running" | "paused"): void
+  setInfo(info: Record<string, string | number>): void
+}
+
+/** Publish heartbeats until the scope closes, then one `leaving`. */
+export const runHeartbeat = (
+  s: Subjects,
+  role: Role,
+  id: string,
+  intervalMs: number
+): Effect.Effect<HeartbeatHandle, never, Bus | Scope.Scope> =>
+  Effect.gen(function* () {
+    const bus = yield* Bus
+    const startedAt = Date.now()
+    let seq = 0
+    let state: "running" | "paused" | "leaving" = "running"
+    let info: Record<string, string | number> = {}
+    const beat = Effect.suspend(() =>
+      bus.publish(
+        s.hb(role, id),
+        encodeMessage({
+          _tag: "Heartbeat",
+          v: PROTOCOL_VERSION,
+          role,
+          id,
+          host: hostname(),
+          pid: process.pid,
+          startedAt,
+          seq: seq++,
+          state,
+          info
+        } satisfies Heartbeat)
+      )
+    ).pipe(Effect.ignore)
+    yield* beat
+    yield* Effect.forkScoped(beat.pipe(Effect.repeat(Schedule.spaced(intervalMs))))
+    yield* Effect.addFinalizer(() =>
+      Effect.suspend(() => {
+        state = "leaving"
+        return beat.pipe(Effect.andThen(bus.flush()), Effect.ignore)
+      })
+    )
+    return {
+      setState: (st) => void (state = st),
+      setInfo: (i) => void (info = i)
+    }
+  })

@@ -1,0 +1,126 @@
+// Implements: the TensorFlow.js kernels Flotilla's training needs that a backend lacks
+// or runs pathologically slowly, registered by `registerKernels()`.
+// Owns: kernel code and registration. Does not own: backend choice (backend.ts) or the
+// differentiable ops built on top (ops.ts).
+//
+// What was found missing (forward + backward of gpt.ts and lstm-classifier.ts, run
+// on each backend and seeing what throws), and what is registered here:
+//   - UnsortedSegmentSum: the gradient of `gather` (embedding backward). The wasm
+//     backend has no kernel at all; the cpu backend's stock kernel loops over every
+//     segment with a full-size mask (18.6 s for gpt-mini, 252 s for a 10k vocab).
+//     Replaced on both by one pass that adds each row into its segment slot.
+// Everything else the two models use (Softmax, Erf-free tanh-GELU, Softplus, OneHot,
+// Pack/Unpack, PadV2, Transpose, BatchMatMul, Select, Step, ...) exists on wasm, so
+// nothing else is registered; test/models.grad.test.ts runs both models on wasm.
+
+import * as tf from "@tensorflow/tfjs"
+
+/** The backends whose UnsortedSegmentSum is replaced. tfjs-node's "tensorflow" has a
+ *  native one; webgl is not used under Node. */
+const SEGMENT_SUM_BACKENDS = ["wasm", "cpu"] as const
+
+type Values = Float32Array | Int32Array | Uint8Array
+
+/**
+ * out[s, j] = sum over i with ids[i] == s of x[i, j]   (rows viewed as x: [N, inner]).
+ * Ids outside [0, numSegments) are dropped, as TensorFlow does.
+ */
+export const segmentSumInto = (
+  x: ArrayLike<number>,
+  ids: ArrayLike<number>,
+  inner: number,
+  numSegments: number,
+  out: Values
+): Values => {
+  out.fill(0)
+  const n = ids.length
+  for (let i = 0; i < n; i++) {
+    const s = ids[i]
+    if (s < 0 || s >= numSegments) continue
+    const src = i * inner
+    const dst = s * inner
+    for (let j = 0; j < inner; j++) out[dst + j] += x[src + j]
+  }
+  return out
+}
+
+interface SegmentSumArgs {
+  readonly inputs: { readonly x: tf.TensorInfo; readonly segmentIds: tf.TensorInfo }
+  readonly attrs: { readonly numSegments: number }
+  // The backend types (BackendWasm, MathBackendCPU) are not exported by @tensorflow/tfjs;
+  // the few members used are declared structurally below.
+  readonly backend: unknown
+}
+
+interface WasmLike {
+  makeOutput(shape: number[], dtype: tf.DataType): tf.TensorInfo
+  typedArrayFromHeap(info: tf.TensorInfo): Values
+}
+interface CpuLike {
+  readSync(dataId: object): Values
+  makeTensorInfo(shape: number[], dtype: tf.DataType, values: Values): tf.TensorInfo
+}
+
+const outShapeOf = (x: tf.TensorInfo, ids: tf.TensorInfo, numSegments: number) => {
+  const idRank = ids.shape.length
+  for (let d = 0; d < idRank; d++) {
+    if (x.shape[d] !== ids.shape[d]) {
+      throw new Error(
+        `UnsortedSegmentSum: segmentIds shape [${ids.shape}] must be a prefix of x shape [${x.shape}]`
+      )
+    }
+  }
+  const innerShape = x.shape.slice(idRank)
+  const inner = innerShape.reduce((a, b) => a * b, 1)
+  return { shape: [numSegments, ...innerShape], inner }
+}
+
+const newValues = (dtype: tf.DataType, size: number): Values =>
+  dtype === "int32" ? new Int32Array(size) : dtype === "bool" ? new Uint8Array(size) : new Float32Array(size)
+
+/** wasm: allocate the output on the heap first (allocation may grow and so detach
+ *  earlier heap views), then view inputs and output in place: no copies. */
+const segmentSumWasm = (args: SegmentSumArgs): tf.TensorInfo => {
+  const { x, segmentIds } = args.inputs
+  const { numSegments } = args.attrs
+  const backend = args.backend as WasmLike
+  const { shape, inner } = outShapeOf(x, segmentIds, numSegments)
+  const out = backend.makeOutput(shape, x.dtype)
+  const outV = backend.typedArrayFromHeap(out)
+  const xV = backend.typedArrayFromHeap(x)
+  const idV = backend.typedArrayFromHeap(segmentIds)
+  segmentSumInto(xV, idV, inner, numSegments, outV)
+  return out
+}
+
+const segmentSumCpu = (args: SegmentSumArgs): tf.TensorInfo => {
+  const { x, segmentIds } = args.inputs
+  const { numSegments } = args.attrs
+  const backend = args.backend as CpuLike
+  const { shape, inner } = outShapeOf(x, segmentIds, numSegments)
+  const outV = newValues(x.dtype, numSegments * inner)
+  segmentSumInto(backend.readSync(x.dataId), backend.readSync(segmentIds.dataId), inner, numSegments, outV)
+  return backend.makeTensorInfo(shape, x.dtype, outV)
+}
+
+let registered = false
+
+/** Register Flotilla's kernels (idempotent). Safe to call before the backend is set:
+ *  kernels are keyed by backend name. Returns the names registered, for the log. */
+export const registerKernels = (): readonly string[] => {
+  const done = SEGMENT_SUM_BACKENDS.map((b) => `${tf.UnsortedSegmentSum}@${b}`)
+  if (registered) return done
+  for (const backendName of SEGMENT_SUM_BACKENDS) {
+    // Replace the stock kernel where one exists (cpu) without the "already registered" warning.
+    if (tf.getKernel(tf.UnsortedSegmentSum, backendName) !== undefined) {
+      tf.unregisterKernel(tf.UnsortedSegmentSum, backendName)
+    }
+    tf.registerKernel({
+      kernelName: tf.UnsortedSegmentSum,
+      backendName,
+      kernelFunc: (backendName === "wasm" ? segmentSumWasm : segmentSumCpu) as unknown as tf.KernelFunc
+    })
+  }
+  registered = true
+  return done
+}

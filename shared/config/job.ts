@@ -1,0 +1,179 @@
+/**
+ * Implements: the job file — what to train, on what, how — with every default in one
+ * place, validated by a Schema so a bad file gets a message naming the field.
+ *
+ * A job file is JSON or YAML holding any subset of `JobConfig`; it is deep-merged over
+ * `DEFAULT_JOB` and validated. `flotilla start` prints the resolved config so a run is
+ * reproducible from its log. Optimizer and schedule blocks are validated by their own
+ * modules (shared/optim, shared/schedule), which fill in PyTorch's defaults.
+ */
+import { readFileSync } from "node:fs"
+import { Result, Schema } from "effect"
+import { parse as parseYaml } from "yaml"
+import { decodeValue } from "../protocol/decode.ts"
+import { resolveOptimizer } from "../optim/optimizers.ts"
+import { resolveSchedule } from "../schedule/schedules.ts"
+
+const PosInt = Schema.Int.check(Schema.isGreaterThan(0))
+const NonNegInt = Schema.Int.check(Schema.isGreaterThanOrEqualTo(0))
+const Fraction = Schema.Finite.check(Schema.isGreaterThanOrEqualTo(0), Schema.isLessThan(1))
+
+export const GptModel = Schema.Struct({
+  kind: Schema.Literal("gpt"),
+  vocabSize: PosInt,
+  contextLength: PosInt,
+  layers: PosInt,
+  heads: PosInt,
+  width: PosInt
+})
+export type GptModel = typeof GptModel.Type
+
+export const LstmModel = Schema.Struct({
+  kind: Schema.Literal("lstm-classifier"),
+  vocabSize: PosInt,
+  embedDim: PosInt,
+  hiddenSize: PosInt,
+  denseSize: PosInt,
+  maxLen: PosInt
+})
+export type LstmModel = typeof LstmModel.Type
+
+export const Consistency = Schema.Union([
+  Schema.Struct({ mode: Schema.Literal("sync") }),
+  Schema.Struct({ mode: Schema.Literal("bounded"), staleness: NonNegInt }),
+  Schema.Struct({ mode: Schema.Literal("async") })
+])
+export type Consistency = typeof Consistency.Type
+
+const Loose = Schema.Record(Schema.String, Schema.Unknown)
+
+export const JobConfig = Schema.Struct({
+  /** job name: the `<job>` token of every subject. */
+  job: Schema.String.check(Schema.isPattern(/^[A-Za-z0-9_-]{1,64}$/)),
+  model: Schema.Union([GptModel, LstmModel]),
+  data: Schema.Struct({
+    /** "moby-dick" (bundled), a text file, or a folder of .txt/.md files. */
+    corpus: Schema.String,
+    valFraction: Fraction,
+    /** global batch: sequences per optimizer step, split across the live workers. */
+    batchSize: PosInt,
+    seed: NonNegInt,
+    /** validation batches per evaluation. */
+    valBatches: PosInt
+  }),
+  train: Schema.Struct({
+    steps: PosInt,
+    consistency: Consistency,
+    seed: NonNegInt,
+    /** evaluate validation loss every N versions (0 = never). */
+    evalEvery: NonNegInt,
+    /** checkpoint every N versions (0 = only on stop). */
+    checkpointEvery: NonNegInt,
+    checkpointDir: Schema.String,
+    /** global-norm gradient clipping (0 = off). */
+    clipNorm: Schema.Finite.check(Schema.isGreaterThanOrEqualTo(0)),
+    /** a leased batch not applied within this time is re-issued. */
+    leaseTimeoutMs: PosInt,
+    heartbeatMs: PosInt,
+    /** an actor silent for this long is dropped from the membership. */
+    livenessMs: PosInt
+  }),
+  optimizer: Loose,
+  schedule: Loose,
+  topology: Schema.Struct({ workers: PosInt, psShards: PosInt })
+})
+export type JobConfig = typeof JobConfig.Type
+
+/** The defaults: a small GPT on Moby Dick that trains in a few minutes on 2 cores. */
+export const DEFAULT_JOB: JobConfig = {
+  job: "gpt",
+  model: { kind: "gpt", vocabSize: 256, contextLength: 64, layers: 2, heads: 4, width: 64 },
+  data: { corpus: "moby-dick", valFraction: 0.05, batchSize: 16, seed: 1337, valBatches: 4 },
+  train: {
+    steps: 300,
+    consistency: { mode: "sync" },
+    seed: 1337,
+    evalEvery: 50,
+    checkpointEvery: 100,
+    checkpointDir: "checkpoints",
+    clipNorm: 1,
+    leaseTimeoutMs: 30_000,
+    heartbeatMs: 500,
+    livenessMs: 3_000
+  },
+  optimizer: { kind: "adamw", weightDecay: 0.01 },
+  schedule: { kind: "cosine", lr: 3e-3, totalSteps: 300, minLr: 3e-4 }, // warmup: steps / 15 unless given
+  topology: { workers: 1, psShards: 1 }
+}
+
+export class JobConfigError extends Error {
+  readonly _tag = "JobConfigError"
+}
+
+const isPlainObject = (x: unknown): x is Record<string, unknown> =>
+  typeof x === "object" && x !== null && !Array.isArray(x)
+
+/** Deep-merge `patch` over `base` (objects merge, everything else replaces). */
+export const deepMerge = (base: unknown, patch: unknown): unknown => {
+  if (!isPlainObject(base) || !isPlainObject(patch)) return patch === undefined ? base : patch
+  const out: Record<string, unknown> = { ...base }
+  for (const [k, v] of Object.entries(patch)) out[k] = deepMerge(base[k], v)
+  return out
+}
+
+/**
+ * Resolve a partial job over the defaults. Model and schedule blocks whose `kind`
+ * changes replace the default block instead of merging into it.
+ */
+export const resolveJob = (partial: unknown, source = "job"): JobConfig => {
+  if (partial !== undefined && !isPlainObject(partial)) {
+    throw new JobConfigError(`${source}: expected an object at the top level`)
+  }
+  const p = (partial ?? {}) as Record<string, unknown>
+  const base: Record<string, unknown> = { ...DEFAULT_JOB }
+  for (const key of ["model", "optimizer", "schedule"] as const) {
+    const block = p[key]
+    if (isPlainObject(block) && "kind" in block && block.kind !== (DEFAULT_JOB[key] as { kind: unknown }).kind) {
+      base[key] = {}
+    }
+  }
+  // the schedule's horizon follows the step count unless given
+  const merged = deepMerge(base, p) as Record<string, unknown>
+  const sched = merged.schedule as Record<string, unknown>
+  const steps = (merged.train as Record<string, unknown>)?.steps
+  if (isPlainObject(sched) && !(isPlainObject(p.schedule) && "totalSteps" in p.schedule) && "totalSteps" in sched) {
+    merged.schedule = { ...sched, totalSteps: steps }
+  }
+  const sch = merged.schedule as Record<string, unknown>
+  if (isPlainObject(sch) && (sch.kind === "cosine" || sch.kind === "linear") && sch.warmupSteps === undefined) {
+    merged.schedule = { ...sch, warmupSteps: Math.floor(Number(sch.totalSteps ?? steps) / 15) }
+  }
+  const r = decodeValue(JobConfig, source, merged)
+  if (Result.isFailure(r)) throw new JobConfigError(`${source}: ${r.failure.reason}`)
+  const job = r.success
+  if (job.model.kind === "gpt" && job.model.width % job.model.heads !== 0) {
+    throw new JobConfigError(`${source}: model.width (${job.model.width}) must be divisible by model.heads (${job.model.heads})`)
+  }
+  const opt = resolveOptimizer(job.optimizer as never)
+  if (Result.isFailure(opt)) throw new JobConfigError(`${source}: ${opt.failure.message}`)
+  const schedR = resolveSchedule(job.schedule as never)
+  if (Result.isFailure(schedR)) throw new JobConfigError(`${source}: ${schedR.failure.message}`)
+  return { ...job, optimizer: { ...opt.success }, schedule: { ...schedR.success } }
+}
+
+/** Read a job file (JSON or YAML) and resolve it. */
+export const loadJobFile = (path: string): JobConfig => {
+  let text: string
+  try {
+    text = readFileSync(path, "utf8")
+  } catch (e) {
+    throw new JobConfigError(`cannot read job file ${path}: ${(e as Error).message}`)
+  }
+  let parsed: unknown
+  try {
+    parsed = parseYaml(text)
+  } catch (e) {
+    throw new JobConfigError(`job file ${path} is neither JSON nor YAML: ${(e as Error).message}`)
+  }
+  return resolveJob(parsed ?? {}, path)
+}

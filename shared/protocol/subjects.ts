@@ -1,0 +1,73 @@
+/**
+ * Implements: every NATS subject Flotilla uses, built in one place.
+ *
+ * A job's traffic lives under `flotilla.<job>.`; no subject starts with `$`, wildcards
+ * appear only in the `*All` subscription patterns, and every token is validated so a
+ * job or actor id can never inject a `.`, `*` or `>`. See docs/PROTOCOL.md.
+ */
+
+/** The protocol version every message and header carries; bump on a breaking change. */
+export const PROTOCOL_VERSION = 1
+
+const TOKEN = /^[A-Za-z0-9_-]{1,64}$/
+
+/** A subject token (job name, actor id, role, verb): letters, digits, `_` and `-`. */
+export const isToken = (s: string): boolean => TOKEN.test(s)
+
+export class InvalidTokenError extends Error {
+  readonly _tag = "InvalidTokenError"
+  constructor(what: string, value: string) {
+    super(`${what} ${JSON.stringify(value)} is not a valid subject token: use 1-64 of [A-Za-z0-9_-]`)
+  }
+}
+
+export const assertToken = (what: string, value: string): string => {
+  if (!isToken(value)) throw new InvalidTokenError(what, value)
+  return value
+}
+
+export type Role = "loader" | "worker" | "evaluator" | "ps" | "scheduler" | "quantizer" | "driver" | "ctl"
+
+/** All subjects of one job. Built once per actor: `const s = subjects("gpt")`. */
+export const subjects = (job: string) => {
+  const p = `flotilla.${assertToken("job", job)}`
+  return {
+    prefix: p,
+    /** request/reply, queue group `loader`: a worker asks for its next batch. */
+    dataLease: `${p}.data.lease`,
+    /** a worker reports a batch failed (or given up); done-ness comes from `psApplied`. */
+    dataAck: `${p}.data.ack`,
+    /** gradients for param shard k (chunked wire bundles). */
+    psPush: (shard: number) => `${p}.ps.${shard}.push`,
+    /** request/reply: params of shard k (reply is chunked to the requester's inbox). */
+    psPull: (shard: number) => `${p}.ps.${shard}.pull`,
+    /** broadcast: shard k's new params version (a chunked bundle of params). */
+    psVersion: (shard: number) => `${p}.ps.${shard}.version`,
+    psVersionAll: `${p}.ps.*.version`,
+    /** event: shard k applied a step (which batches, loss, timing). JSON. */
+    psApplied: (shard: number) => `${p}.ps.${shard}.applied`,
+    psAppliedAll: `${p}.ps.*.applied`,
+    /** pipeline activations / activation gradients (reserved for the pipeline issue). */
+    pipeFwd: (replica: string, stage: number) => `${p}.pipe.${assertToken("replica", replica)}.${stage}.fwd`,
+    pipeBwd: (replica: string, stage: number) => `${p}.pipe.${assertToken("replica", replica)}.${stage}.bwd`,
+    /** request/reply, queue group `scheduler`: the LR for a step. */
+    lr: `${p}.lr`,
+    metrics: (role: Role) => `${p}.metrics.${role}`,
+    metricsAll: `${p}.metrics.*`,
+    control: (verb: string) => `${p}.control.${assertToken("verb", verb)}`,
+    controlAll: `${p}.control.*`,
+    hb: (role: Role, id: string) => `${p}.hb.${role}.${assertToken("actor id", id)}`,
+    hbAll: `${p}.hb.>`,
+    errors: `${p}.errors`
+  } as const
+}
+
+export type Subjects = ReturnType<typeof subjects>
+
+/** Queue group names: scaling out an actor is starting more members of its group. */
+export const queues = {
+  loader: "loader",
+  scheduler: "scheduler",
+  ps: (shard: number) => `ps-${shard}`,
+  control: "control"
+} as const

@@ -1,0 +1,218 @@
+// Implements: learning-rate schedules as pure functions of the step — constant, step decay,
+// exponential, cosine with linear warmup, linear warmup then linear decay — over a closed,
+// JSON-serialisable union of configs, their defaults (one table) and their validation
+// (`resolveSchedule`). Reduce-on-plateau is in the union too (its fields and defaults live
+// here); its dynamic part is the state machine in shared/schedule/plateau.ts.
+// Does not own: publishing the LR (the scheduler actor), plateau state, optimizers.
+//
+// Step indexing: `lrAt(s, k)` is the lr of update k, where k = 0 is the first update —
+// PyTorch's `last_epoch` when `scheduler.step()` is called once after every
+// `optimizer.step()`. test/schedule.test.ts checks the curves against torch
+// (tools/refs/optim_refs.py):
+//   step         lr·γ^⌊k/stepSize⌋                                  = StepLR(step_size, gamma)
+//   exponential  lr·γ^k                                              = ExponentialLR(gamma)
+//   cosine       k < W: lr·(k+1)/(W+1) (nanoGPT's warmup: never 0, peaks at k = W)
+//                W ≤ k ≤ T: minLr + (lr−minLr)·(1 + cos(π(k−W)/(T−W)))/2
+//                = CosineAnnealingLR(T_max = T−W, eta_min = minLr) started at k = W
+//                k ≥ T: minLr (torch's CosineAnnealingLR would climb back up: we hold)
+//   linear       same warmup; then lr + (minLr−lr)·(k−W)/(T−W), minLr from k = T on
+//                = LinearLR(1 → minLr/lr, total_iters = T−W) started at k = W
+//   plateau      lrAt gives the base lr; the current lr is plateau.ts's state.lr
+// (W = warmupSteps, T = totalSteps.)
+import * as Data from "effect/Data"
+import * as Result from "effect/Result"
+
+export interface ConstantSchedule {
+  readonly kind: "constant"
+  readonly lr: number
+}
+export interface StepSchedule {
+  readonly kind: "step"
+  readonly lr: number
+  readonly stepSize: number
+  readonly gamma: number
+}
+export interface ExponentialSchedule {
+  readonly kind: "exponential"
+  readonly lr: number
+  readonly gamma: number
+}
+/** Warmup over `warmupSteps` updates, then decay to `minLr` at update `totalSteps`. */
+export interface WarmupDecaySchedule {
+  readonly kind: "cosine" | "linear"
+  readonly lr: number
+  readonly warmupSteps: number
+  readonly totalSteps: number
+  readonly minLr: number
+}
+
+/** torch.optim.lr_scheduler.ReduceLROnPlateau's knobs (min_lr → minLr, threshold_mode → thresholdMode). */
+export interface PlateauParams {
+  readonly mode: "min" | "max"
+  readonly factor: number
+  readonly patience: number
+  readonly threshold: number
+  readonly thresholdMode: "rel" | "abs"
+  readonly cooldown: number
+  readonly minLr: number
+  readonly eps: number
+}
+export interface PlateauSchedule extends PlateauParams {
+  readonly kind: "plateau"
+  /** the lr before any reduction */
+  readonly lr: number
+}
+
+interface ScheduleByKind {
+  readonly constant: ConstantSchedule
+  readonly step: StepSchedule
+  readonly exponential: ExponentialSchedule
+  readonly cosine: WarmupDecaySchedule
+  readonly linear: WarmupDecaySchedule
+  readonly plateau: PlateauSchedule
+}
+
+export type Schedule = ConstantSchedule | StepSchedule | ExponentialSchedule | WarmupDecaySchedule | PlateauSchedule
+export type ScheduleKind = Schedule["kind"]
+
+/** What a job file or `set-schedule` may say: required fields, and optional ones with defaults. */
+export type ScheduleInput =
+  | ConstantSchedule
+  | (Omit<StepSchedule, "gamma"> & { readonly gamma?: number })
+  | ExponentialSchedule
+  | (Omit<WarmupDecaySchedule, "warmupSteps" | "minLr"> & Partial<Pick<WarmupDecaySchedule, "warmupSteps" | "minLr">>)
+  | ({ readonly kind: "plateau"; readonly lr: number } & Partial<PlateauParams>)
+
+/** Optional fields' defaults, the one place they live (PyTorch's where it has them). */
+export const SCHEDULE_DEFAULTS = {
+  constant: {},
+  step: { gamma: 0.1 }, // StepLR's default
+  exponential: {},
+  cosine: { warmupSteps: 0, minLr: 0 },
+  linear: { warmupSteps: 0, minLr: 0 },
+  plateau: {
+    mode: "min", // a lower metric (loss) is better
+    factor: 0.1, // lr ← max(lr·factor, minLr) on a plateau
+    patience: 10, // observations without improvement tolerated before reducing
+    threshold: 1e-4, // how much better counts as better
+    thresholdMode: "rel", // rel: better than best·(1∓threshold); abs: best∓threshold
+    cooldown: 0, // observations after a reduction during which bad ones are not counted
+    minLr: 0, // floor
+    eps: 1e-8 // a reduction smaller than this is skipped
+  }
+} as const satisfies { readonly [K in ScheduleKind]: Partial<Omit<ScheduleByKind[K], "kind">> }
+
+/** The fields each kind has (required ones are those without a default). */
+const FIELDS: { readonly [K in ScheduleKind]: ReadonlyArray<string> } = {
+  constant: ["lr"],
+  step: ["lr", "stepSize", "gamma"],
+  exponential: ["lr", "gamma"],
+  cosine: ["lr", "warmupSteps", "totalSteps", "minLr"],
+  linear: ["lr", "warmupSteps", "totalSteps", "minLr"],
+  plateau: ["lr", "mode", "factor", "patience", "threshold", "thresholdMode", "cooldown", "minLr", "eps"]
+}
+
+// ---------------------------------------------------------------- validation
+
+export class InvalidScheduleConfig extends Data.TaggedError("InvalidScheduleConfig")<{
+  /** the offending field, e.g. "totalSteps"; "kind" for an unknown kind */
+  readonly field: string
+  readonly value: unknown
+  readonly message: string
+}> {}
+
+const invalid = (field: string, value: unknown, reason: string) =>
+  new InvalidScheduleConfig({ field, value, message: `schedule ${field} = ${show(value)}: ${reason}` })
+
+const show = (v: unknown): string => {
+  if (typeof v === "number") return String(v)
+  try {
+    return JSON.stringify(v) ?? String(v)
+  } catch {
+    return String(v)
+  }
+}
+
+const finite = (v: unknown): v is number => typeof v === "number" && Number.isFinite(v)
+type Rule = readonly [ok: (v: unknown) => boolean, reason: string]
+const nonNegative: Rule = [(v) => finite(v) && v >= 0, "must be a finite number >= 0"]
+const count: Rule = [(v) => Number.isSafeInteger(v) && (v as number) >= 0, "must be an integer >= 0"]
+
+const RULES: Record<string, Rule> = {
+  lr: nonNegative,
+  stepSize: [(v) => Number.isSafeInteger(v) && (v as number) >= 1, "must be an integer >= 1"],
+  gamma: [(v) => finite(v) && v > 0, "must be a finite number > 0"],
+  warmupSteps: count,
+  totalSteps: count,
+  minLr: nonNegative,
+  mode: [(v) => v === "min" || v === "max", 'must be "min" or "max"'],
+  factor: [(v) => finite(v) && v > 0 && v < 1, "must be in (0, 1)"],
+  patience: count,
+  threshold: nonNegative,
+  thresholdMode: [(v) => v === "rel" || v === "abs", 'must be "rel" or "abs"'],
+  cooldown: count,
+  eps: nonNegative
+}
+
+const isKind = (k: unknown): k is ScheduleKind => typeof k === "string" && Object.hasOwn(FIELDS, k)
+
+/**
+ * Fill the defaults into `input` and validate it: finite numbers in range, integer step
+ * counts, required fields present, no unknown fields, totalSteps > warmupSteps,
+ * minLr ≤ lr. Total: any JSON value may be passed.
+ */
+export const resolveSchedule = (input: ScheduleInput): Result.Result<Schedule, InvalidScheduleConfig> => {
+  const raw: unknown = input
+  if (typeof raw !== "object" || raw === null || Array.isArray(raw)) {
+    return Result.fail(invalid("kind", raw, "a schedule must be an object with a kind"))
+  }
+  const kind = (raw as { kind?: unknown }).kind
+  if (!isKind(kind)) return Result.fail(invalid("kind", kind, `must be one of ${Object.keys(FIELDS).join(", ")}`))
+  const fields = FIELDS[kind]
+  for (const field of Object.keys(raw)) {
+    if (field !== "kind" && !fields.includes(field)) {
+      return Result.fail(invalid(field, (raw as Record<string, unknown>)[field], `is not a field of ${kind}`))
+    }
+  }
+  const merged: Record<string, unknown> = { kind, ...SCHEDULE_DEFAULTS[kind], ...raw }
+  for (const field of fields) {
+    const value = merged[field]
+    if (value === undefined) return Result.fail(invalid(field, value, `is required for ${kind}`))
+    const [ok, reason] = RULES[field]
+    if (!ok(value)) return Result.fail(invalid(field, value, reason))
+  }
+  const s = merged as unknown as Schedule
+  if ((s.kind === "cosine" || s.kind === "linear") && s.totalSteps <= s.warmupSteps) {
+    return Result.fail(invalid("totalSteps", s.totalSteps, `must be > warmupSteps (${s.warmupSteps})`))
+  }
+  if ((s.kind === "cosine" || s.kind === "linear" || s.kind === "plateau") && s.minLr > s.lr) {
+    return Result.fail(invalid("minLr", s.minLr, `must be <= lr (${s.lr})`))
+  }
+  return Result.succeed(s)
+}
+
+// ---------------------------------------------------------------- the curves
+
+/** The lr of update `step` (0 = the first update) under a resolved schedule. */
+export const lrAt = (schedule: Schedule, step: number): number => {
+  if (!(Number.isSafeInteger(step) && step >= 0)) throw new RangeError(`lrAt: step is an integer >= 0, got ${step}`)
+  switch (schedule.kind) {
+    case "constant":
+    case "plateau":
+      return schedule.lr
+    case "step":
+      return schedule.lr * schedule.gamma ** Math.floor(step / schedule.stepSize)
+    case "exponential":
+      return schedule.lr * schedule.gamma ** step
+    case "cosine":
+    case "linear": {
+      const { lr, warmupSteps: w, totalSteps: t, minLr } = schedule
+      if (step < w) return (lr * (step + 1)) / (w + 1)
+      if (step >= t) return minLr
+      const progress = (step - w) / (t - w)
+      return schedule.kind === "cosine"
+        ? minLr + ((lr - minLr) * (1 + Math.cos(Math.PI * progress))) / 2
+        : lr + (minLr - lr) * progress
+    }
+  }
+}

@@ -1,0 +1,510 @@
+/**
+ * Implements: this process's OpenTelemetry switch. `startTelemetry` starts the NodeSDK from
+ * the standard OTEL_* variables (traces over OTLP; metrics over OTLP and/or a Prometheus
+ * endpoint on FLOTILLA_PROMETHEUS_PORT) with a resource naming the actor, and `Telemetry.layer`
+ * does the same in a scope and installs the Effect→OpenTelemetry tracer bridge, so every
+ * `Effect.fn("X.y")` / `Effect.withSpan` becomes an OTel span with the right parent.
+ * Does not own: trace context on the wire (propagation.ts), metric instruments (metrics.ts).
+ *
+ * Off by default: with no OTEL_EXPORTER_OTLP_{,TRACES_,METRICS_}ENDPOINT and no
+ * FLOTILLA_PROMETHEUS_PORT (or with OTEL_SDK_DISABLED=true) nothing is started and the SDK
+ * is not even imported (it costs ~0.8 s to load); only @opentelemetry/api is loaded.
+ *
+ * Bridge semantics: inside Effect code, Effect's current span is the truth. While a fiber runs,
+ * the OTel active context is its current Effect span (or the empty root context when it has
+ * none), so plain OTel API calls (`trace.getActiveSpan()`, `injectTraceHeaders()`) see it and a
+ * scheduler batch never leaks one fiber's span into another. To hang Effect spans under a span
+ * made with the plain OTel API, say so with `withOtelParent`.
+ */
+import * as api from "@opentelemetry/api"
+import * as Cause from "effect/Cause"
+import * as Context from "effect/Context"
+import * as Data from "effect/Data"
+import * as Effect from "effect/Effect"
+import type * as Exit from "effect/Exit"
+import type { Fiber } from "effect/Fiber"
+import * as Layer from "effect/Layer"
+import * as Option from "effect/Option"
+import * as Tracer from "effect/Tracer"
+
+// ---------------------------------------------------------------------------------------------
+// Configuration (pure)
+// ---------------------------------------------------------------------------------------------
+
+export interface TelemetryOptions {
+  /** Actor role (`worker`, `ps`, ...): service.name defaults to `flotilla-<role>`. */
+  readonly role: string
+  /** This actor instance's id: the resource's service.instance.id. */
+  readonly instanceId: string
+  /** Job name: the resource attribute flotilla.job. */
+  readonly job: string
+}
+
+export interface TelemetryConfig {
+  readonly enabled: boolean
+  /** Why telemetry is off, when it is. */
+  readonly reason: string | undefined
+  readonly tracing: boolean
+  readonly otlpMetrics: boolean
+  readonly prometheusPort: number | undefined
+  /** Traces endpoint as configured (informational; the exporter resolves it from the env). */
+  readonly tracesEndpoint: string | undefined
+  readonly tracesProtocol: string
+  readonly metricsProtocol: string
+  /** Periodic OTLP metric export interval. */
+  readonly metricIntervalMs: number
+  /** Base resource attributes; OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES override them. */
+  readonly resourceAttributes: Readonly<Record<string, string>>
+}
+
+type Env = Readonly<Record<string, string | undefined>>
+
+const nonEmpty = (s: string | undefined): string | undefined =>
+  s !== undefined && s.trim() !== "" ? s.trim() : undefined
+
+const listHas = (s: string | undefined, item: string): boolean =>
+  (s ?? "").split(",").map((x) => x.trim().toLowerCase()).includes(item)
+
+/** Default metric export interval: the SDK's 60 s default is longer than many short runs. */
+const DEFAULT_METRIC_INTERVAL_MS = 10_000
+
+/** What `startTelemetry` would do with this environment. Pure: reads only `env`. */
+export const resolveTelemetryConfig = (options: TelemetryOptions, env: Env = process.env): TelemetryConfig => {
+  const common = nonEmpty(env.OTEL_EXPORTER_OTLP_ENDPOINT)
+  const tracesEndpoint = nonEmpty(env.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) ?? common
+  const metricsEndpoint = nonEmpty(env.OTEL_EXPORTER_OTLP_METRICS_ENDPOINT) ?? common
+  const protocol = nonEmpty(env.OTEL_EXPORTER_OTLP_PROTOCOL) ?? "http/protobuf"
+  const portText = nonEmpty(env.FLOTILLA_PROMETHEUS_PORT)
+  const port = portText === undefined ? undefined : Number(portText)
+  const prometheusPort = port !== undefined && Number.isInteger(port) && port >= 0 && port < 65536 ? port : undefined
+  const interval = Number(nonEmpty(env.OTEL_METRIC_EXPORT_INTERVAL) ?? DEFAULT_METRIC_INTERVAL_MS)
+  const disabled = (nonEmpty(env.OTEL_SDK_DISABLED) ?? "").toLowerCase() === "true"
+  const tracing = !disabled && tracesEndpoint !== undefined && !listHas(env.OTEL_TRACES_EXPORTER, "none")
+  const otlpMetrics = !disabled && metricsEndpoint !== undefined && !listHas(env.OTEL_METRICS_EXPORTER, "none")
+  const prometheus = disabled ? undefined : prometheusPort
+  const enabled = tracing || otlpMetrics || prometheus !== undefined
+  return {
+    enabled,
+    reason: disabled
+      ? "OTEL_SDK_DISABLED=true"
+      : enabled
+      ? undefined
+      : "no OTEL_EXPORTER_OTLP_*ENDPOINT or FLOTILLA_PROMETHEUS_PORT set",
+    tracing,
+    otlpMetrics,
+    prometheusPort: prometheus,
+    tracesEndpoint: tracing ? tracesEndpoint : undefined,
+    tracesProtocol: nonEmpty(env.OTEL_EXPORTER_OTLP_TRACES_PROTOCOL) ?? protocol,
+    metricsProtocol: nonEmpty(env.OTEL_EXPORTER_OTLP_METRICS_PROTOCOL) ?? protocol,
+    metricIntervalMs: Number.isFinite(interval) && interval > 0 ? interval : DEFAULT_METRIC_INTERVAL_MS,
+    resourceAttributes: {
+      "service.name": `flotilla-${options.role}`,
+      "service.instance.id": options.instanceId,
+      "flotilla.job": options.job,
+      "flotilla.role": options.role
+    }
+  }
+}
+
+/** One line for the start-up banner. */
+export const describeTelemetry = (c: TelemetryConfig): string =>
+  !c.enabled
+    ? `telemetry: off (${c.reason})`
+    : [
+      "telemetry:",
+      c.tracing ? `traces → ${c.tracesEndpoint} (${c.tracesProtocol})` : "traces off",
+      c.otlpMetrics ? `metrics → otlp every ${c.metricIntervalMs} ms` : undefined,
+      c.prometheusPort !== undefined ? `prometheus :${c.prometheusPort}/metrics` : undefined
+    ].filter((s) => s !== undefined).join(" ")
+
+// ---------------------------------------------------------------------------------------------
+// Starting and stopping the SDK (one per process, reference counted)
+// ---------------------------------------------------------------------------------------------
+
+export interface TelemetryHandle {
+  /** True when an SDK was started (traces and/or metrics). */
+  readonly enabled: boolean
+  readonly tracing: boolean
+  readonly metrics: boolean
+  readonly config: TelemetryConfig
+  /** Flushes pending spans and metrics and stops the SDK (once the last user shuts down). */
+  shutdown(): Promise<void>
+}
+
+interface Running {
+  readonly config: TelemetryConfig
+  readonly shutdown: () => Promise<void>
+}
+
+let shared: { refs: number; running: Promise<Running> } | undefined
+let tracingOn = false
+let metricsOn = false
+
+/** True while this process exports traces: propagation is a no-op otherwise. */
+export const tracingEnabled = (): boolean => tracingOn
+/** True while this process has a MeterProvider: the Metrics facade is a no-op otherwise. */
+export const metricsEnabled = (): boolean => metricsOn
+
+const offHandle = (config: TelemetryConfig): TelemetryHandle => ({
+  enabled: false,
+  tracing: false,
+  metrics: false,
+  config,
+  shutdown: () => Promise.resolve()
+})
+
+const boot = async (config: TelemetryConfig, env: Env): Promise<Running> => {
+  const [{ NodeSDK }, resources] = await Promise.all([
+    import("@opentelemetry/sdk-node"),
+    import("@opentelemetry/resources")
+  ])
+  const { PeriodicExportingMetricReader } = await import("@opentelemetry/sdk-metrics")
+  type Reader = InstanceType<typeof PeriodicExportingMetricReader>
+  const readers: Array<Reader> = []
+  if (config.otlpMetrics) {
+    const exporter = config.metricsProtocol === "http/json"
+      ? new (await import("@opentelemetry/exporter-metrics-otlp-http")).OTLPMetricExporter()
+      : config.metricsProtocol === "grpc"
+      ? new (await import("@opentelemetry/exporter-metrics-otlp-grpc")).OTLPMetricExporter()
+      : new (await import("@opentelemetry/exporter-metrics-otlp-proto")).OTLPMetricExporter()
+    readers.push(
+      new PeriodicExportingMetricReader({
+        exporter,
+        exportIntervalMillis: config.metricIntervalMs,
+        exportTimeoutMillis: Math.min(30_000, config.metricIntervalMs)
+      })
+    )
+  }
+  let prometheus: { startServer(): Promise<void> } | undefined
+  if (config.prometheusPort !== undefined) {
+    const { PrometheusExporter } = await import("@opentelemetry/exporter-prometheus")
+    const exporter = new PrometheusExporter({
+      port: config.prometheusPort,
+      host: nonEmpty(env.FLOTILLA_PROMETHEUS_HOST),
+      preventServerStart: true
+    })
+    readers.push(exporter as unknown as Reader)
+    prometheus = exporter
+  }
+  const sdk = new NodeSDK({
+    resource: resources.defaultResource().merge(resources.resourceFromAttributes(config.resourceAttributes)),
+    // No serviceinstance detector: it would replace our instance id with a random UUID. The env
+    // detector comes last so OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES win.
+    resourceDetectors: nonEmpty(env.OTEL_NODE_RESOURCE_DETECTORS) !== undefined
+      ? undefined
+      : [resources.hostDetector, resources.processDetector, resources.envDetector],
+    metricReaders: readers,
+    logRecordProcessors: [],
+    // undefined: exporter, protocol, batching and sampler come from the OTEL_* env vars.
+    spanProcessors: config.tracing ? undefined : []
+  })
+  sdk.start()
+  if (prometheus !== undefined) await prometheus.startServer()
+  tracingOn = config.tracing
+  metricsOn = readers.length > 0
+  return {
+    config,
+    shutdown: async () => {
+      tracingOn = false
+      metricsOn = false
+      try {
+        await sdk.shutdown()
+      } catch (e) {
+        // An unreachable collector must never take an actor down: say so once and move on.
+        process.emitWarning(`telemetry: final export failed (${e instanceof Error ? e.message : String(e)})`)
+      } finally {
+        // Unregister the globals so a later start in the same process (tests) can register.
+        api.trace.disable()
+        api.metrics.disable()
+        api.propagation.disable()
+        api.context.disable()
+        api.logs.disable()
+      }
+    }
+  }
+}
+
+/**
+ * Starts OpenTelemetry for this process as configured by the OTEL_* env vars, or does nothing
+ * (`enabled: false`) when no exporter endpoint is set. A second call while running shares the
+ * first SDK (and its resource); the SDK stops when every handle has been shut down.
+ */
+export const startTelemetry = async (options: TelemetryOptions): Promise<TelemetryHandle> => {
+  const config = resolveTelemetryConfig(options, process.env)
+  if (!config.enabled) return offHandle(config)
+  if (shared === undefined) {
+    const running = boot(config, process.env)
+    shared = { refs: 0, running }
+    running.catch(() => {
+      shared = undefined
+    })
+  }
+  const mine = shared
+  mine.refs++
+  let running: Running
+  try {
+    running = await mine.running
+  } catch (e) {
+    mine.refs--
+    throw e
+  }
+  let closed = false
+  return {
+    enabled: true,
+    tracing: running.config.tracing,
+    metrics: running.config.otlpMetrics || running.config.prometheusPort !== undefined,
+    config: running.config,
+    shutdown: async () => {
+      if (closed) return
+      closed = true
+      if (--mine.refs > 0) return
+      if (shared === mine) shared = undefined
+      await running.shutdown()
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Effect → OpenTelemetry tracer bridge
+// ---------------------------------------------------------------------------------------------
+
+/** W3C tracestate of a remote parent, carried in an Effect ExternalSpan's annotations. */
+export class OtelTraceState extends Context.Service<OtelTraceState, api.TraceState>()(
+  "flotilla/shared/telemetry/OtelTraceState"
+) {}
+
+/** An Effect parent span for an OTel span context (remote when it came off the wire). */
+export const externalSpanFromContext = (sc: api.SpanContext): Tracer.ExternalSpan =>
+  Tracer.externalSpan({
+    traceId: sc.traceId,
+    spanId: sc.spanId,
+    sampled: (sc.traceFlags & api.TraceFlags.SAMPLED) === api.TraceFlags.SAMPLED,
+    annotations: sc.traceState === undefined ? undefined : Context.make(OtelTraceState, sc.traceState)
+  })
+
+const kinds: Record<Tracer.SpanKind, api.SpanKind> = {
+  internal: api.SpanKind.INTERNAL,
+  server: api.SpanKind.SERVER,
+  client: api.SpanKind.CLIENT,
+  producer: api.SpanKind.PRODUCER,
+  consumer: api.SpanKind.CONSUMER
+}
+
+const hrTime = (nanos: bigint): api.HrTime => [Number(nanos / 1_000_000_000n), Number(nanos % 1_000_000_000n)]
+
+/** Effect attributes are `unknown`; OTel takes primitives and homogeneous arrays of them. */
+export const toAttributeValue = (v: unknown): api.AttributeValue | undefined => {
+  switch (typeof v) {
+    case "string":
+    case "number":
+    case "boolean":
+      return v
+    case "bigint":
+      return v.toString()
+    case "undefined":
+    case "function":
+    case "symbol":
+      return undefined
+  }
+  if (v === null) return undefined
+  if (Array.isArray(v) && v.every((x) => typeof x === "number")) return v as Array<number>
+  if (Array.isArray(v) && v.every((x) => typeof x === "string")) return v as Array<string>
+  if (Array.isArray(v) && v.every((x) => typeof x === "boolean")) return v as Array<boolean>
+  if (v instanceof Error) return `${v.name}: ${v.message}`
+  try {
+    return JSON.stringify(v, (_k, x) => (typeof x === "bigint" ? x.toString() : x))
+  } catch {
+    return String(v)
+  }
+}
+
+const toAttributes = (r: Readonly<Record<string, unknown>>): api.Attributes => {
+  const out: api.Attributes = {}
+  for (const k in r) {
+    const v = toAttributeValue(r[k])
+    if (v !== undefined) out[k] = v
+  }
+  return out
+}
+
+/** The OTel span context of any Effect span (bridged, external, or native). */
+export const spanContextOf = (span: Tracer.AnySpan): api.SpanContext => {
+  if (span instanceof BridgeSpan) return span.otel.spanContext()
+  return {
+    traceId: span.traceId,
+    spanId: span.spanId,
+    traceFlags: span.sampled ? api.TraceFlags.SAMPLED : api.TraceFlags.NONE,
+    isRemote: span._tag === "ExternalSpan",
+    traceState: Context.getOrUndefined(span.annotations, OtelTraceState)
+  }
+}
+
+const foreignContexts = new WeakMap<Tracer.AnySpan, api.Context>()
+
+/** The OTel context in which `span` is the active span. */
+const otelContextOf = (span: Tracer.AnySpan): api.Context => {
+  if (span instanceof BridgeSpan) return span.context
+  let ctx = foreignContexts.get(span)
+  if (ctx === undefined) {
+    ctx = api.trace.setSpanContext(api.ROOT_CONTEXT, spanContextOf(span))
+    foreignContexts.set(span, ctx)
+  }
+  return ctx
+}
+
+type SpanInit = Parameters<Tracer.Tracer["span"]>[0]
+
+/** An Effect span whose lifecycle drives a real OTel span. */
+class BridgeSpan implements Tracer.Span {
+  readonly _tag = "Span"
+  readonly name: string
+  readonly spanId: string
+  readonly traceId: string
+  readonly parent: Option.Option<Tracer.AnySpan>
+  readonly annotations: Context.Context<never>
+  readonly attributes = new Map<string, unknown>()
+  readonly links: Array<Tracer.SpanLink>
+  readonly sampled: boolean
+  readonly kind: Tracer.SpanKind
+  readonly otel: api.Span
+  /** OTel context with this span active (what the fiber runs in while it is current). */
+  readonly context: api.Context
+  status: Tracer.SpanStatus
+
+  constructor(tracer: api.Tracer, o: SpanInit) {
+    this.name = o.name
+    this.parent = o.root ? Option.none() : o.parent
+    this.annotations = o.annotations
+    this.links = o.links.slice()
+    this.kind = o.kind
+    const parentContext = Option.isSome(this.parent) ? otelContextOf(this.parent.value) : api.ROOT_CONTEXT
+    this.otel = tracer.startSpan(
+      o.name,
+      {
+        kind: kinds[o.kind],
+        startTime: hrTime(o.startTime),
+        links: this.links.map((l) => ({ context: spanContextOf(l.span), attributes: toAttributes(l.attributes) }))
+      },
+      parentContext
+    )
+    this.context = api.trace.setSpan(parentContext, this.otel)
+    const sc = this.otel.spanContext()
+    this.spanId = sc.spanId
+    this.traceId = sc.traceId
+    this.sampled = (sc.traceFlags & api.TraceFlags.SAMPLED) === api.TraceFlags.SAMPLED
+    this.status = { _tag: "Started", startTime: o.startTime }
+  }
+
+  end(endTime: bigint, exit: Exit.Exit<unknown, unknown>): void {
+    if (this.status._tag === "Ended") return
+    this.status = { _tag: "Ended", startTime: this.status.startTime, endTime, exit }
+    if (exit._tag === "Failure") {
+      if (Cause.hasInterruptsOnly(exit.cause)) {
+        this.otel.setAttribute("effect.interrupted", true)
+      } else {
+        const error = Cause.squash(exit.cause)
+        const message = error instanceof Error ? error.message : toAttributeValue(error)?.toString() ?? "failure"
+        this.otel.recordException(
+          error instanceof Error ? error : { name: "EffectFailure", message },
+          hrTime(endTime)
+        )
+        this.otel.setStatus({ code: api.SpanStatusCode.ERROR, message })
+      }
+    } else {
+      this.otel.setStatus({ code: api.SpanStatusCode.OK })
+    }
+    this.otel.end(hrTime(endTime))
+  }
+
+  attribute(key: string, value: unknown): void {
+    if (this.status._tag === "Ended") return
+    this.attributes.set(key, value)
+    const v = toAttributeValue(value)
+    if (v !== undefined) this.otel.setAttribute(key, v)
+  }
+
+  event(name: string, startTime: bigint, attributes?: Record<string, unknown>): void {
+    if (this.status._tag === "Ended") return
+    this.otel.addEvent(name, attributes === undefined ? undefined : toAttributes(attributes), hrTime(startTime))
+  }
+
+  addLinks(links: ReadonlyArray<Tracer.SpanLink>): void {
+    if (this.status._tag === "Ended") return
+    this.links.push(...links)
+    this.otel.addLinks(links.map((l) => ({ context: spanContextOf(l.span), attributes: toAttributes(l.attributes) })))
+  }
+}
+
+const EVALUATE = "~effect/Effect/evaluate"
+const evaluatePrimitive = <X>(p: Tracer.EffectPrimitive<X>, fiber: Fiber<any, any>): X => p[EVALUATE](fiber)
+
+/**
+ * An Effect Tracer that creates OTel spans through the global TracerProvider (so through the
+ * SDK started by `startTelemetry`), and runs each fiber step with its span as the active OTel
+ * context.
+ */
+export const makeOtelTracer = (tracer: api.Tracer = api.trace.getTracer("flotilla")): Tracer.Tracer =>
+  Tracer.make({
+    span: (options) => new BridgeSpan(tracer, options),
+    context: <X>(primitive: Tracer.EffectPrimitive<X>, fiber: Fiber<any, any>): X => {
+      const span = fiber.cache.span
+      return api.context.with<[Tracer.EffectPrimitive<X>, Fiber<any, any>], (p: Tracer.EffectPrimitive<X>, f: Fiber<any, any>) => X>(
+        span === undefined ? api.ROOT_CONTEXT : otelContextOf(span),
+        evaluatePrimitive,
+        undefined,
+        primitive,
+        fiber
+      )
+    }
+  })
+
+/**
+ * Runs `effect` with an OTel span (or span context, or context holding one; by default the
+ * OTel active span where this is called) as the parent of its Effect spans. Use it where plain
+ * OTel code hands over to Effect code.
+ */
+export const withOtelParent = <A, E, R>(
+  effect: Effect.Effect<A, E, R>,
+  parent: api.Span | api.SpanContext | api.Context = api.context.active()
+): Effect.Effect<A, E, R> => {
+  const sc = "spanContext" in parent && typeof parent.spanContext === "function"
+    ? parent.spanContext()
+    : "traceId" in parent
+    ? parent as api.SpanContext
+    : api.trace.getSpanContext(parent as api.Context)
+  return sc === undefined || !api.isSpanContextValid(sc)
+    ? effect
+    : Effect.withParentSpan(effect, externalSpanFromContext(sc)) as Effect.Effect<A, E, R>
+}
+
+export class TelemetryStartError extends Data.TaggedError("TelemetryStartError")<{
+  readonly message: string
+  readonly cause: unknown
+}> {}
+
+/**
+ * The process's telemetry handle, as a service. `Telemetry.layer(options)` starts the SDK in
+ * the layer's scope (flushing and stopping it on close) and, when traces are exported, swaps
+ * Effect's tracer for the OTel bridge; when telemetry is off it provides an inert handle and
+ * leaves Effect's native tracer alone.
+ */
+export class Telemetry extends Context.Service<Telemetry, TelemetryHandle>()("flotilla/shared/telemetry/Telemetry") {
+  static readonly layer = (options: TelemetryOptions): Layer.Layer<Telemetry, TelemetryStartError> =>
+    Layer.effectContext(
+      Effect.gen(function*() {
+        const handle = yield* Effect.acquireRelease(
+          Effect.tryPromise({
+            try: () => startTelemetry(options),
+            catch: (cause) => new TelemetryStartError({ message: `could not start telemetry: ${String(cause)}`, cause })
+          }),
+          (h) => Effect.promise(() => h.shutdown())
+        )
+        const ctx = Context.make(Telemetry, handle)
+        return handle.tracing ? Context.add(ctx, Tracer.Tracer, makeOtelTracer()) : ctx
+      })
+    )
+
+  /** No SDK, native tracer: for tests and tools that never export. */
+  static readonly layerOff = (options: TelemetryOptions): Layer.Layer<Telemetry> =>
+    Layer.succeed(Telemetry, offHandle({ ...resolveTelemetryConfig(options, {}), reason: "layerOff" }))
+}

@@ -1,0 +1,159 @@
+// Checks shared/compute/backend.ts and kernels.ts: auto picks wasm where tfjs-node is
+// absent, FLOTILLA_BACKEND and explicit preferences are honoured, an unavailable backend
+// fails saying what to install, the Compute layer, and the UnsortedSegmentSum kernel
+// against a plain-JS reference on wasm and cpu (also through gather's gradient).
+// Run: npx vitest run test/compute.test.ts
+import { createRequire } from "node:module"
+import { it as effectIt } from "@effect/vitest"
+import * as tf from "@tensorflow/tfjs"
+import { Effect, Exit } from "effect"
+import { afterEach, beforeEach, describe, expect, it } from "vitest"
+import { BackendUnavailableError, Compute, initBackend, resolvePreference } from "../shared/compute/backend.ts"
+import { registerKernels, segmentSumInto } from "../shared/compute/kernels.ts"
+import { Rng } from "../shared/models/rng.ts"
+
+const installed = (pkg: string): boolean => {
+  try {
+    createRequire(import.meta.url).resolve(pkg)
+    return true
+  } catch {
+    return false
+  }
+}
+const tfjsNodePresent = installed("@tensorflow/tfjs-node") || installed("@tensorflow/tfjs-node-gpu")
+
+let savedEnv: string | undefined
+beforeEach(() => {
+  savedEnv = process.env.FLOTILLA_BACKEND
+  delete process.env.FLOTILLA_BACKEND
+})
+afterEach(() => {
+  if (savedEnv === undefined) delete process.env.FLOTILLA_BACKEND
+  else process.env.FLOTILLA_BACKEND = savedEnv
+})
+
+describe("backend selection", () => {
+  it.skipIf(tfjsNodePresent)("auto picks wasm when tfjs-node is not installed, and says why", async () => {
+    const info = await initBackend()
+    expect(info.name).toBe("wasm")
+    expect(tf.getBackend()).toBe("wasm")
+    expect(info.reason).toMatch(/tfjs-node.*not installed/)
+    expect(info.reason).toMatch(/SIMD/)
+    // Idempotent: the same object comes back.
+    expect(await initBackend("auto")).toBe(info)
+  })
+
+  it("FLOTILLA_BACKEND=cpu gives cpu; an explicit argument wins over it", async () => {
+    process.env.FLOTILLA_BACKEND = "cpu"
+    const info = await initBackend()
+    expect(info.name).toBe("cpu")
+    expect(tf.getBackend()).toBe("cpu")
+    expect(resolvePreference("wasm")).toBe("wasm")
+    expect((await initBackend("wasm")).name).toBe("wasm")
+    expect(tf.getBackend()).toBe("wasm")
+  })
+
+  it("an unknown FLOTILLA_BACKEND is rejected by name", async () => {
+    process.env.FLOTILLA_BACKEND = "gpu"
+    await expect(initBackend()).rejects.toThrow(/Unknown compute backend "gpu".*tensorflow, wasm, cpu, auto/)
+  })
+
+  it.skipIf(tfjsNodePresent)("an unavailable explicit backend fails with why and what to install", async () => {
+    const err = await initBackend("tensorflow").then(
+      () => undefined,
+      (e: unknown) => e
+    )
+    expect(err).toBeInstanceOf(BackendUnavailableError)
+    const e = err as BackendUnavailableError
+    expect(e._tag).toBe("BackendUnavailableError")
+    expect(e.preference).toBe("tensorflow")
+    expect(e.message).toMatch(/"tensorflow" is unavailable/)
+    expect(e.message).toMatch(/@tensorflow\/tfjs-node: not installed/)
+    expect(e.message).toMatch(/install @tensorflow\/tfjs-node/)
+    // The process keeps whatever backend it had.
+    expect(["wasm", "cpu"]).toContain(tf.getBackend())
+  })
+})
+
+describe("Compute service", () => {
+  effectIt.effect("Compute.layer provides the chosen backend", () =>
+    Effect.gen(function* () {
+      const c = yield* Compute
+      expect(c.backend).toBe("cpu")
+      expect(c.tf.getBackend()).toBe("cpu")
+    }).pipe(Effect.provide(Compute.layer("cpu")))
+  )
+
+  effectIt.effect.skipIf(tfjsNodePresent)("Compute.layer fails with BackendUnavailableError", () =>
+    Effect.gen(function* () {
+      const exit = yield* Effect.exit(Compute.use(() => Effect.void).pipe(Effect.provide(Compute.layer("tensorflow"))))
+      expect(Exit.isFailure(exit)).toBe(true)
+      const failure = Exit.isFailure(exit) ? exit.cause : undefined
+      expect(String(failure)).toMatch(/BackendUnavailableError|is unavailable/)
+    })
+  )
+})
+
+/** Plain-JS reference for UnsortedSegmentSum: written independently of segmentSumInto. */
+const reference = (x: number[][], ids: number[], numSegments: number): number[][] => {
+  const out = Array.from({ length: numSegments }, () => new Array<number>(x[0].length).fill(0))
+  ids.forEach((s, i) => {
+    if (s >= 0 && s < numSegments) x[i].forEach((v, j) => (out[s][j] += v))
+  })
+  return out
+}
+
+describe.each(["wasm", "cpu"] as const)("UnsortedSegmentSum on %s", (backend) => {
+  beforeEach(async () => {
+    await initBackend(backend)
+    registerKernels()
+  })
+
+  it("matches the reference on random input (incl. out-of-range ids, empty segments)", async () => {
+    const rng = new Rng(7)
+    const N = 300
+    const inner = 17
+    const S = 40
+    const x = Array.from({ length: N }, () => Array.from({ length: inner }, () => rng.normal()))
+    const ids = Array.from({ length: N }, () => rng.int(S + 6) - 3) // some ids < 0 or >= S: dropped
+    const got = tf.tidy(() => tf.unsortedSegmentSum(tf.tensor2d(x), tf.tensor1d(ids, "int32"), S).arraySync())
+    const want = reference(x, ids, S)
+    expect(got.length).toBe(S)
+    for (let s = 0; s < S; s++) for (let j = 0; j < inner; j++) expect(got[s][j]).toBeCloseTo(want[s][j], 4)
+  })
+
+  it("handles multi-dimensional segment ids and int32 data", () => {
+    // x: [2, 3, 2], ids: [2, 3] -> out [4, 2]
+    const x = tf.tensor3d([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [2, 3, 2], "int32")
+    const ids = tf.tensor2d([0, 3, 0, 1, 1, 3], [2, 3], "int32")
+    // The op's typing says 1-D ids; the kernel contract (TensorFlow's) allows any prefix shape.
+    const out = tf.unsortedSegmentSum(x, ids as unknown as tf.Tensor1D, 4)
+    expect(out.dtype).toBe("int32")
+    expect(out.arraySync()).toEqual([
+      [6, 8],
+      [16, 18],
+      [0, 0],
+      [14, 16]
+    ])
+    tf.dispose([x, ids, out])
+  })
+
+  it("gives gather's (embedding) gradient, with a 10k-row table", () => {
+    const rng = new Rng(3)
+    const V = 10_000
+    const C = 8
+    const idx = Array.from({ length: 500 }, () => rng.int(V))
+    const w = Array.from({ length: idx.length * C }, () => rng.normal())
+    const grad = tf.tidy(() => {
+      const table = tf.zeros([V, C])
+      const wt = tf.tensor2d(w, [idx.length, C])
+      const g = tf.grad((t: tf.Tensor) => tf.sum(tf.mul(tf.gather(t, tf.tensor1d(idx, "int32")), wt)))(table)
+      return g.dataSync().slice()
+    })
+    const want = new Float32Array(V * C)
+    segmentSumInto(w, idx, C, V, want)
+    let maxErr = 0
+    for (let i = 0; i < want.length; i++) maxErr = Math.max(maxErr, Math.abs(grad[i] - want[i]))
+    expect(maxErr).toBeLessThan(1e-4)
+  })
+})
