@@ -2,11 +2,11 @@ import * as tf from "@tensorflow/tfjs"
 import { initBackend } from "./shared/compute/backend.ts"
 import { makeGpt, gptMini } from "./shared/models/gpt.ts"
 import { lossAndGrads } from "./shared/models/model.ts"
+await initBackend("wasm")
 if (process.argv[2] === "share") {
   tf.unregisterKernel("Identity", "wasm")
   tf.registerKernel({ kernelName: "Identity", backendName: "wasm", kernelFunc: ({ inputs, backend }: any) => { backend.incRef(inputs.x.dataId); return { dataId: inputs.x.dataId, shape: inputs.x.shape, dtype: inputs.x.dtype } } })
 }
-await initBackend("wasm")
 const def = makeGpt(gptMini)
 const params = def.init(1)
 const B = 32, T = 128

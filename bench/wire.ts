@@ -75,6 +75,7 @@ const child = async (url: string) => {
       const scope = Scope.makeUnsafe()
       await runtime.runPromise(
         receiveBundles(bus, m.subject, () => Effect.sync(() => send({ ev: "ack" })), {
+          borrow: process.env["WIRE_BENCH_OWNED"] === undefined,
           onError: (e) => Effect.sync(() => console.error(`child: wire error ${e.reason}: ${e.message}`))
         }).pipe(Effect.andThen(bus.flush()), Scope.provide(scope))
       )

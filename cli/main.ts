@@ -25,6 +25,7 @@ const COMMON = {
   consistency: { type: "string" },
   backend: { type: "string" },
   json: { type: "boolean" },
+  sample: { type: "string" },
   help: { type: "boolean", short: "h" }
 } as const satisfies ParseArgsConfig["options"]
 
@@ -128,7 +129,7 @@ export const main = async (argv: string[]): Promise<void> => {
   try {
     switch (cmd) {
       case "start": {
-        const { values: v, positionals } = parse(rest, { sample: { type: "string" } })
+        const { values: v, positionals } = parse(rest, {})
         if (v.help) return void process.stdout.write(HELP.start)
         const job = jobFromArgs(positionals[0], v)
         const { startEmbedded } = await import("./start.ts")
@@ -141,7 +142,8 @@ export const main = async (argv: string[]): Promise<void> => {
         if (v.help) return void process.stdout.write(HELP.up)
         const job = jobFromArgs(positionals[0], v)
         const { up } = await import("./up.ts")
-        runMain(up({ job, jobFile: positionals[0], nats: v.nats, json: v.json === true, codec: v.codec, backend: v.backend, argv: rest }), "Warn")
+        const sample = v.sample === undefined ? 200 : Number(v.sample)
+        runMain(up({ job, jobFile: positionals[0], nats: v.nats, json: v.json === true, codec: v.codec, backend: v.backend, sample }), "Warn")
         return
       }
       case "launch": {

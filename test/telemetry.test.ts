@@ -326,6 +326,17 @@ describe("telemetry on", () => {
     const down = await startTelemetry(options("driver", "driver-A3"))
     api.trace.getTracer("test").startSpan("Nobody.listens").end()
     await expect(down.shutdown()).resolves.toBeUndefined()
+
+    // A busy Prometheus port fails the start cleanly (typed in the layer) and leaves nothing behind.
+    const blocker = net.createServer()
+    await new Promise<void>((resolve) => blocker.listen(0, resolve))
+    delete process.env.OTEL_EXPORTER_OTLP_ENDPOINT
+    process.env.FLOTILLA_PROMETHEUS_PORT = String((blocker.address() as net.AddressInfo).port)
+    const exit = await Effect.runPromiseExit(Effect.void.pipe(Effect.provide(Telemetry.layer(options("ps", "ps-0")))))
+    expect(exit._tag === "Failure" && exit.cause.reasons[0]?._tag === "Fail" && exit.cause.reasons[0].error._tag)
+      .toBe("TelemetryStartError")
+    expect(tracingEnabled()).toBe(false)
+    await new Promise((resolve) => blocker.close(resolve))
     for (const k of Object.keys(process.env)) if (k.startsWith("OTEL_") || k.startsWith("FLOTILLA_PROMETHEUS")) delete process.env[k]
   })
 })

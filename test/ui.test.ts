@@ -185,7 +185,8 @@ describe("progress reporter", () => {
       expect(w).not.toContain("\r")
       expect(w).not.toContain("\x1b")
     }
-    expect(writes[writes.length - 1]).toMatch(/step 10000\/10000 \(100%\).* done\n$/)
+    expect(writes[writes.length - 2]).toMatch(/step 10000\/10000 \(100%\)/)
+    expect(writes[writes.length - 1]).toBe("run done in 50s\n")
   })
 
   it("prints a line at least every `everySeconds` while progress is slow", () => {
@@ -209,6 +210,7 @@ describe("progress reporter", () => {
     p.done()
     p.update({ step: 100, loss: 1, tokensPerSec: 1 })
     expect(writes).toHaveLength(2)
+    expect(writes[1]).toMatch(/^burst step 100\/100 \(100%\) .* done\n$/)
   })
 
   it("redraws one line on a TTY, at most every redrawMs, and ends it", () => {
@@ -266,7 +268,7 @@ describe("loss-curve SVG", () => {
     expect(byId(svg, "train-smoothed")!.attrs.d).toMatch(/^M[\d.]+ [\d.]+( L[\d.]+ [\d.]+)+$/)
     expect(byId(svg, "val")!.children).toHaveLength(6)
     expect(byId(svg, "lr")!.attrs["data-count"]).toBe("501")
-    expect(byId(svg, "lr-ticks")!.children.some((c) => c.name === "text" && c.text === "3.0e-4")).toBe(true)
+    expect(byId(svg, "lr-ticks")!.children.some((c) => c.name === "text" && c.text === "3e-4")).toBe(true)
     const legend = byId(svg, "legend")!.children.filter((c) => c.name === "text").map((c) => c.text)
     expect(legend).toHaveLength(4)
     expect(legend.join(" ")).toContain("val loss")

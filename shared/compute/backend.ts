@@ -108,7 +108,6 @@ const tryCpu = async (): Promise<Attempt> =>
 const ATTEMPTS: Record<BackendName, () => Promise<Attempt>> = { tensorflow: tryTensorflow, wasm: tryWasm, cpu: tryCpu }
 
 const select = async (preference: BackendPreference): Promise<BackendInfo> => {
-  registerKernels()
   if (preference !== "auto") {
     const a = await ATTEMPTS[preference]()
     if (a.ok) return { name: preference, reason: `${preference} requested (${a.detail})` }
@@ -153,6 +152,7 @@ export const initBackend = async (preference?: BackendPreference): Promise<Backe
   const info = await pending
   if (tf.getBackend() !== info.name) await tf.setBackend(info.name)
   await tf.ready()
+  registerKernels() // after the backend package's own registrations, which it replaces
   return info
 }
 
@@ -162,6 +162,8 @@ export class Compute extends Context.Service<
   {
     readonly backend: BackendName
     readonly reason: string
+    /** Kernels Flotilla registered over the stock ones, "Name@backend" (kernels.ts). */
+    readonly kernels: readonly string[]
     readonly tf: typeof tf
   }
 >()("flotilla/shared/compute/Compute") {
@@ -173,8 +175,8 @@ export class Compute extends Context.Service<
           ? e
           : new BackendUnavailableError({ preference: preference ?? "auto", message: errorText(e) })
     }).pipe(
-      Effect.map((info) => ({ backend: info.name, reason: info.reason, tf })),
-      Effect.tap((c) => Effect.logInfo(`compute backend: ${c.reason}`)),
+      Effect.map((info) => ({ backend: info.name, reason: info.reason, kernels: registerKernels(), tf })),
+      Effect.tap((c) => Effect.logInfo(`compute backend: ${c.reason}; own kernels: ${c.kernels.join(", ")}`)),
       Effect.withSpan("Compute.make")
     )
 

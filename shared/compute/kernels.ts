@@ -3,15 +3,21 @@
 // Owns: kernel code and registration. Does not own: backend choice (backend.ts) or the
 // differentiable ops built on top (ops.ts).
 //
-// What was found missing (forward + backward of gpt.ts and lstm-classifier.ts, run
-// on each backend and seeing what throws), and what is registered here:
-//   - UnsortedSegmentSum: the gradient of `gather` (embedding backward). The wasm
-//     backend has no kernel at all; the cpu backend's stock kernel loops over every
-//     segment with a full-size mask (18.6 s for gpt-mini, 252 s for a 10k vocab).
+// What was found missing or slow (forward + backward of gpt.ts and lstm-classifier.ts,
+// run on each backend and seeing what throws or what dominates a profile), and what is
+// registered here:
+//   - UnsortedSegmentSum (wasm, cpu): the gradient of `gather` (embedding backward).
+//     The wasm backend has no kernel at all; the cpu backend's stock kernel loops over
+//     every segment with a full-size mask (18.6 s for gpt-mini, 252 s for a 10k vocab).
 //     Replaced on both by one pass that adds each row into its segment slot.
-// Everything else the two models use (Softmax, Erf-free tanh-GELU, Softplus, OneHot,
-// Pack/Unpack, PadV2, Transpose, BatchMatMul, Select, Step, ...) exists on wasm, so
-// nothing else is registered; test/models.grad.test.ts runs both models on wasm.
+//   - Identity (wasm): tfjs' engine clones, through Identity, every tensor an op saves
+//     for its backward pass, and the stock wasm kernel copies the buffer each time
+//     (~1.7 s of a gpt-mini step in a profile, ~300 MB more heap). Tensors are
+//     immutable, so the clone shares the buffer with a reference count, exactly as the
+//     wasm backend's own Reshape and the cpu backend's Identity do.
+// Everything else the two models use (Softmax, tanh-GELU pieces, Softplus, OneHot,
+// Pack/Unpack, SplitV, PadV2, Transpose, BatchMatMul, Select, Step, ...) exists on wasm;
+// test/models.grad.test.ts runs both models' forward and backward there.
 
 import * as tf from "@tensorflow/tfjs"
 
@@ -103,24 +109,35 @@ const segmentSumCpu = (args: SegmentSumArgs): tf.TensorInfo => {
   return backend.makeTensorInfo(shape, x.dtype, outV)
 }
 
-let registered = false
+/** wasm Identity: a new handle on the same buffer (refcounted, freed with the last). */
+const identityShared = (args: { inputs: { x: tf.TensorInfo }; backend: unknown }): tf.TensorInfo => {
+  const { x } = args.inputs
+  ;(args.backend as { incRef(dataId: object): void }).incRef(x.dataId)
+  return { dataId: x.dataId, shape: x.shape, dtype: x.dtype }
+}
 
-/** Register Flotilla's kernels (idempotent). Safe to call before the backend is set:
- *  kernels are keyed by backend name. Returns the names registered, for the log. */
+const OURS: ReadonlyArray<{ kernelName: string; backendName: string; kernelFunc: tf.KernelFunc }> = [
+  ...SEGMENT_SUM_BACKENDS.map((backendName) => ({
+    kernelName: tf.UnsortedSegmentSum,
+    backendName,
+    kernelFunc: (backendName === "wasm" ? segmentSumWasm : segmentSumCpu) as unknown as tf.KernelFunc
+  })),
+  { kernelName: tf.Identity, backendName: "wasm", kernelFunc: identityShared as unknown as tf.KernelFunc }
+]
+
+/**
+ * Register Flotilla's kernels, replacing stock ones. Idempotent, and safe to call again
+ * after a backend package is imported (importing @tensorflow/tfjs-backend-wasm registers
+ * its stock kernels, so backend.ts calls this after every backend switch). Returns the
+ * kernels, as "Name@backend", for the start-up log.
+ */
 export const registerKernels = (): readonly string[] => {
-  const done = SEGMENT_SUM_BACKENDS.map((b) => `${tf.UnsortedSegmentSum}@${b}`)
-  if (registered) return done
-  for (const backendName of SEGMENT_SUM_BACKENDS) {
-    // Replace the stock kernel where one exists (cpu) without the "already registered" warning.
-    if (tf.getKernel(tf.UnsortedSegmentSum, backendName) !== undefined) {
-      tf.unregisterKernel(tf.UnsortedSegmentSum, backendName)
-    }
-    tf.registerKernel({
-      kernelName: tf.UnsortedSegmentSum,
-      backendName,
-      kernelFunc: (backendName === "wasm" ? segmentSumWasm : segmentSumCpu) as unknown as tf.KernelFunc
-    })
+  for (const k of OURS) {
+    const current = tf.getKernel(k.kernelName, k.backendName)
+    if (current?.kernelFunc === k.kernelFunc) continue
+    // Unregister first: replacing silently instead of the "already registered" warning.
+    if (current !== undefined) tf.unregisterKernel(k.kernelName, k.backendName)
+    tf.registerKernel(k)
   }
-  registered = true
-  return done
+  return OURS.map((k) => `${k.kernelName}@${k.backendName}`)
 }

@@ -146,8 +146,9 @@ const attention = (c: GptConfig, p: Params, pre: string, x: tf.Tensor2D, B: numb
   // [B*T, C] -> [B, T, H, D] -> [B, H, T, D] -> [B*H, T, D]
   const heads = (t: tf.Tensor): tf.Tensor3D =>
     tf.reshape(tf.transpose(tf.reshape(t, [B, T, H, D]), [0, 2, 1, 3]), [B * H, T, D])
+  const qs = tf.mul(heads(q), 1 / Math.sqrt(D)) // [B*H, T, D]: scaling q is T/D times cheaper than scaling att
   const kT = tf.transpose(heads(k), [0, 2, 1]) // [B*H, D, T]: explicit, so the product below is plain
-  const att = tf.add(tf.mul(batchMatMul(heads(q), kT), 1 / Math.sqrt(D)), causalMask(T)) // [B*H, T, T]
+  const att = tf.add(batchMatMul(qs as tf.Tensor3D, kT), causalMask(T)) // [B*H, T, T]
   const y = batchMatMul(tf.softmax(att) as tf.Tensor3D, heads(v)) // [B*H, T, D]
   const merged = tf.reshape(tf.transpose(tf.reshape(y, [B, H, T, D]), [0, 2, 1, 3]), [B * T, C]) as tf.Tensor2D // [B*T, C]
   return linear(merged, get(p, pre + "c_proj.weight"), get(p, pre + "c_proj.bias"))

@@ -56,6 +56,10 @@ export const subjects = (job: string) => {
     metricsAll: `${p}.metrics.*`,
     control: (verb: string) => `${p}.control.${assertToken("verb", verb)}`,
     controlAll: `${p}.control.*`,
+    /** broadcast: an accepted control command, applied by every actor it concerns. */
+    controlApplied: `${p}.events.control`,
+    /** broadcast: other job-level events (reserved). */
+    events: (kind: string) => `${p}.events.${assertToken("event kind", kind)}`,
     hb: (role: Role, id: string) => `${p}.hb.${role}.${assertToken("actor id", id)}`,
     hbAll: `${p}.hb.>`,
     errors: `${p}.errors`

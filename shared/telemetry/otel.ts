@@ -17,6 +17,7 @@
  * made with the plain OTel API, say so with `withOtelParent`.
  */
 import * as api from "@opentelemetry/api"
+import type { IMetricReader } from "@opentelemetry/sdk-metrics"
 import * as Cause from "effect/Cause"
 import * as Context from "effect/Context"
 import * as Data from "effect/Data"
@@ -159,8 +160,7 @@ const boot = async (config: TelemetryConfig, env: Env): Promise<Running> => {
     import("@opentelemetry/resources")
   ])
   const { PeriodicExportingMetricReader } = await import("@opentelemetry/sdk-metrics")
-  type Reader = InstanceType<typeof PeriodicExportingMetricReader>
-  const readers: Array<Reader> = []
+  const readers: Array<IMetricReader> = []
   if (config.otlpMetrics) {
     const exporter = config.metricsProtocol === "http/json"
       ? new (await import("@opentelemetry/exporter-metrics-otlp-http")).OTLPMetricExporter()
@@ -183,7 +183,7 @@ const boot = async (config: TelemetryConfig, env: Env): Promise<Running> => {
       host: nonEmpty(env.FLOTILLA_PROMETHEUS_HOST),
       preventServerStart: true
     })
-    readers.push(exporter as unknown as Reader)
+    readers.push(exporter)
     prometheus = exporter
   }
   const sdk = new NodeSDK({
@@ -198,30 +198,33 @@ const boot = async (config: TelemetryConfig, env: Env): Promise<Running> => {
     // undefined: exporter, protocol, batching and sampler come from the OTEL_* env vars.
     spanProcessors: config.tracing ? undefined : []
   })
-  sdk.start()
-  if (prometheus !== undefined) await prometheus.startServer()
-  tracingOn = config.tracing
-  metricsOn = readers.length > 0
-  return {
-    config,
-    shutdown: async () => {
-      tracingOn = false
-      metricsOn = false
-      try {
-        await sdk.shutdown()
-      } catch (e) {
-        // An unreachable collector must never take an actor down: say so once and move on.
-        process.emitWarning(`telemetry: final export failed (${e instanceof Error ? e.message : String(e)})`)
-      } finally {
-        // Unregister the globals so a later start in the same process (tests) can register.
-        api.trace.disable()
-        api.metrics.disable()
-        api.propagation.disable()
-        api.context.disable()
-        api.logs.disable()
-      }
+  const shutdown = async (): Promise<void> => {
+    tracingOn = false
+    metricsOn = false
+    try {
+      await sdk.shutdown()
+    } catch (e) {
+      // An unreachable collector must never take an actor down: say so and move on.
+      process.emitWarning(`telemetry: final export failed (${e instanceof Error ? e.message : String(e)})`)
+    } finally {
+      // Unregister the globals so a later start in the same process (tests) can register.
+      api.trace.disable()
+      api.metrics.disable()
+      api.propagation.disable()
+      api.context.disable()
+      api.logs.disable()
     }
   }
+  sdk.start()
+  try {
+    if (prometheus !== undefined) await prometheus.startServer()
+  } catch (e) {
+    await shutdown()
+    throw new Error(`Prometheus endpoint on port ${config.prometheusPort}: ${e instanceof Error ? e.message : String(e)}`)
+  }
+  tracingOn = config.tracing
+  metricsOn = readers.length > 0
+  return { config, shutdown }
 }
 
 /**

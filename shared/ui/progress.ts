@@ -157,15 +157,31 @@ const stepOf = (s: LineState): string => {
   return `${String(s.step).padStart(w)}/${s.total}`
 }
 
-/** The TTY line, fitted to `columns`: the bar shrinks first, then it goes. */
+/**
+ * The TTY line, fitted to `columns`: fields matter more than the bar, so the bar shrinks and
+ * goes first, then lr, tokens/s and val loss; step, loss and ETA stay (cut only as a last resort).
+ */
 export const formatTtyLine = (s: LineState, columns = 100): string => {
   const pct = s.total > 0 ? s.step / s.total : 0
   const head = `${s.label} ${String(Math.floor(pct * 100)).padStart(3)}%`
-  const tail = `${stepOf(s)} | ${statsOf(s).join(" | ")} | ETA ${formatDuration(s.etaSeconds)}`
-  const room = columns - 1 - head.length - tail.length - 4
-  if (room >= 10) return `${head} |${renderBar(pct, Math.min(40, room))}| ${tail}`
-  const line = `${head} ${tail}`
-  return line.length < columns ? line : line.slice(0, Math.max(0, columns - 1))
+  const field = {
+    loss: `loss ${formatLoss(s.loss)}`,
+    val: s.valLoss === undefined ? undefined : `val ${formatLoss(s.valLoss)}`,
+    rate: formatRate(s.tokensPerSec),
+    lr: s.lr === undefined ? undefined : `lr ${formatLr(s.lr)}`,
+    eta: `ETA ${formatDuration(s.etaSeconds)}`
+  }
+  const drops: ReadonlyArray<ReadonlyArray<keyof typeof field>> = [[], ["lr"], ["lr", "rate"], ["lr", "rate", "val"]]
+  let line = ""
+  for (const drop of drops) {
+    const kept = (["loss", "val", "rate", "lr", "eta"] as const).filter((k) => !drop.includes(k))
+    const tail = [stepOf(s), ...kept.map((k) => field[k]).filter((f) => f !== undefined)].join(" | ")
+    const room = columns - 1 - head.length - tail.length - 4
+    if (room >= 10) return `${head} |${renderBar(pct, Math.min(40, room))}| ${tail}`
+    line = `${head} ${tail}`
+    if (line.length < columns) return line
+  }
+  return line.slice(0, Math.max(0, columns - 1))
 }
 
 /** The plain (non-TTY) line. */
@@ -262,7 +278,12 @@ export const makeProgress = (options: ProgressOptions): Progress => {
       finished = true
       if (state === undefined) return
       state = { ...state, etaSeconds: 0, elapsedSeconds: (now() - start) / 1000 }
-      draw(true)
+      if (!tty && lastStep === state.step) {
+        // The status line for this step is already out: just close the run.
+        stream.write(`${options.label} done in ${formatDuration(state.elapsedSeconds)}\n`)
+      } else {
+        draw(true)
+      }
     }
   }
 }

@@ -133,11 +133,20 @@ export const numelOf = (shape: ReadonlyArray<number>): number => {
 
 const blocksOf = (numel: number, blockSize: number): number => Math.ceil(numel / blockSize)
 
+/** `n` uninitialised bytes at offset 0 of their own ArrayBuffer (so 4-aligned), no zeroing. */
+export const allocBytes = (n: number): Uint8Array => new Uint8Array(Buffer.allocUnsafeSlow(n).buffer, 0, n)
+
 const encodeFail = (reason: WireEncodeReason, message: string) =>
   Result.fail(new WireEncodeError({ reason, message }))
 
-/** Lay the tensors out as one payload (one copy of their bytes) and describe it. */
-export const encodeBundle = (bundle: TensorBundle): Result.Result<EncodedBundle, WireEncodeError> => {
+/**
+ * Lay the tensors out as one payload (one copy of their bytes) and describe it. `alloc`
+ * gives the payload's memory: `n` bytes at a 4-aligned address, contents irrelevant.
+ */
+export const encodeBundle = (
+  bundle: TensorBundle,
+  alloc: (n: number) => Uint8Array = allocBytes
+): Result.Result<EncodedBundle, WireEncodeError> => {
   if (!LITTLE_ENDIAN) throw new Error("flotilla wire: big-endian hosts are not supported")
   const entries: Array<ManifestTensor> = []
   const names = new Set<string>()
@@ -167,8 +176,7 @@ export const encodeBundle = (bundle: TensorBundle): Result.Result<EncodedBundle,
       entries.push({ name: t.name, dtype: t.dtype, shape: [...t.shape], offset, byteLength })
     }
   }
-  // allocUnsafeSlow: its own 4-aligned ArrayBuffer, not zeroed; every byte is written below.
-  const payload = process.env.HACK_POOL ? ((globalThis as any).__pool ??= new Map()).get(cursor) ?? ((globalThis as any).__pool.set(cursor, new Uint8Array(cursor)), (globalThis as any).__pool.get(cursor)) : new Uint8Array(Buffer.allocUnsafeSlow(cursor).buffer, 0, cursor)
+  const payload = alloc(cursor) // every byte is written below, padding included
   let end = 0
   const put = (at: number, bytes: Uint8Array) => {
     payload.fill(0, end, at) // alignment padding

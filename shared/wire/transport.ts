@@ -35,7 +35,7 @@
 import { Clock, Data, Deferred, Effect, Exit, Result, Scope } from "effect"
 import type { BusError, BusMessage, BusShape, Headers, Subscription } from "../bus/Bus.ts"
 import { decodeUtf8 } from "../bus/Bus.ts"
-import { frameMessage, H, newMessageId, Reassembler, WireFrameError } from "./frames.ts"
+import { BufferPool, frameMessage, H, newMessageId, Reassembler, WireFrameError } from "./frames.ts"
 import type { Frame, ReassembledMessage, ReassemblerOptions } from "./frames.ts"
 import { decodeBundle, encodeBundle, manifestToJson, WireDecodeError } from "./tensor.ts"
 import type { TensorBundle, WireEncodeError } from "./tensor.ts"
@@ -49,6 +49,9 @@ export const T = {
 export const DEFAULT_INBOX_PREFIX = "_INBOX.flotilla"
 const EMPTY = new Uint8Array(0)
 
+/** Payload buffers of sent bundles, recycled once a flush proved the bus is done with them. */
+const sendPool = new BufferPool()
+
 /** The responder answered a bundle request with something other than a bundle. */
 export class BundleReplyError extends Data.TaggedError("BundleReplyError")<{
   readonly subject: string
@@ -59,7 +62,10 @@ export class BundleReplyError extends Data.TaggedError("BundleReplyError")<{
 export interface SendOptions {
   /** Copied onto every frame (traceparent, ...). */
   readonly headers?: Headers
-  /** Wait until the server has every frame (one round trip). Default false. */
+  /**
+   * Wait until the server has every frame (one round trip; backpressure for a fast sender).
+   * Default true; it also lets the payload buffer be recycled for the next send.
+   */
   readonly flush?: boolean
   /** Bytes kept free under maxPayload per frame. Default frames.ts DEFAULT_HEADROOM. */
   readonly headroom?: number
@@ -96,23 +102,32 @@ export interface ReceiveOptions extends ReassemblerOptions {
   readonly onError?: (e: ReceiveError, info: { readonly id: string | undefined; readonly subject: string }) => Effect.Effect<void>
   /** Prefix of the private inbox claims are answered with. Default DEFAULT_INBOX_PREFIX. */
   readonly inboxPrefix?: string
+  /**
+   * The bundle's tensors are views into a buffer that is reused once `onBundle` completes:
+   * copy what you keep. Saves a fresh allocation per bundle (e.g. a parameter server that
+   * adds gradients into its own accumulators). Default false: the bundle is yours.
+   */
+  readonly borrow?: boolean
 }
 
 const randomToken = (): string => Math.random().toString(36).slice(2, 12) + Date.now().toString(36)
 
 const toFrames = (bundle: TensorBundle, id: string, maxPayload: number, opts: SendOptions) =>
   Effect.gen(function*() {
-    const { manifest, payload } = yield* Effect.fromResult(encodeBundle(bundle))
+    const { manifest, payload } = yield* Effect.fromResult(encodeBundle(bundle, sendPool.take))
     const frames = yield* Effect.fromResult(
       frameMessage(payload, { id, maxPayload, headroom: opts.headroom, manifest: manifestToJson(manifest), headers: opts.headers })
     )
-    return { frames, bytes: payload.length }
+    return { frames, payload, bytes: payload.length }
   })
 
-const publishFrames = (bus: BusShape, to: string, frames: ReadonlyArray<Frame>, flush: boolean | undefined) =>
+/** Publish the frames; after a successful flush no bus holds the payload: recycle it. */
+const publishFrames = (bus: BusShape, to: string, frames: ReadonlyArray<Frame>, payload: Uint8Array, flush: boolean | undefined) =>
   Effect.gen(function*() {
     for (const f of frames) yield* bus.publish(to, f.data, { headers: f.headers })
-    if (flush === true) yield* bus.flush()
+    if (flush === false) return
+    yield* bus.flush()
+    sendPool.give(payload)
   })
 
 const replyProblem = (reply: BusMessage): string | undefined => reply.headers[T.error]
@@ -125,7 +140,7 @@ export const sendBundle = Effect.fn("wire.sendBundle")(function*(
   opts: SendOptions = {}
 ): Effect.fn.Return<SentBundle, WireEncodeError | WireFrameError | BusError> {
   const id = opts.id ?? newMessageId(bundle.meta.sender)
-  const { frames, bytes } = yield* toFrames(bundle, id, bus.maxPayload, opts)
+  const { frames, payload, bytes } = yield* toFrames(bundle, id, bus.maxPayload, opts)
   let to = subject
   if (opts.claim === true) {
     const reply = yield* bus.request(subject, EMPTY, {
@@ -144,7 +159,7 @@ export const sendBundle = Effect.fn("wire.sendBundle")(function*(
     }
     to = inbox
   }
-  yield* publishFrames(bus, to, frames, opts.flush)
+  yield* publishFrames(bus, to, frames, payload, opts.flush)
   return { id, to, bytes, frames: frames.length }
 })
 
@@ -172,7 +187,8 @@ export const receiveBundles = (
   opts: ReceiveOptions = {}
 ): Effect.Effect<Subscription, BusError, Scope.Scope> =>
   Effect.gen(function*() {
-    const reassembler = new Reassembler(opts)
+    const pool = opts.borrow === true ? new BufferPool(2) : undefined
+    const reassembler = new Reassembler({ ...opts, alloc: pool?.take })
     const onError = opts.onError ?? defaultOnError
     const inbox = `${opts.inboxPrefix ?? DEFAULT_INBOX_PREFIX}.${randomToken()}`
     const report = (e: ReceiveError, id: string | undefined) => onError(e, { id, subject })
@@ -187,7 +203,8 @@ export const receiveBundles = (
         const decoded = decodeMessage(r.message)
         if (Result.isFailure(decoded)) return yield* report(decoded.failure, r.message.id)
         const { id, headers, payload, chunks } = r.message
-        yield* onBundle(decoded.success, { id, subject, headers, bytes: payload.length, chunks })
+        const delivered = onBundle(decoded.success, { id, subject, headers, bytes: payload.length, chunks })
+        yield* pool === undefined ? delivered : Effect.ensuring(delivered, Effect.sync(() => pool.give(payload)))
       })
 
     const answerClaim = (m: BusMessage) => {
@@ -279,6 +296,7 @@ export const requestBundle = Effect.fn("wire.requestBundle")(function*(
 export interface ReplyOptions {
   readonly headers?: Headers
   readonly headroom?: number
+  /** As SendOptions.flush (default true). */
   readonly flush?: boolean
 }
 
@@ -295,8 +313,8 @@ export const replyWithBundle = Effect.fn("wire.replyWithBundle")(function*(
     return yield* new WireFrameError({ reason: "bad-header", id: undefined, message: `bundle request on ${request.subject} has no ${T.inbox} header` })
   }
   const id = newMessageId(bundle.meta.sender)
-  const { frames, bytes } = yield* toFrames(bundle, id, bus.maxPayload, opts)
+  const { frames, payload, bytes } = yield* toFrames(bundle, id, bus.maxPayload, opts)
   yield* bus.respond(request, EMPTY, { ...opts.headers, [H.id]: id, [H.chunks]: String(frames.length), [H.total]: String(bytes) })
-  yield* publishFrames(bus, inbox, frames, opts.flush)
+  yield* publishFrames(bus, inbox, frames, payload, opts.flush)
   return { id, to: inbox, bytes, frames: frames.length }
 })

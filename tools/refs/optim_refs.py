@@ -19,8 +19,8 @@ What it writes (JSON, float32 values as their shortest round-trip decimal):
   plateau[i]               {name, config, lr, losses[k], lrs[k]: the lr after observing losses[k]}
 """
 import json
-import math
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ STEPS = 5
 LRS = [0.05, 0.03, 0.08, 0.02, 0.06]
 STEP_SCALE = [1.0, 0.5, 2.0, 0.05, 0.3]  # per-step gradient scale: step 3 shrinks v (amsgrad)
 TENSOR_SCALE = [1.0, 0.1, 3.0]
+
+# SequentialLR calls scheduler.step(0) at a milestone, which torch 1.x warns about (harmless)
+warnings.filterwarnings("ignore", message="The epoch parameter")
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "test", "fixtures", "optim-refs.json")
 
