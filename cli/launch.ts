@@ -2,18 +2,26 @@
  * Implements: `flotilla launch <role>` — one actor as its own process, joining a job
  * over NATS. The same actor code `flotilla start` runs in-process; only the Bus layer
  * differs. Workers and evaluators exit when the job's final version is out; the other
- * roles run until SIGTERM/SIGINT (a parameter server checkpoints on the way out).
+ * roles run until SIGTERM/SIGINT (a parameter server checkpoints on the way out). Every
+ * role exits cleanly (code 0) on `flotilla ctl <job> stop`. The scheduler's process also
+ * runs the job's controller (actors/controller), its history in JetStream when the
+ * server has it.
  */
 import { existsSync } from "node:fs"
 import { hostname } from "node:os"
 import { Deferred, Effect, Layer } from "effect"
+import { runController } from "../actors/controller/controller.ts"
 import { runLoader } from "../actors/loader/loader.ts"
 import { runParamServer } from "../actors/param-server/server.ts"
 import { runScheduler } from "../actors/scheduler/scheduler.ts"
 import { runWorker } from "../actors/worker/worker.ts"
+import { stopRequested } from "../shared/actor/control-listener.ts"
 import { NatsBus } from "../shared/bus/nats.ts"
 import { Compute, type BackendPreference } from "../shared/compute/backend.ts"
 import { loadJobFile, resolveJob, type JobConfig } from "../shared/config/job.ts"
+import { subjects } from "../shared/protocol/subjects.ts"
+import { Telemetry } from "../shared/telemetry/otel.ts"
+import { TracedBus } from "../shared/telemetry/traced-bus.ts"
 import type { Codec } from "../shared/wire/tensor.ts"
 import { UsageError } from "./main.ts"
 
@@ -42,21 +50,25 @@ export const launch = (o: { role: string; values: Record<string, unknown> }) => 
   const role = o.role
   const id = (v.id as string | undefined) ?? `${role === "param-server" ? `ps${shard}` : role}-${hostname().replace(/[^A-Za-z0-9_-]/g, "")}-${process.pid}`
   const codec = codecFromFlag(v.codec)
-  const bus = NatsBus.layer({ servers, name: `flotilla-${job.job}-${id}`, waitOnFirstConnect: true })
+  const bus = TracedBus.layer(NatsBus.layer({ servers, name: `flotilla-${job.job}-${id}`, waitOnFirstConnect: true }))
+  const telemetry = Telemetry.layer({ role: role === "param-server" ? "ps" : role, instanceId: id, job: job.job })
 
   const program = Effect.gen(function* () {
     yield* Effect.logInfo(`launch ${role} ${id} for job ${job.job} on ${servers.join(",")}`)
+    const stop = yield* stopRequested(subjects(job.job))
+    const untilStop = Deferred.await(stop).pipe(Effect.flatMap((ev) => Effect.logInfo(`${id}: stopping (stop #${ev.seq} from ${ev.sender})`)))
     switch (role) {
       case "loader":
         yield* runLoader({ job, id })
-        return yield* Effect.never
+        return yield* untilStop
       case "scheduler":
         yield* runScheduler({ job, id })
-        return yield* Effect.never
+        yield* runController({ job, id: `${id}-controller`, nats: servers })
+        return yield* untilStop
       case "param-server": {
         const minWorkers = v["min-workers"] === undefined ? undefined : Number(v["min-workers"])
         yield* runParamServer({ job, shard, id, resume: v["no-resume"] !== true, minWorkers })
-        return yield* Effect.never
+        return yield* untilStop
       }
       case "worker":
       case "evaluator": {
@@ -69,5 +81,5 @@ export const launch = (o: { role: string; values: Record<string, unknown> }) => 
       }
     }
   })
-  return program.pipe(Effect.scoped, Effect.provide(Layer.mergeAll(bus)))
+  return program.pipe(Effect.scoped, Effect.provide(Layer.mergeAll(bus, telemetry)))
 }

@@ -8,11 +8,13 @@
 import { mkdirSync, writeFileSync } from "node:fs"
 import { join } from "node:path"
 import { Deferred, Effect, Layer } from "effect"
+import { runController } from "../actors/controller/controller.ts"
 import { runLoader } from "../actors/loader/loader.ts"
 import { runParamServer } from "../actors/param-server/server.ts"
 import { listCheckpoints } from "../actors/param-server/checkpoint.ts"
 import { runScheduler } from "../actors/scheduler/scheduler.ts"
 import { runWorker } from "../actors/worker/worker.ts"
+import { stopRequested } from "../shared/actor/control-listener.ts"
 import { Bus } from "../shared/bus/Bus.ts"
 import { InProcessBus } from "../shared/bus/inprocess.ts"
 import { Compute, type BackendPreference } from "../shared/compute/backend.ts"
@@ -95,11 +97,14 @@ export const startEmbedded = (o: StartOptions) =>
     const observer = yield* observeJob(job, { progress: !o.json })
     yield* runLoader({ job, id: "loader-0" })
     yield* runScheduler({ job, id: "scheduler-0" })
+    yield* runController({ job, id: "controller-0" })
+    const stop = yield* stopRequested(subjects(job.job))
     const servers = []
     for (let k = 0; k < job.topology.psShards; k++) servers.push(yield* runParamServer({ job, shard: k, id: `ps-${k}`, resume: false }))
     if (job.train.evalEvery > 0 && job.data.valBatches > 0 && job.data.valFraction > 0) yield* runWorker({ job, id: "evaluator-0", mode: "eval" })
     for (let w = 0; w < job.topology.workers; w++) yield* runWorker({ job, id: `worker-${w}` })
-    const summary = yield* Deferred.await(observer.done)
+    // a `stop` ends the run early: report what was trained so far
+    const summary = yield* Effect.raceFirst(Deferred.await(observer.done), Deferred.await(stop).pipe(Effect.map(() => observer.summary())))
     const params = yield* pullParams(job, "driver")
     yield* report(job, summary, params, o)
   }).pipe(Effect.scoped, Effect.provide(Layer.mergeAll(InProcessBus.layer(), Compute.layer(o.backend))))

@@ -323,6 +323,7 @@ describe("telemetry on", () => {
     await rx.close()
 
     // An unreachable collector must not make shutdown fail (it warns instead).
+    process.env.OTEL_EXPORTER_OTLP_TIMEOUT = "300"
     const down = await startTelemetry(options("driver", "driver-A3"))
     api.trace.getTracer("test").startSpan("Nobody.listens").end()
     await expect(down.shutdown()).resolves.toBeUndefined()

@@ -11,6 +11,7 @@
  */
 import { Effect, Result, Schedule, Scope } from "effect"
 import { Bus, type BusMessage } from "../../shared/bus/Bus.ts"
+import { onControl } from "../../shared/actor/control-listener.ts"
 import { trackMembership, runHeartbeat } from "../../shared/actor/membership.ts"
 import { makeReporter } from "../../shared/actor/report.ts"
 import type { JobConfig } from "../../shared/config/job.ts"
@@ -155,9 +156,19 @@ export const runLoader = (o: LoaderOptions): Effect.Effect<LoaderHandle, Error, 
         Effect.repeat(Schedule.spaced(job.train.heartbeatMs))
       )
     )
+    const setPaused = (p: boolean) => {
+      paused = p
+      hb.setState(p ? "paused" : "running")
+    }
+    // pause: leases answer NoBatch "paused"; stop: no more leases (the process then exits)
+    yield* onControl(s, {
+      pause: () => Effect.sync(() => setPaused(true)),
+      resume: () => Effect.sync(() => setPaused(false)),
+      stop: () => Effect.sync(() => setPaused(true))
+    })
     return {
       plan,
       table,
-      setPaused: (p: boolean) => void (paused = p)
+      setPaused
     } satisfies LoaderHandle
   })

@@ -108,8 +108,10 @@ export class ShardState {
 
   /** Validate and admit a gradient. In sync mode it is held until the barrier closes. */
   admit(p: GradientPush): Admission {
-    if (this.appliedBatches.has(p.batchId)) {
-      return { ok: false, code: "duplicate", reason: `batch ${p.batchId} was already applied` }
+    // an accumulated gradient (train.accumulate > 1) names its micro-batches: `e0-b1+e0-b7`
+    const done = p.batchId.split("+").find((b) => this.appliedBatches.has(b))
+    if (done !== undefined) {
+      return { ok: false, code: "duplicate", reason: `batch ${done} was already applied` }
     }
     if (!(p.samples > 0)) return { ok: false, code: "invalid-value", reason: `samples must be > 0, got ${p.samples}` }
     if (p.version > this.version) {
@@ -189,10 +191,11 @@ export class ShardState {
       this.optimizer.update(this.params.get(s.name)!, agg.get(s.name)!, this.slots.get(s.name)!, lr, this.updates)
     }
     this.version++
-    for (const p of pushes) this.appliedBatches.add(p.batchId)
+    const batchIds = pushes.flatMap((p) => p.batchId.split("+"))
+    for (const b of batchIds) this.appliedBatches.add(b)
     return {
       version: this.version,
-      batchIds: pushes.map((p) => p.batchId),
+      batchIds,
       contributors: pushes.map((p) => p.sender),
       samples,
       tokens: pushes.reduce((n, p) => n + p.tokens, 0),

@@ -11,11 +11,12 @@
  */
 import { Deferred, Effect, Result, Scope } from "effect"
 import { Bus, type BusMessage } from "../../shared/bus/Bus.ts"
+import { onControl } from "../../shared/actor/control-listener.ts"
 import { runHeartbeat, trackMembership } from "../../shared/actor/membership.ts"
 import { makeReporter } from "../../shared/actor/report.ts"
 import type { JobConfig } from "../../shared/config/job.ts"
 import { makeModel } from "../../shared/models/zoo.ts"
-import { resolveOptimizer } from "../../shared/optim/optimizers.ts"
+import { makeOptimizer, resolveOptimizer, setHyperparams, type OptimizerPatch } from "../../shared/optim/optimizers.ts"
 import { decodeBytes, encodeMessage } from "../../shared/protocol/decode.ts"
 import { LrForStep, PullParams, type StepApplied } from "../../shared/protocol/messages.ts"
 import { shardSpecs } from "../../shared/protocol/sharding.ts"
@@ -94,6 +95,8 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
     hb.setInfo({ shard, version: state.version })
     const finished = yield* Deferred.make<void>()
     let paused = false
+    /** told to stop: checkpointed, applies nothing more. */
+    let stopped = false
     let done = state.version >= job.train.steps
     const minWorkers = o.minWorkers ?? job.topology.workers
     let started = state.version > 0
@@ -198,16 +201,44 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
       })
     )
 
-    yield* Effect.addFinalizer(() => (done ? Effect.void : checkpoint.pipe(Effect.ignore)))
+    yield* Effect.addFinalizer(() => (done || stopped ? Effect.void : checkpoint.pipe(Effect.ignore)))
+
+    const setPaused = (p: boolean) => {
+      paused = p || stopped
+      hb.setState(paused ? "paused" : "running")
+      if (!paused) Effect.runFork(tryApply)
+    }
+    yield* onControl(s, {
+      pause: () => Effect.sync(() => setPaused(true)),
+      resume: () => Effect.sync(() => setPaused(false)),
+      checkpoint: () => checkpoint,
+      stop: () =>
+        Effect.gen(function* () {
+          setPaused(true)
+          if (!done && !stopped) yield* checkpoint
+          stopped = true
+        }),
+      // new hyperparameters, same slots (setHyperparams refuses a change of state layout)
+      "set-optimizer": (c) =>
+        Effect.gen(function* () {
+          const next = setHyperparams(state.optimizer.config, c.patch as OptimizerPatch)
+          if (Result.isFailure(next)) return yield* Effect.logError(`ps ${id}: set-optimizer: ${next.failure.message}`)
+          state.optimizer = makeOptimizer(next.success)
+          yield* Effect.logInfo(`ps ${id}: optimizer → ${JSON.stringify(next.success)}`)
+        }),
+      "set-consistency": (c) =>
+        Effect.gen(function* () {
+          state.consistency = c.mode === "bounded" ? { mode: "bounded", staleness: c.staleness ?? 0 } : { mode: c.mode }
+          if (c.mode === "sync") state.openBarrier(membership.live("worker").map((m) => m.id))
+          yield* Effect.logInfo(`ps ${id}: consistency → ${JSON.stringify(state.consistency)}`)
+          yield* tryApply
+        })
+    })
 
     return {
       state,
       finished,
       checkpoint: () => checkpoint,
-      setPaused: (p: boolean) => {
-        paused = p
-        hb.setState(p ? "paused" : "running")
-        if (!p) Effect.runFork(tryApply)
-      }
+      setPaused
     } satisfies ParamServerHandle
   })

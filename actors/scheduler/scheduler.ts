@@ -9,6 +9,7 @@
  */
 import { Effect, Result, Scope } from "effect"
 import { Bus } from "../../shared/bus/Bus.ts"
+import { onControl } from "../../shared/actor/control-listener.ts"
 import { runHeartbeat } from "../../shared/actor/membership.ts"
 import { makeReporter } from "../../shared/actor/report.ts"
 import type { JobConfig } from "../../shared/config/job.ts"
@@ -35,11 +36,14 @@ export const runScheduler = (o: SchedulerOptions): Effect.Effect<SchedulerHandle
     const reject = makeReporter(bus, s, o.id)
     const resolved = resolveSchedule(o.job.schedule as unknown as ScheduleInput)
     if (Result.isFailure(resolved)) return yield* Effect.fail(new Error(`schedule: ${resolved.failure.message}`))
-    const schedule: Schedule = resolved.success
+    let schedule: Schedule = resolved.success
     let plateau: PlateauState | undefined = schedule.kind === "plateau" ? plateauInit(schedule, schedule.lr) : undefined
     let announced = -1
+    /** a live `set-lr`: this LR from step `fromStep` on (until the next set-lr / set-schedule). */
+    let override: { readonly lr: number; readonly fromStep: number } | undefined
 
-    const lrFor = (step: number) => (plateau ? plateau.lr : lrAt(schedule, step))
+    const lrFor = (step: number) =>
+      override && step >= override.fromStep ? override.lr : plateau ? plateau.lr : lrAt(schedule, step)
     const describe = () => JSON.stringify(schedule)
 
     yield* bus.subscribe(
@@ -62,15 +66,31 @@ export const runScheduler = (o: SchedulerOptions): Effect.Effect<SchedulerHandle
       { queue: queues.scheduler }
     )
 
-    if (plateau) {
-      yield* bus.subscribe(s.metrics("evaluator"), (m) => {
-        const r = decodeBytes(ValidationLoss, m.subject, m.data)
-        if (Result.isFailure(r) || !plateau) return Effect.void
-        const next = plateauObserve(plateau, r.success.loss)
-        plateau = next.state
-        return next.reduced ? Effect.logInfo(`scheduler: validation loss plateaued, lr → ${next.lr}`) : Effect.void
-      })
-    }
+    // listened to whatever the schedule: a set-schedule may switch to plateau later
+    yield* bus.subscribe(s.metrics("evaluator"), (m) => {
+      const r = decodeBytes(ValidationLoss, m.subject, m.data)
+      if (Result.isFailure(r) || !plateau) return Effect.void
+      const next = plateauObserve(plateau, r.success.loss)
+      plateau = next.state
+      return next.reduced ? Effect.logInfo(`scheduler: validation loss plateaued, lr → ${next.lr}`) : Effect.void
+    })
+
+    yield* onControl(s, {
+      "set-lr": (c) =>
+        Effect.sync(() => {
+          if (plateau && c.fromStep === undefined) plateau = { ...plateau, lr: c.lr }
+          else override = { lr: c.lr, fromStep: c.fromStep ?? 0 }
+        }).pipe(Effect.andThen(Effect.logInfo(`scheduler ${o.id}: lr → ${c.lr}${c.fromStep === undefined ? "" : ` from step ${c.fromStep}`}`))),
+      "set-schedule": (c) =>
+        Effect.gen(function* () {
+          const r = resolveSchedule(c.schedule as unknown as ScheduleInput)
+          if (Result.isFailure(r)) return yield* Effect.logError(`scheduler ${o.id}: set-schedule: ${r.failure.message}`)
+          schedule = r.success
+          plateau = schedule.kind === "plateau" ? plateauInit(schedule, schedule.lr) : undefined
+          override = undefined
+          yield* Effect.logInfo(`scheduler ${o.id}: schedule → ${describe()}`)
+        })
+    })
 
     yield* runHeartbeat(s, "scheduler", o.id, o.job.train.heartbeatMs)
     yield* Effect.logDebug(`scheduler ${o.id}: ${describe()}`)

@@ -14,6 +14,7 @@
  */
 import { Deferred, Effect, Result, Schedule, Scope } from "effect"
 import { Bus, type BusMessage } from "../../shared/bus/Bus.ts"
+import { onControl } from "../../shared/actor/control-listener.ts"
 import { runHeartbeat } from "../../shared/actor/membership.ts"
 import type { JobConfig } from "../../shared/config/job.ts"
 import { Compute } from "../../shared/compute/backend.ts"
@@ -33,6 +34,7 @@ import { PROTOCOL_VERSION, subjects } from "../../shared/protocol/subjects.ts"
 import { toWire } from "../../shared/wire/codec.ts"
 import type { Codec, TensorBundle } from "../../shared/wire/tensor.ts"
 import { receiveBundles, requestBundle, sendBundle } from "../../shared/wire/transport.ts"
+import { accumulateGrads } from "./accumulate.ts"
 
 export interface WorkerOptions {
   readonly job: JobConfig
@@ -144,6 +146,13 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
 
     const hb = yield* runHeartbeat(s, mode === "eval" ? "evaluator" : "worker", id, job.train.heartbeatMs)
 
+    // stop: finish cleanly (the loop ends, `flotilla launch` exits 0); set-consistency: wait like the servers aggregate
+    let consistency = job.train.consistency.mode
+    yield* onControl(s, {
+      stop: () => Deferred.succeed(finished, undefined),
+      "set-consistency": (c) => Effect.sync(() => void (consistency = c.mode))
+    })
+
     const lease = (split: "train" | "val", index?: number) =>
       bus.request(s.dataLease, encodeMessage({ _tag: "LeaseBatch", v: PROTOCOL_VERSION, worker: id, split, index }), { timeoutMs: 5_000 }).pipe(
         Effect.map(decodeBatch)
@@ -152,6 +161,8 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
     // ---- train loop
     const trainLoop: Effect.Effect<void, Error> = Effect.gen(function* () {
       let lastVersion = -1
+      /** leased micro-batches, until train.accumulate of them make one gradient. */
+      const held: Batch[] = []
       while (!(yield* Deferred.isDone(finished))) {
         const t0 = performance.now()
         const leased: Result.Result<Batch, string> = yield* lease("train").pipe(
@@ -162,9 +173,11 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
           yield* Effect.sleep(200)
           continue
         }
-        const batch = leased.success
+        held.push(leased.success)
+        if (held.length < job.train.accumulate) continue
+        const micro = held.splice(0)
         const t1 = performance.now()
-        const sync = job.train.consistency.mode === "sync"
+        const sync = consistency === "sync"
         const ok = yield* waitFor(() => {
           const v = commonVersion()
           return sync ? v !== undefined && v > lastVersion : cache.size === shards
@@ -173,15 +186,20 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
         const t2 = performance.now()
         const versions = new Map([...cache].map(([k, c]) => [k, c.version]))
         const v = Math.min(...versions.values())
-        const { loss, grads } = lossAndGrads(model, fullParams(), { tokens: batch.tokens, batchSize: batch.meta.B, seqLen: batch.meta.T })
+        const params = fullParams()
+        const { batchId, samples, loss, grads } = accumulateGrads(
+          micro.map((b) => ({ batchId: b.meta.batchId, samples: b.meta.B, ...lossAndGrads(model, params, { tokens: b.tokens, batchSize: b.meta.B, seqLen: b.meta.T }) }))
+        )
         const t3 = performance.now()
         if (sync && (commonVersion() ?? -1) > v) {
           stats.stale++
-          yield* bus.publish(s.dataAck, encodeMessage({ _tag: "BatchFailed", v: PROTOCOL_VERSION, worker: id, batchId: batch.meta.batchId, reason: `stale: version ${v} was superseded while computing` }))
+          for (const b of micro) {
+            yield* bus.publish(s.dataAck, encodeMessage({ _tag: "BatchFailed", v: PROTOCOL_VERSION, worker: id, batchId: b.meta.batchId, reason: `stale: version ${v} was superseded while computing` }))
+          }
           lastVersion = -1
           continue
         }
-        const tokens = batch.meta.B * batch.meta.T
+        const tokens = micro.reduce((n, b) => n + b.meta.B * b.meta.T, 0)
         let bytes = 0
         for (let k = 0; k < shards; k++) {
           const tensors = model.specs
@@ -193,7 +211,7 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
             })
           const sent = yield* sendBundle(bus, s.psPush(k), {
             tensors,
-            meta: { kind: "grads", job: job.job, version: versions.get(k)!, step: versions.get(k)!, sender: id, batchId: batch.meta.batchId, codec, extra: { samples: batch.meta.B, tokens, loss } }
+            meta: { kind: "grads", job: job.job, version: versions.get(k)!, step: versions.get(k)!, sender: id, batchId, codec, extra: { samples, tokens, loss } }
           }).pipe(Effect.orDie)
           bytes += sent.bytes
         }
@@ -204,7 +222,7 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
         stats.bytesSent += bytes
         hb.setInfo({ version: v, steps: stats.steps })
         const metric: WorkerStep = {
-          _tag: "WorkerStep", v: PROTOCOL_VERSION, worker: id, version: v, batchId: batch.meta.batchId, loss, tokens,
+          _tag: "WorkerStep", v: PROTOCOL_VERSION, worker: id, version: v, batchId, loss, tokens,
           waitBatchMs: t1 - t0, waitParamsMs: t2 - t1, computeMs: t3 - t2, pushMs: t4 - t3, bytesSent: bytes
         }
         yield* bus.publish(s.metrics("worker"), encodeMessage(metric)).pipe(Effect.ignore)

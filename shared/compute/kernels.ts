@@ -15,6 +15,12 @@
 //     (~1.7 s of a gpt-mini step in a profile, ~300 MB more heap). Tensors are
 //     immutable, so the clone shares the buffer with a reference count, exactly as the
 //     wasm backend's own Reshape and the cpu backend's Identity do.
+//   - Slice, SplitV, Unpack (wasm): the stock Slice reads its input with readSync, which
+//     copies the whole tensor out of the heap for every slice taken, so unstacking the
+//     LSTM's [L, B, 4H] input projection into L steps copied it L times (~1 s a step)
+//     and every split of GPT's fused qkv copied [B*T, 3C] three times. Replaced by the
+//     same slicing done on heap views (SplitV and Unpack call Slice internally). String
+//     tensors still go to the stock kernels.
 // Everything else the two models use (Softmax, tanh-GELU pieces, Softplus, OneHot,
 // Pack/Unpack, SplitV, PadV2, Transpose, BatchMatMul, Select, Step, ...) exists on wasm;
 // test/models.grad.test.ts runs both models' forward and backward there.
@@ -61,6 +67,7 @@ interface SegmentSumArgs {
 interface WasmLike {
   makeOutput(shape: number[], dtype: tf.DataType): tf.TensorInfo
   typedArrayFromHeap(info: tf.TensorInfo): Values
+  incRef(dataId: object): void
 }
 interface CpuLike {
   readSync(dataId: object): Values
@@ -112,8 +119,97 @@ const segmentSumCpu = (args: SegmentSumArgs): tf.TensorInfo => {
 /** wasm Identity: a new handle on the same buffer (refcounted, freed with the last). */
 const identityShared = (args: { inputs: { x: tf.TensorInfo }; backend: unknown }): tf.TensorInfo => {
   const { x } = args.inputs
-  ;(args.backend as { incRef(dataId: object): void }).incRef(x.dataId)
+  ;(args.backend as WasmLike).incRef(x.dataId)
   return { dataId: x.dataId, shape: x.shape, dtype: x.dtype }
+}
+
+/** The stock kernels replaced, kept for what ours do not handle (string tensors). */
+const stock = new Map<string, tf.KernelFunc>()
+const stockKernel = (name: string, args: unknown): tf.TensorInfo | tf.TensorInfo[] => {
+  const f = stock.get(`${name}@wasm`)
+  if (f === undefined) throw new Error(`${name}@wasm: no stock kernel to fall back to`)
+  return f(args as Parameters<tf.KernelFunc>[0])
+}
+
+/** out = x[begin : begin+size] on heap views. Rows of the last axis are contiguous
+ *  runs; the leading axes are walked like an odometer. */
+const sliceView = (backend: WasmLike, x: tf.TensorInfo, begin: readonly number[], size: readonly number[]): tf.TensorInfo => {
+  const out = backend.makeOutput([...size], x.dtype) // before taking views (may grow the heap)
+  const n = size.reduce((a, b) => a * b, 1)
+  if (n === 0) return out
+  const xV = backend.typedArrayFromHeap(x)
+  const oV = backend.typedArrayFromHeap(out)
+  const r = x.shape.length
+  const strides = new Array<number>(r)
+  strides[r - 1] = 1
+  for (let d = r - 2; d >= 0; d--) strides[d] = strides[d + 1] * x.shape[d + 1]
+  // Merge trailing axes taken whole into one contiguous run.
+  let inner = r - 1
+  while (inner > 0 && size[inner] === x.shape[inner] && begin[inner] === 0) inner--
+  const run = size.slice(inner).reduce((a, b) => a * b, 1)
+  const idx = new Array<number>(inner).fill(0) // position among the leading axes
+  for (let o = 0; o < n; o += run) {
+    let src = begin[inner] * strides[inner]
+    for (let d = 0; d < inner; d++) src += (begin[d] + idx[d]) * strides[d]
+    oV.set(xV.subarray(src, src + run), o)
+    for (let d = inner - 1; d >= 0; d--) {
+      if (++idx[d] < size[d]) break
+      idx[d] = 0
+    }
+  }
+  return out
+}
+
+interface SliceArgs {
+  readonly inputs: { readonly x: tf.TensorInfo }
+  readonly attrs: { readonly begin: number | number[]; readonly size: number | number[] }
+  readonly backend: unknown
+}
+const sliceWasm = (args: SliceArgs): tf.TensorInfo => {
+  const { x } = args.inputs
+  if (x.dtype === "string") return stockKernel(tf.Slice, args) as tf.TensorInfo
+  const [begin, size] = tf.slice_util.parseSliceParams(x as tf.Tensor, args.attrs.begin, args.attrs.size)
+  return sliceView(args.backend as WasmLike, x, begin, size)
+}
+
+interface SplitVArgs {
+  readonly inputs: { readonly x: tf.TensorInfo }
+  readonly attrs: { readonly numOrSizeSplits: number | number[]; readonly axis: number }
+  readonly backend: unknown
+}
+const splitVWasm = (args: SplitVArgs): tf.TensorInfo[] => {
+  const { x } = args.inputs
+  if (x.dtype === "string") return stockKernel(tf.SplitV, args) as tf.TensorInfo[]
+  const axis = tf.util.parseAxisParam(args.attrs.axis, x.shape)[0]
+  const sizes = tf.backend_util.prepareSplitSize(x as tf.Tensor, args.attrs.numOrSizeSplits, axis)
+  const begin = new Array<number>(x.shape.length).fill(0)
+  return sizes.map((s) => {
+    const size = [...x.shape]
+    size[axis] = s
+    const part = sliceView(args.backend as WasmLike, x, begin, size)
+    begin[axis] += s
+    return part
+  })
+}
+
+interface UnpackArgs {
+  readonly inputs: { readonly value: tf.TensorInfo }
+  readonly attrs: { readonly axis: number }
+  readonly backend: unknown
+}
+const unpackWasm = (args: UnpackArgs): tf.TensorInfo[] => {
+  const x = args.inputs.value
+  if (x.dtype === "string") return stockKernel(tf.Unpack, args) as tf.TensorInfo[]
+  const axis = args.attrs.axis < 0 ? args.attrs.axis + x.shape.length : args.attrs.axis
+  const outShape = x.shape.filter((_, d) => d !== axis)
+  const begin = new Array<number>(x.shape.length).fill(0)
+  const size = [...x.shape]
+  size[axis] = 1
+  return Array.from({ length: x.shape[axis] }, (_, i) => {
+    begin[axis] = i
+    const { dataId, dtype } = sliceView(args.backend as WasmLike, x, begin, size)
+    return { dataId, dtype, shape: outShape }
+  })
 }
 
 const OURS: ReadonlyArray<{ kernelName: string; backendName: string; kernelFunc: tf.KernelFunc }> = [
@@ -122,7 +218,10 @@ const OURS: ReadonlyArray<{ kernelName: string; backendName: string; kernelFunc:
     backendName,
     kernelFunc: (backendName === "wasm" ? segmentSumWasm : segmentSumCpu) as unknown as tf.KernelFunc
   })),
-  { kernelName: tf.Identity, backendName: "wasm", kernelFunc: identityShared as unknown as tf.KernelFunc }
+  { kernelName: tf.Identity, backendName: "wasm", kernelFunc: identityShared as unknown as tf.KernelFunc },
+  { kernelName: tf.Slice, backendName: "wasm", kernelFunc: sliceWasm as unknown as tf.KernelFunc },
+  { kernelName: tf.SplitV, backendName: "wasm", kernelFunc: splitVWasm as unknown as tf.KernelFunc },
+  { kernelName: tf.Unpack, backendName: "wasm", kernelFunc: unpackWasm as unknown as tf.KernelFunc }
 ]
 
 /**
@@ -136,7 +235,10 @@ export const registerKernels = (): readonly string[] => {
     const current = tf.getKernel(k.kernelName, k.backendName)
     if (current?.kernelFunc === k.kernelFunc) continue
     // Unregister first: replacing silently instead of the "already registered" warning.
-    if (current !== undefined) tf.unregisterKernel(k.kernelName, k.backendName)
+    if (current !== undefined) {
+      stock.set(`${k.kernelName}@${k.backendName}`, current.kernelFunc)
+      tf.unregisterKernel(k.kernelName, k.backendName)
+    }
     tf.registerKernel(k)
   }
   return OURS.map((k) => `${k.kernelName}@${k.backendName}`)

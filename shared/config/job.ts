@@ -63,6 +63,8 @@ export const JobConfig = Schema.Struct({
   }),
   train: Schema.Struct({
     steps: PosInt,
+    /** gradient accumulation: micro-batches a worker averages into each gradient it pushes. */
+    accumulate: PosInt,
     consistency: Consistency,
     seed: NonNegInt,
     /** evaluate validation loss every N versions (0 = never). */
@@ -91,6 +93,7 @@ export const DEFAULT_JOB: JobConfig = {
   data: { corpus: "moby-dick", valFraction: 0.05, batchSize: 16, seed: 1337, valBatches: 4 },
   train: {
     steps: 300,
+    accumulate: 1, // micro-batches per pushed gradient
     consistency: { mode: "sync" },
     seed: 1337,
     evalEvery: 50,

@@ -58,6 +58,8 @@ export const subjects = (job: string) => {
     controlAll: `${p}.control.*`,
     /** broadcast: an accepted control command, applied by every actor it concerns. */
     controlApplied: `${p}.events.control`,
+    /** the control history (JetStream stream FLOTILLA_<job>_CONTROL when on NATS). */
+    history: `${p}.history`,
     /** broadcast: other job-level events (reserved). */
     events: (kind: string) => `${p}.events.${assertToken("event kind", kind)}`,
     hb: (role: Role, id: string) => `${p}.hb.${role}.${assertToken("actor id", id)}`,

@@ -154,6 +154,9 @@ const offHandle = (config: TelemetryConfig): TelemetryHandle => ({
   shutdown: () => Promise.resolve()
 })
 
+/** How long shutdown waits for the last spans and metrics to be exported. */
+const SHUTDOWN_TIMEOUT_MS = 5_000
+
 const boot = async (config: TelemetryConfig, env: Env): Promise<Running> => {
   const [{ NodeSDK }, resources] = await Promise.all([
     import("@opentelemetry/sdk-node"),
@@ -201,12 +204,20 @@ const boot = async (config: TelemetryConfig, env: Env): Promise<Running> => {
   const shutdown = async (): Promise<void> => {
     tracingOn = false
     metricsOn = false
+    let timer: ReturnType<typeof setTimeout> | undefined
     try {
-      await sdk.shutdown()
+      // An unreachable collector must never take an actor down, nor hold its exit for long.
+      await Promise.race([
+        sdk.shutdown(),
+        new Promise((_, reject) => {
+          timer = setTimeout(() => reject(new Error(`no answer in ${SHUTDOWN_TIMEOUT_MS} ms`)), SHUTDOWN_TIMEOUT_MS)
+          timer.unref()
+        })
+      ])
     } catch (e) {
-      // An unreachable collector must never take an actor down: say so and move on.
       process.emitWarning(`telemetry: final export failed (${e instanceof Error ? e.message : String(e)})`)
     } finally {
+      clearTimeout(timer)
       // Unregister the globals so a later start in the same process (tests) can register.
       api.trace.disable()
       api.metrics.disable()

@@ -353,7 +353,7 @@ export class Reassembler {
       return reject("duplicate-chunk", `message ${id}: chunk ${index} of ${count} received twice (first copy kept)`, false)
     }
     const c = crc32(data)
-    if (hex8(c) !== chunkCrc) {
+    if (c !== parseInt(chunkCrc, 16)) {
       return reject("chunk-crc-mismatch", `message ${id}: chunk ${index} (${data.length} bytes) has crc ${hex8(c)}, header says ${chunkCrc}`, true)
     }
     p.buffer.set(data, offset)

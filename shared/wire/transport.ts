@@ -63,8 +63,8 @@ export interface SendOptions {
   /** Copied onto every frame (traceparent, ...). */
   readonly headers?: Headers
   /**
-   * Wait until the server has every frame (one round trip; backpressure for a fast sender).
-   * Default true; it also lets the payload buffer be recycled for the next send.
+   * Wait until the server has every frame (one round trip). Default false: the flush runs
+   * in the background, only to recycle the payload buffer once the bus is done with it.
    */
   readonly flush?: boolean
   /** Bytes kept free under maxPayload per frame. Default frames.ts DEFAULT_HEADROOM. */
@@ -121,13 +121,17 @@ const toFrames = (bundle: TensorBundle, id: string, maxPayload: number, opts: Se
     return { frames, payload, bytes: payload.length }
   })
 
-/** Publish the frames; after a successful flush no bus holds the payload: recycle it. */
+/**
+ * Publish the frames. Once a flush succeeded no bus holds views of the payload any more
+ * (nats.js has written them to the socket; the in-process bus copies on publish), so the
+ * buffer goes back to the pool; if the flush fails it is left to the GC.
+ */
 const publishFrames = (bus: BusShape, to: string, frames: ReadonlyArray<Frame>, payload: Uint8Array, flush: boolean | undefined) =>
   Effect.gen(function*() {
     for (const f of frames) yield* bus.publish(to, f.data, { headers: f.headers })
-    if (flush === false) return
-    yield* bus.flush()
-    sendPool.give(payload)
+    const recycle = bus.flush().pipe(Effect.andThen(Effect.sync(() => sendPool.give(payload))))
+    if (flush === true) yield* recycle
+    else yield* Effect.forkDetach(Effect.ignore(recycle))
   })
 
 const replyProblem = (reply: BusMessage): string | undefined => reply.headers[T.error]
@@ -296,7 +300,7 @@ export const requestBundle = Effect.fn("wire.requestBundle")(function*(
 export interface ReplyOptions {
   readonly headers?: Headers
   readonly headroom?: number
-  /** As SendOptions.flush (default true). */
+  /** As SendOptions.flush. */
   readonly flush?: boolean
 }
 

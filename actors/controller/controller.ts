@@ -1,0 +1,249 @@
+/**
+ * Implements: the controller — a job's control endpoint. It runs in the scheduler's
+ * process (`flotilla launch scheduler`, `flotilla start`) and serves `control.<verb>` in
+ * queue group `control`.
+ *
+ * Every message is decoded and validated before anything changes: its size, the verb
+ * (the subject's last token), JSON, the verb's schema (no unknown fields), the job, and
+ * the values against the job's live state (LR finite and >= 0; an optimizer patch through
+ * setHyperparams, a schedule through resolveSchedule, bounded consistency needs a
+ * staleness). A bad message gets a `ControlRejected` reply naming the problem, goes out
+ * on the job's `errors` subject as a `Rejected`, and changes nothing. An accepted command
+ * is recorded in the history (actors/controller/history.ts: JetStream on NATS, memory
+ * embedded), broadcast as `ControlApplied` on `events.control` (the actors act on it:
+ * shared/actor/control-listener.ts), and answered with `ControlAccepted`.
+ * `status` is assembled from heartbeats, `ps.*.applied`, the scheduler's metrics and an
+ * LR request for the next step; `history` lists the store.
+ * Does not own: applying commands (each actor does), the ctl command line (cli/ctl.ts).
+ */
+import { Effect, Result, Scope } from "effect"
+import { Bus, type BusMessage } from "../../shared/bus/Bus.ts"
+import { trackMembership } from "../../shared/actor/membership.ts"
+import { makeReporter } from "../../shared/actor/report.ts"
+import type { Consistency, JobConfig } from "../../shared/config/job.ts"
+import { resolveOptimizer, setHyperparams, type OptimizerConfig, type OptimizerPatch } from "../../shared/optim/optimizers.ts"
+import {
+  CONTROL_MAX_BYTES,
+  CONTROL_VERBS,
+  ControlApplied,
+  decodeControlRequest,
+  isCommandVerb,
+  isControlVerb,
+  type ControlAccepted,
+  type ControlCommand,
+  type ControlHistory,
+  type ControlRejected,
+  type ControlRequest,
+  type JobStatus
+} from "../../shared/protocol/control.ts"
+import { decodeBytes, encodeMessage, parseJson } from "../../shared/protocol/decode.ts"
+import { LrForStep, StepApplied, ValidationLoss, type ErrorCode } from "../../shared/protocol/messages.ts"
+import { PROTOCOL_VERSION, queues, subjects } from "../../shared/protocol/subjects.ts"
+import { resolveSchedule, type Schedule, type ScheduleInput } from "../../shared/schedule/schedules.ts"
+import { jetstreamHistory, memoryHistory, type HistoryStore } from "./history.ts"
+
+export interface ControllerOptions {
+  readonly job: JobConfig
+  readonly id: string
+  /** NATS servers: keep the history in JetStream there (memory when absent or without JetStream). */
+  readonly nats?: readonly string[]
+}
+
+/** What the controller believes the job is running (the job file plus accepted commands). */
+export interface ControlView {
+  optimizer: OptimizerConfig
+  schedule: Schedule
+  consistency: Consistency
+  paused: boolean
+  stopped: boolean
+}
+
+export interface ControllerHandle {
+  readonly history: HistoryStore
+  readonly view: ControlView
+}
+
+type Problem = { readonly code: ErrorCode; readonly reason: string }
+const problem = (code: ErrorCode, reason: string): Problem => ({ code, reason })
+
+const finiteNonNeg = (x: number) => Number.isFinite(x) && x >= 0
+
+/** Check a decoded command against the live view; returns the view it leads to, or a problem. */
+export const validateCommand = (view: ControlView, c: ControlCommand): Result.Result<ControlView, Problem> => {
+  switch (c._tag) {
+    case "PauseJob":
+      return Result.succeed({ ...view, paused: true })
+    case "ResumeJob":
+      return view.stopped ? Result.fail(problem("conflict", "the job was stopped; start it again instead")) : Result.succeed({ ...view, paused: false })
+    case "StopJob":
+      return Result.succeed({ ...view, stopped: true, paused: true })
+    case "CheckpointJob":
+      return Result.succeed(view)
+    case "SetLr":
+      if (!finiteNonNeg(c.lr)) return Result.fail(problem("invalid-value", `lr must be a finite number >= 0, got ${c.lr}`))
+      return Result.succeed(view)
+    case "SetSchedule": {
+      const r = resolveSchedule(c.schedule as unknown as ScheduleInput)
+      return Result.isFailure(r) ? Result.fail(problem("invalid-value", r.failure.message)) : Result.succeed({ ...view, schedule: r.success })
+    }
+    case "SetOptimizer": {
+      if (Object.keys(c.patch).length === 0) return Result.fail(problem("invalid-value", "the optimizer patch is empty: give field=value pairs"))
+      const r = setHyperparams(view.optimizer, c.patch as OptimizerPatch)
+      return Result.isFailure(r) ? Result.fail(problem("invalid-value", r.failure.message)) : Result.succeed({ ...view, optimizer: r.success })
+    }
+    case "SetConsistency": {
+      if (c.mode === "bounded") {
+        if (c.staleness === undefined) return Result.fail(problem("invalid-value", "bounded consistency needs a staleness (an integer >= 0)"))
+        return Result.succeed({ ...view, consistency: { mode: "bounded", staleness: c.staleness } })
+      }
+      if (c.staleness !== undefined) return Result.fail(problem("invalid-value", `staleness is only for bounded consistency, not ${c.mode}`))
+      return Result.succeed({ ...view, consistency: { mode: c.mode } })
+    }
+  }
+}
+
+const str = (x: unknown, max = 128): string | undefined => (typeof x === "string" && x.length > 0 && x.length <= max ? x : undefined)
+
+export const runController = (o: ControllerOptions): Effect.Effect<ControllerHandle, Error, Bus | Scope.Scope> =>
+  Effect.gen(function* () {
+    const bus = yield* Bus
+    const { job, id } = o
+    const s = subjects(job.job)
+    const reject = makeReporter(bus, s, id)
+
+    const optimizer = resolveOptimizer(job.optimizer as never)
+    if (Result.isFailure(optimizer)) return yield* Effect.fail(new Error(`optimizer: ${optimizer.failure.message}`))
+    const schedule = resolveSchedule(job.schedule as unknown as ScheduleInput)
+    if (Result.isFailure(schedule)) return yield* Effect.fail(new Error(`schedule: ${schedule.failure.message}`))
+    const view: ControlView = { optimizer: optimizer.success, schedule: schedule.success, consistency: job.train.consistency, paused: false, stopped: false }
+
+    const history: HistoryStore = o.nats
+      ? yield* jetstreamHistory(job.job, o.nats).pipe(
+          Effect.catch((e) =>
+            Effect.logWarning(`controller ${id}: no JetStream (${e.message}); keeping the control history in memory`).pipe(Effect.as(memoryHistory()))
+          )
+        )
+      : memoryHistory()
+    yield* Effect.logInfo(`controller ${id}: serving ${s.controlAll} (history: ${history.kind})`)
+
+    // ---- what status reports: membership, applied versions, scheduler and evaluator metrics
+    const membership = yield* trackMembership(s, job.train.livenessMs)
+    const shards = new Map<number, number>()
+    let lastLoss: number | null = null
+    let lastLr: number | null = null
+    let lastStep: number | null = null
+    let lastValLoss: number | null = null
+    let finished = false
+    yield* bus.subscribe(s.psAppliedAll, (m) => {
+      const r = decodeBytes(StepApplied, m.subject, m.data)
+      if (Result.isSuccess(r)) {
+        const a = r.success
+        shards.set(a.shard, Math.max(a.version, shards.get(a.shard) ?? 0))
+        lastLoss = Number.isFinite(a.loss) ? a.loss : null
+        lastLr = a.lr
+        if (a.final) finished = true
+      }
+      return Effect.void
+    })
+    yield* bus.subscribe(s.metricsAll, (m) => {
+      const lr = decodeBytes(LrForStep, m.subject, m.data)
+      if (Result.isSuccess(lr)) lastStep = Math.max(lr.success.step, lastStep ?? 0)
+      const val = decodeBytes(ValidationLoss, m.subject, m.data)
+      if (Result.isSuccess(val)) lastValLoss = Number.isFinite(val.success.loss) ? val.success.loss : null
+      return Effect.void
+    })
+    // other controllers of this job (queue group members) keep our view current
+    yield* bus.subscribe(s.controlApplied, (m) => {
+      const r = decodeBytes(ControlApplied, m.subject, m.data)
+      if (Result.isSuccess(r) && r.success.by !== id) {
+        const next = validateCommand(view, r.success.command)
+        if (Result.isSuccess(next)) Object.assign(view, next.success)
+      }
+      return Effect.void
+    })
+
+    const version = () => (shards.size < job.topology.psShards ? null : Math.min(...shards.values()))
+
+    const status = (requestId: string) =>
+      Effect.gen(function* () {
+        const v = version()
+        const next = yield* bus
+          .request(s.lr, encodeMessage({ _tag: "GetLr", v: PROTOCOL_VERSION, step: v ?? 0 }), { timeoutMs: 500 })
+          .pipe(
+            Effect.flatMap((m) => Effect.fromResult(decodeBytes(LrForStep, m.subject, m.data))),
+            Effect.map((r) => r.lr as number | null),
+            Effect.catch(() => Effect.succeed(lastLr))
+          )
+        const now = Date.now()
+        const actors = membership
+          .all()
+          .sort((a, b) => (a.role === b.role ? (a.id < b.id ? -1 : 1) : a.role < b.role ? -1 : 1))
+          .map((m) => ({ role: m.role, id: m.id, host: m.host, pid: m.pid, heartbeatAgeMs: Math.max(0, now - m.lastSeen), state: m.state, info: m.info }))
+        const reply: JobStatus = {
+          _tag: "JobStatus", v: PROTOCOL_VERSION, job: job.job, requestId, by: id, at: now, actors,
+          version: v, shards: [...shards].sort(([a], [b]) => a - b).map(([shard, version]) => ({ shard, version })),
+          step: lastStep, lr: next, schedule: view.schedule.kind, lastLoss, lastValLoss,
+          consistency: view.consistency, optimizer: { ...view.optimizer }, paused: view.paused, stopped: view.stopped, finished
+        }
+        return reply
+      })
+
+    const refuse = (m: BusMessage, p: Problem, raw: unknown) =>
+      Effect.gen(function* () {
+        const r = raw as Record<string, unknown> | undefined
+        const sender = typeof r === "object" && r !== null ? str(r.sender, 64) : undefined
+        const requestId = typeof r === "object" && r !== null ? str(r.requestId) : undefined
+        yield* reject({ code: p.code, reason: p.reason, subject: m.subject, sender })
+        const reply: ControlRejected = { _tag: "ControlRejected", v: PROTOCOL_VERSION, job: job.job, requestId, code: p.code, reason: p.reason, by: id, at: Date.now() }
+        yield* bus.respond(m, encodeMessage(reply)).pipe(Effect.ignore)
+      })
+
+    const accept = (m: BusMessage, verb: string, c: ControlCommand, next: ControlView) =>
+      Effect.gen(function* () {
+        if (!isCommandVerb(verb)) return
+        const at = Date.now()
+        const entry = yield* history.append({ _tag: "ControlApplied", v: PROTOCOL_VERSION, job: job.job, verb, command: c, sender: c.sender, requestId: c.requestId, by: id, at })
+        Object.assign(view, next)
+        yield* bus.publish(s.controlApplied, encodeMessage(entry))
+        yield* Effect.logInfo(`controller ${id}: #${entry.seq} ${verb} from ${c.sender} accepted`)
+        const reply: ControlAccepted = { _tag: "ControlAccepted", v: PROTOCOL_VERSION, job: job.job, requestId: c.requestId, verb, seq: entry.seq, by: id, at }
+        yield* bus.respond(m, encodeMessage(reply))
+      })
+
+    const serve = Effect.fn("Controller.serve")(function* (m: BusMessage) {
+      if (m.data.byteLength > CONTROL_MAX_BYTES) {
+        return yield* refuse(m, problem("bad-message", `control message is ${m.data.byteLength} bytes; the limit is ${CONTROL_MAX_BYTES}`), undefined)
+      }
+      const verb = m.subject.slice(s.prefix.length + ".control.".length)
+      if (!isControlVerb(verb)) {
+        return yield* refuse(m, problem("unknown-verb", `unknown control verb ${JSON.stringify(verb)}: one of ${CONTROL_VERBS.join(", ")}`), undefined)
+      }
+      const json = parseJson(m.data)
+      if (Result.isFailure(json)) return yield* refuse(m, problem("bad-message", json.failure), undefined)
+      const raw = json.success
+      if (typeof raw !== "object" || raw === null || Array.isArray(raw)) {
+        return yield* refuse(m, problem("bad-message", `expected a JSON object (a ${verb} request), got ${Array.isArray(raw) ? "an array" : raw === null ? "null" : typeof raw}`), undefined)
+      }
+      const claimed = (raw as { job?: unknown }).job
+      if (typeof claimed === "string" && claimed !== job.job) {
+        return yield* refuse(m, problem("wrong-job", `this is job ${JSON.stringify(job.job)}'s controller; the message is for job ${JSON.stringify(claimed)}`), raw)
+      }
+      const decoded = decodeControlRequest(verb, m.subject, raw)
+      if (Result.isFailure(decoded)) return yield* refuse(m, problem("bad-message", `${verb}: ${decoded.failure.reason}`), raw)
+      const req: ControlRequest = decoded.success
+      if (req._tag === "GetJobStatus") return yield* bus.respond(m, encodeMessage(yield* status(req.requestId)))
+      if (req._tag === "GetControlHistory") {
+        const entries = yield* history.list(req.limit ?? 100).pipe(Effect.orDie)
+        const reply: ControlHistory = { _tag: "ControlHistory", v: PROTOCOL_VERSION, job: job.job, requestId: req.requestId, by: id, at: Date.now(), store: history.kind, entries }
+        return yield* bus.respond(m, encodeMessage(reply))
+      }
+      const next = validateCommand(view, req)
+      if (Result.isFailure(next)) return yield* refuse(m, next.failure, raw)
+      yield* accept(m, verb, req, next.success).pipe(
+        Effect.catch((e) => refuse(m, problem("internal", `could not record the command: ${e.message}`), raw))
+      )
+    })
+
+    yield* bus.subscribe(s.controlAll, serve, { queue: queues.control })
+    return { history, view } satisfies ControllerHandle
+  })
