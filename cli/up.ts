@@ -18,7 +18,7 @@ import { startLocalNatsServer } from "../shared/bus/local-server.ts"
 import { NatsBus } from "../shared/bus/nats.ts"
 import { Compute, type BackendPreference } from "../shared/compute/backend.ts"
 import type { JobConfig } from "../shared/config/job.ts"
-import { observeJob } from "./driver.ts"
+import { observeJob, type RunSummary } from "./driver.ts"
 import { pullParams, report } from "./start.ts"
 
 const BIN = resolve(dirname(fileURLToPath(import.meta.url)), "..", "bin", "flotilla.ts")
@@ -88,7 +88,7 @@ export const up = (o: UpOptions) =>
     let url = o.nats
     if (!url) {
       const server = yield* Effect.acquireRelease(
-        Effect.promise(() => startLocalNatsServer()),
+        Effect.promise(() => startLocalNatsServer({ jetstream: true })), // JetStream: the control history
         (s) => Effect.promise(() => s.stop())
       )
       url = server.url
@@ -127,11 +127,21 @@ export const up = (o: UpOptions) =>
         Effect.runFork(Deferred.fail(died, new Error(`${c.id} exited (${signal ?? `code ${code}`}):\n  ${c.tail.slice(-15).join("\n  ")}`)))
       })
     }
-    const summary = yield* Effect.raceFirst(Deferred.await(observer.done), Deferred.await(died))
-    const params = yield* pullParams(job, "driver").pipe(
-      Effect.provide(NatsBus.layer({ servers: url, name: `flotilla-${job.job}-driver-pull` })),
-      Effect.orDie
-    )
+    // `flotilla ctl <job> stop`: every child exits 0 (servers checkpoint first); report what was trained
+    const stopped = yield* Deferred.make<RunSummary>()
+    let exited = 0
+    for (const c of children) {
+      c.proc.once("exit", (code) => {
+        if (code === 0 && ++exited === children.length) Effect.runFork(Deferred.succeed(stopped, observer.summary()))
+      })
+    }
+    const summary = yield* Effect.raceFirst(Deferred.await(observer.done), Effect.raceFirst(Deferred.await(died), Deferred.await(stopped)))
+    const params = (yield* Deferred.isDone(stopped))
+      ? undefined
+      : yield* pullParams(job, "driver").pipe(
+          Effect.provide(NatsBus.layer({ servers: url, name: `flotilla-${job.job}-driver-pull` })),
+          Effect.orDie
+        )
     yield* report(job, summary, params, { json: o.json, runsDir: o.runsDir, sample: o.sample }).pipe(
       Effect.provide(Compute.layer(o.backend as BackendPreference | undefined)),
       Effect.orDie
