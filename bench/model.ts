@@ -1,7 +1,7 @@
 // Benchmarks one training step (forward + backward, gradients read back) of the model
 // zoo on the wasm backend: gpt-mini with tfjs' stock matMul gradients against
 // matMul2d/batchMatMul's plain-matMul gradients, and the LSTM classifier.
-// Owns: nothing but measurement. Run: node bench/model.ts [--steps N]   (~1.5-3 min)
+// Owns: nothing but measurement. Run: node bench/model.ts [--steps N]   (~1-3 min)
 // Numbers are medians; shared 2-core machines vary by up to ~1.8x between runs
 // (PERF-NOTES.md has the reference numbers: ~290 tok/s stock, ~1,100 with the fixes).
 
@@ -28,7 +28,10 @@ interface Row {
   readonly run: string
   readonly firstMs: number
   readonly medianMs: number
+  /** Process CPU time of the step: on a shared machine, closer to what a quiet one gives. */
+  readonly cpuMs: number
   readonly rate: string
+  readonly cpuRate: string
 }
 
 /** One warm-up step (reported: the first step pays one-off costs), then `steps` timed. */
@@ -38,14 +41,20 @@ const time = <B>(run: string, def: ModelDef<B>, batch: B, items: number, unit: s
   lossAndGrads(def, params, batch)
   const firstMs = performance.now() - t0
   const ms: number[] = []
+  const cpu: number[] = []
   for (let i = 0; i < steps; i++) {
+    const c = process.cpuUsage()
     const t = performance.now()
     const { loss } = lossAndGrads(def, params, batch)
     ms.push(performance.now() - t)
+    const used = process.cpuUsage(c)
+    cpu.push((used.user + used.system) / 1000)
     if (!Number.isFinite(loss)) throw new Error(`${run}: loss is ${loss}`)
   }
   const m = median(ms)
-  const row = { run, firstMs, medianMs: m, rate: `${((items / m) * 1000).toFixed(unit === "tok/s" ? 0 : 1)} ${unit}` }
+  const cm = median(cpu)
+  const fmt = (perMs: number) => `${((items / perMs) * 1000).toFixed(unit === "tok/s" ? 0 : 1)} ${unit}`
+  const row = { run, firstMs, medianMs: m, cpuMs: cm, rate: fmt(m), cpuRate: fmt(cm) }
   console.log(`  ${run}: steps ${ms.map((x) => x.toFixed(0)).join(", ")} ms`)
   return row
 }
@@ -85,11 +94,19 @@ const main = async () => {
   setPlainMatMulGradients(true)
 
   const w = Math.max(...rows.map((r) => r.run.length))
-  console.log(`\n| ${"run".padEnd(w)} | first step ms | median step ms | throughput |`)
-  console.log(`| ${"-".repeat(w)} | ---: | ---: | ---: |`)
+  console.log(`\n| ${"run".padEnd(w)} | first step ms | median step ms | throughput | step CPU ms | per CPU-second |`)
+  console.log(`| ${"-".repeat(w)} | ---: | ---: | ---: | ---: | ---: |`)
   for (const r of rows) {
-    console.log(`| ${r.run.padEnd(w)} | ${r.firstMs.toFixed(0)} | ${r.medianMs.toFixed(0)} | ${r.rate} |`)
+    const cells = [r.firstMs.toFixed(0), r.medianMs.toFixed(0), r.rate, r.cpuMs.toFixed(0), r.cpuRate]
+    console.log(`| ${r.run.padEnd(w)} | ${cells.join(" | ")} |`)
   }
+  const [fast, , slow] = rows
+  console.log(
+    `\nmatMul2d gradients vs stock on gpt-mini: ${(slow.medianMs / fast.medianMs).toFixed(2)}x wall, ` +
+      `${(slow.cpuMs / fast.cpuMs).toFixed(2)}x CPU (same run)`
+  )
+  console.log("throughput = items / median wall time; per CPU-second = items / median process CPU time")
+  console.log("(wasm runs one thread, so on a quiet machine the two agree; the first step pays heap growth)")
 }
 
 await main()

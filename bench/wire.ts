@@ -2,7 +2,7 @@
 // sendBundle/receiveBundles of the same bundle, side by side in one run, for a gpt-mini
 // sized float32 gradient bundle (0.88 M floats in 53 tensors, ≈ 3.5 MB) and its int8
 // block-quantized form (≈ 0.89 MB). Goal (the wire issue): wire ≥ 0.8 × raw throughput.
-// Run: node bench/wire.ts [--bundles 32] [--reps 7] [--window 4]
+// Run: node bench/wire.ts [--bundles 32] [--reps 7] [--window 4] [--owned]
 //   uses $NATS_URL if set, else starts a local nats-server (shared/bus/local-server.ts,
 //   default max_payload 1 MiB, so both paths send 1 MiB-ish messages).
 // Does not own: the wire format (shared/wire/), the bus (shared/bus/).
@@ -14,7 +14,10 @@
 // publish to the last ack. Raw: the payload cut into ≤ max_payload − 8 KiB pieces, no
 // headers, the subscriber only counts bytes (the ideal). Wire: encode (one copy) + frame +
 // CRC + headers on the sender, reassemble (one copy) + CRC + decode (views) on the
-// receiver. One warm-up repetition per mode is discarded; medians are printed.
+// receiver, which uses `borrow` (the consumer only counts bundles; a parameter server
+// adding gradients into its accumulators is the same case); `--owned` measures the default
+// mode instead, a fresh buffer per bundle. One warm-up repetition per mode is discarded;
+// medians are printed.
 import { fork } from "node:child_process"
 import type { ChildProcess } from "node:child_process"
 import { connect } from "nats"
@@ -75,7 +78,7 @@ const child = async (url: string) => {
       const scope = Scope.makeUnsafe()
       await runtime.runPromise(
         receiveBundles(bus, m.subject, () => Effect.sync(() => send({ ev: "ack" })), {
-          borrow: process.env["WIRE_BENCH_OWNED"] === undefined,
+          borrow: !process.argv.includes("--owned"),
           onError: (e) => Effect.sync(() => console.error(`child: wire error ${e.reason}: ${e.message}`))
         }).pipe(Effect.andThen(bus.flush()), Scope.provide(scope))
       )
@@ -152,7 +155,8 @@ const main = async () => {
   const window = arg("window", 4)
   const server = process.env["NATS_URL"] ? undefined : await startLocalNatsServer({ port: 0 })
   const url = process.env["NATS_URL"] || server!.url
-  const kid: ChildProcess = fork(import.meta.filename, ["--child", url], { stdio: ["ignore", "inherit", "inherit", "ipc"] })
+  const owned = process.argv.includes("--owned")
+  const kid: ChildProcess = fork(import.meta.filename, ["--child", url, ...(owned ? ["--owned"] : [])], { stdio: ["ignore", "inherit", "inherit", "ipc"] })
   const kidReady = new Promise<void>((resolve) => kid.once("message", () => resolve())) // its first message is "ready"
   const nc: NatsConnection = await connect({ servers: url, name: "bench-wire-pub" })
   const runtime = ManagedRuntime.make(NatsBus.layer({ servers: url, name: "bench-wire-pub-bus" }))
@@ -186,7 +190,7 @@ const main = async () => {
   console.log(`bench/wire: NATS ${url} (max_payload ${maxPayload} B), subscriber in a child process`)
   console.log(`workload: gpt-mini grads, ${f32.tensors.length} tensors, ${numel} floats; ` +
     `${bundles} bundles per repetition, window ${window}, ${reps} repetitions (+1 warm-up)`)
-  console.log(`int8 block-256 quantize of the bundle: ${quantMs.toFixed(1)} ms (first call, cold)`)
+  console.log(`int8 block-256 quantize of the bundle: ${quantMs.toFixed(1)} ms (first call, cold); receiver mode: ${owned ? "owned" : "borrow"}`)
 
   type Row = { workload: string; path: string; mbs: Array<number>; sendCpu: Array<number>; recvCpu: Array<number>; payload: number; msgs: number; wireBytes: number }
   const rows: Array<Row> = []

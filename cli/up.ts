@@ -13,7 +13,7 @@ import { spawn, type ChildProcess } from "node:child_process"
 import { mkdirSync, writeFileSync } from "node:fs"
 import { dirname, join, resolve } from "node:path"
 import { fileURLToPath } from "node:url"
-import { Deferred, Effect } from "effect"
+import { Deferred, Effect, Layer } from "effect"
 import { startLocalNatsServer } from "../shared/bus/local-server.ts"
 import { NatsBus } from "../shared/bus/nats.ts"
 import { Compute, type BackendPreference } from "../shared/compute/backend.ts"
@@ -100,10 +100,9 @@ export const up = (o: UpOptions) =>
     const children: Child[] = []
     yield* Effect.addFinalizer(() => stopAll(children))
 
-    const observer = yield* observeJob(job, { progress: !o.json }).pipe(
-      Effect.provide(NatsBus.layer({ servers: url, name: `flotilla-${job.job}-driver` })),
-      Effect.orDie
-    )
+    // the observer's connection lives as long as this command (a plain `provide` would close it at once)
+    const driverBus = yield* Layer.build(NatsBus.layer({ servers: url, name: `flotilla-${job.job}-driver` })).pipe(Effect.orDie)
+    const observer = yield* observeJob(job, { progress: !o.json }).pipe(Effect.provideContext(driverBus))
     children.push(spawnActor("loader", "loader-0", common, env, quiet))
     children.push(spawnActor("scheduler", "scheduler-0", common, env, quiet))
     for (let k = 0; k < job.topology.psShards; k++) {

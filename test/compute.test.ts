@@ -1,7 +1,8 @@
 // Checks shared/compute/backend.ts and kernels.ts: auto picks wasm where tfjs-node is
 // absent, FLOTILLA_BACKEND and explicit preferences are honoured, an unavailable backend
-// fails saying what to install, the Compute layer, and the UnsortedSegmentSum kernel
-// against a plain-JS reference on wasm and cpu (also through gather's gradient).
+// fails saying what to install, the Compute layer, the UnsortedSegmentSum kernel
+// against a plain-JS reference on wasm and cpu (also through gather's gradient), and
+// the other wasm kernels kernels.ts replaces against the cpu backend's.
 // Run: npx vitest run test/compute.test.ts
 import { createRequire } from "node:module"
 import { it as effectIt } from "@effect/vitest"
@@ -155,5 +156,59 @@ describe.each(["wasm", "cpu"] as const)("UnsortedSegmentSum on %s", (backend) =>
     let maxErr = 0
     for (let i = 0; i < want.length; i++) maxErr = Math.max(maxErr, Math.abs(grad[i] - want[i]))
     expect(maxErr).toBeLessThan(1e-4)
+  })
+})
+
+describe("replaced wasm kernels agree with the cpu backend", () => {
+  const rng = new Rng(21)
+  const values = (shape: number[]) => Float32Array.from({ length: shape.reduce((a, b) => a * b, 1) }, () => rng.normal())
+  /** Run `f` on fresh tensors of `inputs` on a backend; return the outputs' values and shapes. */
+  const on = async (backend: "wasm" | "cpu", inputs: Array<[Float32Array, number[]]>, f: (...xs: tf.Tensor[]) => tf.Tensor[]) => {
+    await initBackend(backend)
+    return tf.tidy(() => f(...inputs.map(([v, s]) => tf.tensor(v, s))).map((t) => ({ shape: t.shape, data: Array.from(t.dataSync()) })))
+  }
+  const same = async (inputs: Array<[Float32Array, number[]]>, f: (...xs: tf.Tensor[]) => tf.Tensor[], digits?: number) => {
+    const want = await on("cpu", inputs, f)
+    const got = await on("wasm", inputs, f)
+    expect(got.map((g) => g.shape)).toEqual(want.map((w) => w.shape))
+    got.forEach((g, i) => {
+      if (digits === undefined) expect(g.data).toEqual(want[i].data)
+      else g.data.forEach((v, j) => expect(v).toBeCloseTo(want[i].data[j], digits))
+    })
+  }
+
+  it("Slice: contiguous, strided and whole-axis cases, ranks 1-4", async () => {
+    await same([[values([40]), [40]]], (x) => [tf.slice(x, 3, 30)])
+    await same([[values([6, 7]), [6, 7]]], (x) => [tf.slice(x, [1, 2], [4, 3]), tf.slice(x, [2, 0], [3, -1])])
+    await same([[values([4, 5, 6]), [4, 5, 6]]], (x) => [tf.slice(x, [1, 1, 2], [2, 3, 4]), tf.slice(x, [0, 2, 0], [-1, 2, -1])])
+    await same([[values([3, 4, 5, 2]), [3, 4, 5, 2]]], (x) => [tf.slice(x, [1, 0, 1, 0], [2, 4, 3, 2]), tf.slice(x, [0, 0, 0, 0], [3, 4, 5, 2])])
+  })
+
+  it("SplitV and Unpack along every axis", async () => {
+    const shape = [3, 8, 5]
+    const v = values(shape)
+    for (const axis of [0, 1, 2]) {
+      await same([[v, shape]], (x) => tf.unstack(x, axis))
+    }
+    await same([[v, shape]], (x) => tf.split(x, [3, 1, 4], 1))
+    await same([[v, shape]], (x) => tf.split(x, 3, 0))
+  })
+
+  it("Sum over leading axes (ours) and other axes (stock), with keepDims", async () => {
+    const shape = [64, 3, 7]
+    const v = values(shape)
+    await same([[v, shape]], (x) => [tf.sum(x, 0), tf.sum(x, [0, 1]), tf.sum(x, 0, true), tf.sum(x, -1), tf.sum(x, 1), tf.sum(x)], 4)
+  })
+
+  it("Identity (a shared buffer) survives disposing either handle", async () => {
+    await initBackend("wasm")
+    const x = tf.tensor1d([1, 2, 3])
+    const y = tf.clone(x) // goes through the Identity kernel
+    x.dispose()
+    expect(Array.from(y.dataSync())).toEqual([1, 2, 3])
+    const z = tf.clone(y)
+    y.dispose()
+    expect(Array.from(z.dataSync())).toEqual([1, 2, 3])
+    z.dispose()
   })
 })

@@ -8,7 +8,7 @@
 import * as tf from "@tensorflow/tfjs"
 import { beforeAll, describe, expect, it } from "vitest"
 import { initBackend } from "../shared/compute/backend.ts"
-import { batchMatMul, matMul2d, sigmoidCrossEntropy, softmaxCrossEntropy } from "../shared/compute/ops.ts"
+import { batchMatMul, gelu, layerNorm, matMul2d, sigmoidCrossEntropy, softmaxCrossEntropy } from "../shared/compute/ops.ts"
 import type { GptBatch } from "../shared/models/gpt.ts"
 import { generate, gptLogits, gptMini, gptTiny, makeGpt } from "../shared/models/gpt.ts"
 import type { LstmBatch } from "../shared/models/lstm-classifier.ts"
@@ -160,6 +160,22 @@ describe("ops", () => {
         expect(tf.max(tf.abs(tf.sub(op(a, b), tf.matMul(a, b)))).dataSync()[0]).toBeLessThan(1e-5)
       })
     }
+  })
+
+  it("gelu is GPT-2's tanh approximation; layerNorm normalises the last axis", () => {
+    const xs = Array.from({ length: 41 }, (_, i) => -8 + i * 0.4)
+    const want = xs.map((x) => 0.5 * x * (1 + Math.tanh(Math.sqrt(2 / Math.PI) * (x + 0.044715 * x ** 3))))
+    const got = tf.tidy(() => Array.from(gelu(tf.tensor1d(xs)).dataSync()))
+    got.forEach((g, i) => expect(g).toBeCloseTo(want[i], 5))
+    const rows = tf.tidy(() => layerNorm(tf.tensor2d([[1, 2, 3, 6], [-1, 0, 0, 5]]), tf.tensor1d([1, 1, 2, 2]), tf.tensor1d([0, 0, 0, 1])).arraySync())
+    const inputs: number[][] = [[1, 2, 3, 6], [-1, 0, 0, 5]]
+    inputs.forEach((src, i) => {
+      const r = rows[i]
+      const mean = src.reduce((a, b) => a + b) / 4
+      const sd = Math.sqrt(src.reduce((a, b) => a + (b - mean) ** 2, 0) / 4 + 1e-5)
+      const ref = src.map((v, j) => ((v - mean) / sd) * [1, 1, 2, 2][j] + [0, 0, 0, 1][j])
+      r.forEach((v, j) => expect(v).toBeCloseTo(ref[j], 5))
+    })
   })
 
   it("cross-entropies match the naive formulas and stay finite for huge logits", () => {

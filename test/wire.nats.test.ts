@@ -91,6 +91,29 @@ const suite = (name: string, busLayer: Layer.Layer<Bus, unknown>) =>
         expect(yield* Queue.size(errors)).toBe(0)
       }), 60_000)
 
+    it.effect("borrow: bundles are views into a recycled buffer, valid during onBundle", () =>
+      Effect.gen(function*() {
+        const bus = yield* Bus
+        const s = `${uniq()}.borrow`
+        const copies = yield* Queue.unbounded<Uint8Array>()
+        const buffers = new Set<ArrayBufferLike>()
+        yield* receiveBundles(bus, s, (bundle) =>
+          Effect.sync(() => {
+            const t = bundle.tensors[0].data
+            buffers.add(t.buffer)
+            return new Uint8Array(t.buffer, t.byteOffset, t.byteLength).slice()
+          }).pipe(Effect.flatMap((c) => Queue.offer(copies, c))), { borrow: true })
+        yield* bus.flush()
+        const sent = [bundleOf(2 * MiB + 1), bundleOf(2 * MiB + 1), bundleOf(2 * MiB + 1)]
+        sent[1].tensors[0].data.fill(5)
+        for (const b of sent) {
+          yield* sendBundle(bus, s, b, { flush: true })
+          const got = yield* take(copies)
+          expect(sameBytes(got, b.tensors[0].data)).toBe(true)
+        }
+        expect(buffers.size).toBe(1) // one buffer, reused for every bundle
+      }))
+
     it.effect("claim: a multi-frame bundle sent to a queue group reaches exactly one member, whole", () =>
       Effect.gen(function*() {
         const bus = yield* Bus
@@ -129,6 +152,22 @@ const suite = (name: string, busLayer: Layer.Layer<Bus, unknown>) =>
         const refused = yield* Effect.flip(requestBundle(bus, s, Uint8Array.of(0)))
         expect(refused._tag).toBe("BundleReplyError")
         expect(refused.message).toContain("no such version")
+        // a responder that announces a bundle and then sends only part of it
+        const partial = `${s}.partial`
+        yield* bus.subscribe(partial, (req) =>
+          Effect.gen(function*() {
+            const { manifest, payload } = Result.getOrThrow(encodeBundle(params))
+            const frames = Result.getOrThrow(frameMessage(payload, { id: "p-1", maxPayload: bus.maxPayload, manifest: manifestToJson(manifest) }))
+            yield* bus.respond(req, new Uint8Array(0), { [H.id]: "p-1" })
+            yield* bus.publish(req.headers["Flotilla-Inbox"], frames[1].data, { headers: frames[1].headers })
+          }))
+        yield* bus.flush()
+        const late = yield* Effect.flip(requestBundle(bus, partial, Uint8Array.of(1), { timeoutMs: 500 }))
+        expect(late._tag).toBe("WireFrameError")
+        if (late._tag === "WireFrameError") {
+          expect(late.reason).toBe("timeout")
+          expect(late.message).toMatch(/1 of \d+ chunks/)
+        }
       }))
 
     it.effect("reports corrupt, missing-manifest and incomplete messages through onError with their id", () =>

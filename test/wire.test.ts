@@ -6,7 +6,7 @@ import { describe, expect, it } from "vitest"
 import { Result } from "effect"
 import { dequantize, fromWire, quantize, toWire } from "../shared/wire/codec.ts"
 import { crc32, crc32Combine, crc32Table } from "../shared/wire/crc32.ts"
-import { DEFAULT_HEADROOM, frameMessage, H, headerBytes, Reassembler } from "../shared/wire/frames.ts"
+import { BufferPool, DEFAULT_HEADROOM, frameMessage, H, headerBytes, Reassembler } from "../shared/wire/frames.ts"
 import type { AcceptResult, Frame } from "../shared/wire/frames.ts"
 import { decodeBundle, encodeBundle, manifestToJson, parseManifest } from "../shared/wire/tensor.ts"
 import type { BundleMeta, TensorBundle, WireTensor } from "../shared/wire/tensor.ts"
@@ -155,7 +155,7 @@ describe("int8 block codec", () => {
     x[5] = Number.POSITIVE_INFINITY
     const r = new Float32Array(8).fill(0.25)
     const { q, scales } = quantize(x, r, 4)
-    expect(scales[0]).toBe(0.25 / 127 === 0 ? 0 : Math.fround(0.25 / 127)) // residual made block 0 non-zero
+    expect(scales[0]).toBe(Math.fround(0.25 / 127)) // x = 0, but the residual makes block 0 non-zero
     expect(Number.isNaN(scales[1])).toBe(true)
     expect(Array.from(q.subarray(4))).toEqual([0, 0, 0, 0])
     expect(Array.from(r.subarray(4))).toEqual([0, 0, 0, 0])
@@ -377,5 +377,33 @@ describe("frames", () => {
     const done = rs.flatMap((x) => (x._tag === "Complete" ? [x.message.manifest] : []))
     expect(done).toEqual(["B", "A"])
     expect(r.stats.completed).toBe(2)
+  })
+})
+
+describe("BufferPool", () => {
+  it("reuses a returned buffer for a request of similar size, never hands one out twice", () => {
+    const pool = new BufferPool(2, 1 << 20)
+    const a = pool.take(100_000)
+    expect(a.length).toBe(100_000)
+    pool.give(a)
+    pool.give(a) // a second give is ignored
+    const b = pool.take(90_000)
+    expect(b.buffer).toBe(a.buffer)
+    expect(pool.take(90_000).buffer).not.toBe(a.buffer) // the pool is empty again
+    pool.give(b)
+    expect(pool.take(10_000).buffer).not.toBe(a.buffer) // far more than the size asked: not used
+    pool.give(pool.take(2 << 20)) // larger than maxBytes: not kept
+    expect(pool.take(2 << 20).byteOffset).toBe(0)
+  })
+
+  it("feeds the Reassembler, which then writes every byte of the reused buffer", () => {
+    const pool = new BufferPool()
+    const a = frame(bytes(3 * MAX), { id: "p1" })
+    const first = completed(feed(new Reassembler({ alloc: pool.take }), a))
+    pool.give(first.payload)
+    const other = bytes(3 * MAX).map((x) => x ^ 0xff)
+    const second = completed(feed(new Reassembler({ alloc: pool.take }), frame(other, { id: "p2" })))
+    expect(second.payload.buffer).toBe(first.payload.buffer)
+    expect(sameBytes(second.payload, other)).toBe(true)
   })
 })

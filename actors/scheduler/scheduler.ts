@@ -39,11 +39,13 @@ export const runScheduler = (o: SchedulerOptions): Effect.Effect<SchedulerHandle
     let schedule: Schedule = resolved.success
     let plateau: PlateauState | undefined = schedule.kind === "plateau" ? plateauInit(schedule, schedule.lr) : undefined
     let announced = -1
-    /** a live `set-lr`: this LR from step `fromStep` on (until the next set-lr / set-schedule). */
-    let override: { readonly lr: number; readonly fromStep: number } | undefined
+    /** live `set-lr`s, oldest first: the newest whose fromStep <= step decides (until a set-schedule). */
+    let overrides: Array<{ readonly lr: number; readonly fromStep: number }> = []
 
-    const lrFor = (step: number) =>
-      override && step >= override.fromStep ? override.lr : plateau ? plateau.lr : lrAt(schedule, step)
+    const lrFor = (step: number) => {
+      for (let i = overrides.length - 1; i >= 0; i--) if (step >= overrides[i].fromStep) return overrides[i].lr
+      return plateau ? plateau.lr : lrAt(schedule, step)
+    }
     const describe = () => JSON.stringify(schedule)
 
     yield* bus.subscribe(
@@ -78,8 +80,11 @@ export const runScheduler = (o: SchedulerOptions): Effect.Effect<SchedulerHandle
     yield* onControl(s, {
       "set-lr": (c) =>
         Effect.sync(() => {
-          if (plateau && c.fromStep === undefined) plateau = { ...plateau, lr: c.lr }
-          else override = { lr: c.lr, fromStep: c.fromStep ?? 0 }
+          const from = c.fromStep ?? 0
+          if (plateau && c.fromStep === undefined) {
+            plateau = { ...plateau, lr: c.lr } // later reductions start from it
+            overrides = overrides.filter((x) => x.fromStep > announced)
+          } else overrides = [...overrides.filter((x) => x.fromStep < from), { lr: c.lr, fromStep: from }]
         }).pipe(Effect.andThen(Effect.logInfo(`scheduler ${o.id}: lr → ${c.lr}${c.fromStep === undefined ? "" : ` from step ${c.fromStep}`}`))),
       "set-schedule": (c) =>
         Effect.gen(function* () {
@@ -87,7 +92,7 @@ export const runScheduler = (o: SchedulerOptions): Effect.Effect<SchedulerHandle
           if (Result.isFailure(r)) return yield* Effect.logError(`scheduler ${o.id}: set-schedule: ${r.failure.message}`)
           schedule = r.success
           plateau = schedule.kind === "plateau" ? plateauInit(schedule, schedule.lr) : undefined
-          override = undefined
+          overrides = []
           yield* Effect.logInfo(`scheduler ${o.id}: schedule → ${describe()}`)
         })
     })

@@ -86,6 +86,12 @@ export type BusError =
 export interface PublishOptions {
   readonly headers?: Headers
   readonly reply?: string
+  /**
+   * The caller promises not to change `data` until the next `flush()` completes, so the
+   * bus may send it without copying (NATS holds a reference until it flushes). The wire
+   * transport sets it for tensor frames, whose buffers it reuses only after a flush.
+   */
+  readonly borrowed?: boolean
 }
 
 export interface SubscribeOptions {

@@ -108,7 +108,7 @@ const make = (options: NatsBusOptions): Effect.Effect<BusShape, BusConnectionErr
             const h = opts?.headers === undefined ? undefined : toNatsHeaders(opts.headers)
             // nats.js keeps a reference to `data` until its next flush (a microtask, or
             // the reconnect): copy so a sender reusing its buffer cannot corrupt the message.
-            nc.publish(subject, new Uint8Array(data), { headers: h, reply: opts?.reply })
+            nc.publish(subject, opts?.borrowed === true ? data : new Uint8Array(data), { headers: h, reply: opts?.reply })
           },
           catch: (e) => mapError(subject, e, { data, headers: opts?.headers, maxPayload: maxPayloadNow() })
         })

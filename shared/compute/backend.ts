@@ -93,6 +93,9 @@ const tryWasm = async (): Promise<Attempt> => {
     const wasm = await import("@tensorflow/tfjs-backend-wasm")
     const entry = createRequire(import.meta.url).resolve("@tensorflow/tfjs-backend-wasm")
     wasm.setWasmPaths(path.dirname(entry) + path.sep)
+    // tfjs' threaded wasm needs browser workers; under Node it is one thread (and
+    // data parallelism across processes uses the cores). SIMD stays auto-detected.
+    tf.env().set("WASM_HAS_MULTITHREAD_SUPPORT", false)
     if (!(await tf.setBackend("wasm"))) return { ok: false, why: "the wasm backend failed to initialise" }
     const simd = tf.env().getBool("WASM_HAS_SIMD_SUPPORT")
     const threads = tf.env().getBool("WASM_HAS_MULTITHREAD_SUPPORT")

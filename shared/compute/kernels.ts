@@ -12,27 +12,27 @@
 //     Replaced on both by one pass that adds each row into its segment slot.
 //   - Identity (wasm): tfjs' engine clones, through Identity, every tensor an op saves
 //     for its backward pass, and the stock wasm kernel copies the buffer each time
-//     (~1.7 s of a gpt-mini step in a profile, ~300 MB more heap). Tensors are
+//     (~8% of a gpt-mini step's CPU time, ~300 MB more heap). Tensors are
 //     immutable, so the clone shares the buffer with a reference count, exactly as the
 //     wasm backend's own Reshape and the cpu backend's Identity do.
 //   - Slice, SplitV, Unpack (wasm): the stock Slice reads its input with readSync, which
 //     copies the whole tensor out of the heap for every slice taken, so unstacking the
-//     LSTM's [L, B, 4H] input projection into L steps copied it L times (~1 s a step)
-//     and every split of GPT's fused qkv copied [B*T, 3C] three times. Replaced by the
+//     LSTM's [L, B, 4H] input projection into L steps copied it L times (a classifier
+//     step went from ~1 s to ~0.23 s) and every split of GPT's fused qkv copied
+//     [B*T, 3C] three times (~15% of a gpt-mini step). Replaced by the
 //     same slicing done on heap views (SplitV and Unpack call Slice internally). String
 //     tensors still go to the stock kernels.
-//   - Transpose (wasm): the stock kernel walks the output with strided reads, ~10 ns an
-//     element (22 ms for a [4096, 512] activation, as long as the matMul it feeds).
-//     Every transpose the models do is "swap two groups of axes, between an untouched
-//     batch prefix and an untouched contiguous suffix" (2-D, [S,N,K] -> [S,K,N], heads'
-//     [B,T,H,D] -> [B,H,T,D], [B,L,4H] -> [L,B,4H]); that case is a cache-blocked copy
-//     here (~4x faster). Other permutations go to the stock kernel.
-//   - Sum (wasm) over leading axes: the stock kernel transposes the reduced axes to the
-//     end first (27 ms for a bias gradient's [4096, 512] -> [512]); a row-accumulating
-//     loop takes ~2.5 ms. Sums over trailing axes keep the stock kernel.
-// Everything else the two models use (Softmax, tanh-GELU pieces, Softplus, OneHot,
-// Pack/Unpack, SplitV, PadV2, Transpose, BatchMatMul, Select, Step, ...) exists on wasm;
-// test/models.grad.test.ts runs both models' forward and backward there.
+//   - Sum (wasm) over leading axes, which is every bias and LayerNorm gradient: the
+//     stock kernel transposes the reduced axes to the end first (22 ms for gpt-mini's
+//     [4096, 512] -> [512], 6 ms for [4096, 128]); accumulating rows takes 3.2 / 0.6 ms,
+//     ~0.3 s of a gpt-mini step. Sums over trailing axes keep the stock kernel.
+// Tried and not kept: a cache-blocked JS Transpose. It halves large 2-D transposes but
+// is 2-9x slower than the stock kernel on the batched 3-D/4-D ones attention does, and
+// the 2-D ones are ~2% of a step.
+// Everything else the two models use (Softmax, the tanh-GELU pieces, Softplus, OneHot,
+// Pack, Concat, PadV2, Transpose, BatchMatMul, Select, Step, ...) exists on wasm;
+// test/models.grad.test.ts runs both models' forward and backward there, and
+// test/compute.test.ts checks each kernel here against the cpu backend.
 
 import * as tf from "@tensorflow/tfjs"
 
@@ -149,6 +149,10 @@ const sliceView = (backend: WasmLike, x: tf.TensorInfo, begin: readonly number[]
   const xV = backend.typedArrayFromHeap(x)
   const oV = backend.typedArrayFromHeap(out)
   const r = x.shape.length
+  if (r === 0) {
+    oV[0] = xV[0]
+    return out
+  }
   const strides = new Array<number>(r)
   strides[r - 1] = 1
   for (let d = r - 2; d >= 0; d--) strides[d] = strides[d + 1] * x.shape[d + 1]
@@ -221,56 +225,6 @@ const unpackWasm = (args: UnpackArgs): tf.TensorInfo[] => {
   })
 }
 
-/** If `perm` keeps a prefix and a suffix of axes and swaps two groups in between,
- *  the sizes [batch, R, C, run] so that out[b][c][r][:] = x[b][r][c][:]; else undefined. */
-const swapGroups = (shape: readonly number[], perm: readonly number[]) => {
-  const r = perm.length
-  let a = 0
-  while (a < r && perm[a] === a) a++
-  let b = r
-  while (b > a && perm[b - 1] === b - 1) b--
-  if (a === b) return undefined // identity
-  const k = perm[a] // the middle is [k..b) then [a..k)
-  for (let i = a; i < b; i++) if (perm[i] !== (i - a < b - k ? k + (i - a) : a + (i - a) - (b - k))) return undefined
-  const prod = (from: number, to: number) => shape.slice(from, to).reduce((x, y) => x * y, 1)
-  return { batch: prod(0, a), R: prod(a, k), C: prod(k, b), run: prod(b, r) }
-}
-
-interface TransposeArgs {
-  readonly inputs: { readonly x: tf.TensorInfo }
-  readonly attrs: { readonly perm: number[] }
-  readonly backend: unknown
-}
-const BLOCK = 8 // measured best of 8..64 for [4096, 512] float32
-const transposeWasm = (args: TransposeArgs): tf.TensorInfo => {
-  const { x } = args.inputs
-  const g = x.dtype === "string" ? undefined : swapGroups(x.shape, args.attrs.perm)
-  if (g === undefined) return stockKernel(tf.Transpose, args) as tf.TensorInfo
-  const backend = args.backend as WasmLike
-  const out = backend.makeOutput(args.attrs.perm.map((d) => x.shape[d]), x.dtype)
-  const xV = backend.typedArrayFromHeap(x)
-  const oV = backend.typedArrayFromHeap(out)
-  const { batch, R, C, run } = g
-  const plane = R * C * run
-  for (let bi = 0; bi < batch; bi++) {
-    const base = bi * plane
-    for (let i0 = 0; i0 < R; i0 += BLOCK) {
-      const i1 = Math.min(i0 + BLOCK, R)
-      for (let j0 = 0; j0 < C; j0 += BLOCK) {
-        const j1 = Math.min(j0 + BLOCK, C)
-        for (let i = i0; i < i1; i++) {
-          for (let j = j0; j < j1; j++) {
-            const src = base + (i * C + j) * run
-            const dst = base + (j * R + i) * run
-            for (let e = 0; e < run; e++) oV[dst + e] = xV[src + e]
-          }
-        }
-      }
-    }
-  }
-  return out
-}
-
 interface SumArgs {
   readonly inputs: { readonly x: tf.TensorInfo }
   readonly attrs: { readonly axis: number | number[]; readonly keepDims: boolean }
@@ -308,7 +262,6 @@ const OURS: ReadonlyArray<{ kernelName: string; backendName: string; kernelFunc:
   { kernelName: tf.Slice, backendName: "wasm", kernelFunc: sliceWasm as unknown as tf.KernelFunc },
   { kernelName: tf.SplitV, backendName: "wasm", kernelFunc: splitVWasm as unknown as tf.KernelFunc },
   { kernelName: tf.Unpack, backendName: "wasm", kernelFunc: unpackWasm as unknown as tf.KernelFunc },
-  { kernelName: tf.Transpose, backendName: "wasm", kernelFunc: transposeWasm as unknown as tf.KernelFunc },
   { kernelName: tf.Sum, backendName: "wasm", kernelFunc: sumWasm as unknown as tf.KernelFunc }
 ]
 

@@ -13,9 +13,8 @@ import * as tf from "@tensorflow/tfjs"
 // matMul2d / batchMatMul: plain products whose gradients are plain, non-transposed matMuls.
 // tfjs' autodiff of matMul uses transposed-operand matMuls, which the wasm backend runs
 // off XNNPACK (~1-2 GFLOP/s against ~25): transposing explicitly first and then calling
-// a plain matMul took a gpt-mini step from 14.1 s to 3.7 s (PERF-NOTES.md).
-
-// The same holds, less dramatically, for batched matMul (measured here: [128,128,32] @
+// a plain matMul took a gpt-mini step from 14.1 s to 3.7 s (PERF-NOTES.md). The same
+// holds, less dramatically, for batched matMul (measured: attention's [128,128,32] @
 // [128,32,128] ~2x faster with K transposed explicitly than with transposeB).
 
 /** Plain matMul of a and b whose gradient transposes explicitly, then multiplies plainly.
@@ -88,13 +87,16 @@ export const layerNorm = <R extends tf.Rank>(
   return tf.add(tf.mul(xhat, gamma), beta) as tf.Tensor<R>
 }
 
-const GELU_C = Math.sqrt(2 / Math.PI)
+const GELU_2C = 2 * Math.sqrt(2 / Math.PI)
 
-/** GELU, tanh approximation (GPT-2's): 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))). */
+/** GELU, tanh approximation (GPT-2's): 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
+ *  Computed as x·σ(2·√(2/π)·(x + 0.044715·x³)), the same function (½(1 + tanh z) = σ(2z)),
+ *  because the wasm backend's Tanh is scalar code (39 ms for [4096, 512]) while its
+ *  Sigmoid is vectorised (2 ms). */
 export const gelu = <T extends tf.Tensor>(x: T): T => {
   const x3 = tf.mul(tf.mul(x, x), x)
-  const inner = tf.mul(tf.add(x, tf.mul(x3, 0.044715)), GELU_C)
-  return tf.mul(tf.mul(x, 0.5), tf.add(tf.tanh(inner), 1)) as T
+  const z = tf.mul(tf.add(x, tf.mul(x3, 0.044715)), GELU_2C)
+  return tf.mul(x, tf.sigmoid(z)) as T
 }
 
 /**

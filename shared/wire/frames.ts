@@ -186,9 +186,9 @@ export class BufferPool {
 // Receiving
 
 export interface ReassemblerOptions {
-  /** Largest declared total accepted. Default 1 GiB. */
+  /** Largest declared total accepted. Default 256 MiB. */
   readonly maxMessageBytes?: number
-  /** Sum of the buffers of incomplete messages. Default 1 GiB. */
+  /** Sum of the buffers of incomplete messages. Default 512 MiB. */
   readonly maxOutstandingBytes?: number
   /** Incomplete messages held at once. Default 64. */
   readonly maxOutstandingMessages?: number
@@ -263,8 +263,8 @@ export class Reassembler {
   private bytesHeld = 0
 
   constructor(opts: ReassemblerOptions = {}) {
-    this.maxMessageBytes = opts.maxMessageBytes ?? 1024 ** 3
-    this.maxOutstandingBytes = opts.maxOutstandingBytes ?? 1024 ** 3
+    this.maxMessageBytes = opts.maxMessageBytes ?? 256 * 1024 * 1024
+    this.maxOutstandingBytes = opts.maxOutstandingBytes ?? 512 * 1024 * 1024
     this.maxOutstandingMessages = opts.maxOutstandingMessages ?? 64
     this.timeoutMs = opts.timeoutMs ?? 30_000
     this.rememberIds = opts.rememberIds ?? 4096
@@ -401,11 +401,11 @@ export class Reassembler {
     return { _tag: "Rejected", error: new WireFrameError({ reason, id, message }) }
   }
 
-  /** Drop incomplete messages with no progress for timeoutMs; one "timeout" error each. */
-  sweep(nowMs: number): Array<WireFrameError> {
+  /** Drop incomplete messages with no progress for timeoutMs (`all`: every one); one "timeout" error each. */
+  sweep(nowMs: number, all = false): Array<WireFrameError> {
     const errors: Array<WireFrameError> = []
     for (const p of [...this.partials.values()]) {
-      if (nowMs - p.lastSeenMs < this.timeoutMs) continue
+      if (!all && nowMs - p.lastSeenMs < this.timeoutMs) continue
       const missing: Array<number> = []
       for (let i = 0; i < p.count && missing.length < 16; i++) if (p.seen[i] === 0) missing.push(i)
       const more = p.count - p.received > missing.length ? ", ..." : ""

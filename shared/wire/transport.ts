@@ -31,11 +31,16 @@
 //
 // Headers the caller passes (traceparent, tracestate, ...) ride on every frame and on
 // claim/request messages; the receiver gets frame 0's headers with the bundle.
+//
+// Memory: the sender encodes into a pooled buffer and returns it to the pool after a bus
+// flush succeeded (awaited with `flush: true`, else run in the background); a receiver
+// owns each bundle's buffer unless it subscribes with `borrow: true` (views valid during
+// onBundle only). Fresh multi-MB buffers cost page faults that dominate on busy hosts.
 
 import { Clock, Data, Deferred, Effect, Exit, Result, Scope } from "effect"
 import type { BusError, BusMessage, BusShape, Headers, Subscription } from "../bus/Bus.ts"
 import { decodeUtf8 } from "../bus/Bus.ts"
-import { BufferPool, frameMessage, H, newMessageId, Reassembler, WireFrameError } from "./frames.ts"
+import { BufferPool, FRAME_PROTOCOL_VERSION, frameMessage, H, newMessageId, Reassembler, WireFrameError } from "./frames.ts"
 import type { Frame, ReassembledMessage, ReassemblerOptions } from "./frames.ts"
 import { decodeBundle, encodeBundle, manifestToJson, WireDecodeError } from "./tensor.ts"
 import type { TensorBundle, WireEncodeError } from "./tensor.ts"
@@ -128,7 +133,7 @@ const toFrames = (bundle: TensorBundle, id: string, maxPayload: number, opts: Se
  */
 const publishFrames = (bus: BusShape, to: string, frames: ReadonlyArray<Frame>, payload: Uint8Array, flush: boolean | undefined) =>
   Effect.gen(function*() {
-    for (const f of frames) yield* bus.publish(to, f.data, { headers: f.headers })
+    for (const f of frames) yield* bus.publish(to, f.data, { headers: f.headers, borrowed: true })
     const recycle = bus.flush().pipe(Effect.andThen(Effect.sync(() => sendPool.give(payload))))
     if (flush === true) yield* recycle
     else yield* Effect.forkDetach(Effect.ignore(recycle))
@@ -151,7 +156,7 @@ export const sendBundle = Effect.fn("wire.sendBundle")(function*(
       timeoutMs: opts.timeoutMs,
       headers: {
         ...opts.headers,
-        [H.wire]: frames[0].headers[H.wire],
+        [H.wire]: FRAME_PROTOCOL_VERSION,
         [T.claim]: id,
         [H.total]: String(bytes),
         [H.chunks]: String(frames.length)
@@ -274,7 +279,7 @@ export const requestBundle = Effect.fn("wire.requestBundle")(function*(
       Effect.gen(function*() {
         const r = reassembler.accept(m.headers, m.data, yield* Clock.currentTimeMillis)
         if (r._tag === "Complete") yield* Deferred.succeed(done, r.message)
-        else if (r._tag === "Rejected") yield* Deferred.fail(done, r.error)
+        else if (r._tag === "Rejected" && r.error.reason !== "duplicate-chunk") yield* Deferred.fail(done, r.error)
       }))
     const reply = yield* bus.request(subject, data, { timeoutMs, headers: { ...opts.headers, [T.inbox]: inbox } })
     const id = reply.headers[H.id]
@@ -286,7 +291,9 @@ export const requestBundle = Effect.fn("wire.requestBundle")(function*(
       Effect.timeoutOrElse({
         duration: timeoutMs,
         orElse: () =>
-          Effect.fail(new WireFrameError({ reason: "timeout", id, message: `bundle ${id} from ${subject}: ${reassembler.sweep(Number.POSITIVE_INFINITY).map((e) => e.message).join("; ") || "no frame"} within ${timeoutMs} ms` }))
+          Effect.flatMap(Clock.currentTimeMillis, (now) =>
+            Effect.fail(reassembler.sweep(now, true)[0] ??
+              new WireFrameError({ reason: "timeout", id, message: `bundle ${id} from ${subject}: no frame within ${timeoutMs} ms` })))
       })
     )
     if (message.id !== id) {
