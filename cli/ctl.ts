@@ -173,8 +173,8 @@ export const formatHistory = (h: ControlHistory): string => {
   if (h.entries.length === 0) return `job ${h.job}: no control commands yet (history in ${h.store})`
   const rows = [["#", "TIME", "SENDER", "VERB", "ARGS"]]
   for (const e of h.entries) {
-    const { _tag, v, job, sender, requestId, ...args } = e.command as Record<string, unknown>
-    void _tag, void v, void job, void sender, void requestId
+    const envelope = new Set(["_tag", "v", "job", "sender", "requestId"])
+    const args = Object.fromEntries(Object.entries(e.command).filter(([k]) => !envelope.has(k)))
     rows.push([String(e.seq), new Date(e.at).toISOString(), e.sender, e.verb, Object.keys(args).length ? JSON.stringify(args) : ""])
   }
   return `job ${h.job}: ${h.entries.length} commands (history in ${h.store})\n${table(rows)}`

@@ -6,7 +6,8 @@
  * the reply's payload is the batch tokens (int32 LE, B × (T + 1)) with a
  * `Flotilla-Batch` header (BatchLeased JSON). A batch is done when every
  * parameter-server shard has applied it (`ps.*.applied`); a lease that expires, a
- * worker that leaves or dies, or a `BatchFailed` puts it back in the queue.
+ * worker that leaves or dies before pushing it (`metrics.worker` WorkerStep says it
+ * pushed), or a `BatchFailed` puts it back in the queue.
  * Does not own: model, params, LR. Run alone: `flotilla launch loader --job NAME`.
  */
 import { Effect, Result, Schedule, Scope } from "effect"
@@ -22,6 +23,7 @@ import {
   HEADER_BATCH,
   LeaseBatch,
   StepApplied,
+  WorkerStep,
   type BatchLeased,
   type NoBatch
 } from "../../shared/protocol/messages.ts"
@@ -139,6 +141,15 @@ export const runLoader = (o: LoaderOptions): Effect.Effect<LoaderHandle, Error, 
         for (const b of a.success.batchIds) table.applied(b, a.success.shard, psShards)
       })
     )
+
+    // a worker reports each push (WorkerStep): its batch now waits on the parameter
+    // servers, so it is not re-issued if the worker leaves (plan.ts LeaseTable.pushed)
+    yield* bus.subscribe(s.metrics("worker"), (m) => {
+      const w = decodeBytes(WorkerStep, m.subject, m.data)
+      // an accumulated gradient names its micro-batches: `e0-b1+e0-b7`
+      if (Result.isSuccess(w)) for (const b of w.success.batchId.split("+")) table.pushed(b, w.success.worker, Date.now())
+      return Effect.void
+    })
 
     yield* trackMembership(s, job.train.livenessMs, (e) =>
       e.kind === "left" && e.member.role === "worker"

@@ -125,6 +125,8 @@ export interface Lease {
   readonly worker: string
   readonly attempt: number
   readonly deadline: number
+  /** the worker reported pushing its gradient: the batch now waits on the parameter servers. */
+  readonly pushed?: boolean
 }
 
 /**
@@ -205,10 +207,16 @@ export class LeaseTable {
     return out
   }
 
-  /** Release every lease of a worker that left or died. */
+  /**
+   * Release every lease of a worker that left or died, except the batches it already
+   * pushed: their gradients wait in the parameter servers (a worker that leaves does not
+   * take back what it pushed), and a copy computed by another worker would be refused
+   * there as a duplicate. A pushed batch that is never applied (its gradient was refused,
+   * or only some shards got it) is re-issued when its lease expires.
+   */
   dropWorker(worker: string): Lease[] {
     const out: Lease[] = []
-    for (const l of [...this.leases.values()]) if (l.worker === worker) out.push(this.release(l.id)!)
+    for (const l of [...this.leases.values()]) if (l.worker === worker && !l.pushed) out.push(this.release(l.id)!)
     return out
   }
 
@@ -216,6 +224,12 @@ export class LeaseTable {
   touch(id: string, now: number): void {
     const l = this.leases.get(id)
     if (l) this.leases.set(id, { ...l, deadline: now + this.leaseMs })
+  }
+
+  /** The worker pushed the gradient of `id`: extend the lease and keep it if the worker leaves. */
+  pushed(id: string, worker: string, now: number): void {
+    const l = this.leases.get(id)
+    if (l && l.worker === worker) this.leases.set(id, { ...l, deadline: now + this.leaseMs, pushed: true })
   }
 
   leased = (): ReadonlyArray<Lease> => [...this.leases.values()]

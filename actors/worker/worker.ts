@@ -200,6 +200,10 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
           continue
         }
         const tokens = micro.reduce((n, b) => n + b.meta.B * b.meta.T, 0)
+        // Push to every shard and report the push (WorkerStep) as one step that a SIGTERM
+        // cannot cut: a clean leave never leaves a gradient on some shards only, and the
+        // loader, which keeps a pushed batch when its worker leaves, always hears of it.
+        yield* Effect.uninterruptible(Effect.gen(function* () {
         let bytes = 0
         for (let k = 0; k < shards; k++) {
           const tensors = model.specs
@@ -226,6 +230,7 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
           waitBatchMs: t1 - t0, waitParamsMs: t2 - t1, computeMs: t3 - t2, pushMs: t4 - t3, bytesSent: bytes
         }
         yield* bus.publish(s.metrics("worker"), encodeMessage(metric)).pipe(Effect.ignore)
+        }))
       }
     })
 
