@@ -17,6 +17,8 @@ import { runWorker } from "../actors/worker/worker.ts"
 import { stopRequested } from "../shared/actor/control-listener.ts"
 import { Bus } from "../shared/bus/Bus.ts"
 import { InProcessBus } from "../shared/bus/inprocess.ts"
+import { Telemetry } from "../shared/telemetry/otel.ts"
+import { TracedBus } from "../shared/telemetry/traced-bus.ts"
 import { Compute, type BackendPreference } from "../shared/compute/backend.ts"
 import type { JobConfig } from "../shared/config/job.ts"
 import { decodeTokens, encodeText } from "../shared/data/corpus.ts"
@@ -107,4 +109,13 @@ export const startEmbedded = (o: StartOptions) =>
     const summary = yield* Effect.raceFirst(Deferred.await(observer.done), Deferred.await(stop).pipe(Effect.map(() => observer.summary())))
     const params = yield* pullParams(job, "driver")
     yield* report(job, summary, params, o)
-  }).pipe(Effect.scoped, Effect.provide(Layer.mergeAll(InProcessBus.layer(), Compute.layer(o.backend))))
+  }).pipe(
+    Effect.scoped,
+    Effect.provide(
+      Layer.mergeAll(
+        TracedBus.layer(InProcessBus.layer()),
+        Compute.layer(o.backend),
+        Telemetry.layer({ role: "embedded", instanceId: `embedded-${process.pid}`, job: o.job.job })
+      )
+    )
+  )

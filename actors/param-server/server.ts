@@ -145,11 +145,13 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
       return Effect.gen(function* () {
         const t0 = performance.now()
         const lr = yield* lrFor(state.version)
-        const step = state.apply(lr)
+        const step = yield* Effect.sync(() => state.apply(lr)).pipe(
+          Effect.withSpan("ps.aggregate_apply", { attributes: { "flotilla.shard": shard, "flotilla.version": state.version } })
+        )
         done = step.version >= job.train.steps
         hb.setInfo({ shard, version: state.version })
         if (state.consistency.mode === "sync") state.openBarrier(membership.live("worker").map((m) => m.id))
-        yield* sendBundle(bus, s.psVersion(shard), paramsBundle()).pipe(Effect.orDie)
+        yield* sendBundle(bus, s.psVersion(shard), paramsBundle()).pipe(Effect.orDie, Effect.withSpan("ps.broadcast_version"))
         const ev: StepApplied = {
           _tag: "StepApplied", v: PROTOCOL_VERSION, shard, version: step.version, batchIds: step.batchIds, contributors: step.contributors,
           samples: step.samples, tokens: step.tokens, loss: step.loss, lr: step.lr, gradNorm: Number.isFinite(step.gradNorm) ? step.gradNorm : -1,

@@ -163,7 +163,8 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
       let lastVersion = -1
       /** leased micro-batches, until train.accumulate of them make one gradient. */
       const held: Batch[] = []
-      while (!(yield* Deferred.isDone(finished))) {
+      /** one lease → params → forward/backward → push; one trace per step when tracing is on. */
+      const iteration = Effect.gen(function* () {
         const t0 = performance.now()
         const leased: Result.Result<Batch, string> = yield* lease("train").pipe(
           Effect.catch((e) => Effect.succeed(Result.fail(e.message)))
@@ -171,10 +172,10 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
         if (Result.isFailure(leased)) {
           if (!leased.failure.includes("paused")) yield* Effect.logDebug(`worker ${id}: ${leased.failure}`)
           yield* Effect.sleep(200)
-          continue
+          return "continue" as const
         }
         held.push(leased.success)
-        if (held.length < job.train.accumulate) continue
+        if (held.length < job.train.accumulate) return "continue" as const
         const micro = held.splice(0)
         const t1 = performance.now()
         const sync = consistency === "sync"
@@ -182,14 +183,16 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
           const v = commonVersion()
           return sync ? v !== undefined && v > lastVersion : cache.size === shards
         })
-        if (!ok) break
+        if (!ok) return "break" as const
         const t2 = performance.now()
         const versions = new Map([...cache].map(([k, c]) => [k, c.version]))
         const v = Math.min(...versions.values())
         const params = fullParams()
-        const { batchId, samples, loss, grads } = accumulateGrads(
-          micro.map((b) => ({ batchId: b.meta.batchId, samples: b.meta.B, ...lossAndGrads(model, params, { tokens: b.tokens, batchSize: b.meta.B, seqLen: b.meta.T }) }))
-        )
+        const { batchId, samples, loss, grads } = yield* Effect.sync(() =>
+          accumulateGrads(
+            micro.map((b) => ({ batchId: b.meta.batchId, samples: b.meta.B, ...lossAndGrads(model, params, { tokens: b.tokens, batchSize: b.meta.B, seqLen: b.meta.T }) }))
+          )
+        ).pipe(Effect.withSpan("worker.forward_backward", { attributes: { "flotilla.version": v, "flotilla.micro_batches": micro.length } }))
         const t3 = performance.now()
         if (sync && (commonVersion() ?? -1) > v) {
           stats.stale++
@@ -197,40 +200,44 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
             yield* bus.publish(s.dataAck, encodeMessage({ _tag: "BatchFailed", v: PROTOCOL_VERSION, worker: id, batchId: b.meta.batchId, reason: `stale: version ${v} was superseded while computing` }))
           }
           lastVersion = -1
-          continue
+          return "continue" as const
         }
         const tokens = micro.reduce((n, b) => n + b.meta.B * b.meta.T, 0)
         // Push to every shard and report the push (WorkerStep) as one step that a SIGTERM
         // cannot cut: a clean leave never leaves a gradient on some shards only, and the
         // loader, which keeps a pushed batch when its worker leaves, always hears of it.
         yield* Effect.uninterruptible(Effect.gen(function* () {
-        let bytes = 0
-        for (let k = 0; k < shards; k++) {
-          const tensors = model.specs
-            .filter((sp) => shardOf.get(sp.name) === k)
-            .map((sp) => {
-              let residual = residuals.get(sp.name)
-              if (codec !== "f32" && !residual) residuals.set(sp.name, (residual = new Float32Array(grads.get(sp.name)!.length)))
-              return toWire(sp.name, sp.shape, grads.get(sp.name)!, codec, { residual })
-            })
-          const sent = yield* sendBundle(bus, s.psPush(k), {
-            tensors,
-            meta: { kind: "grads", job: job.job, version: versions.get(k)!, step: versions.get(k)!, sender: id, batchId, codec, extra: { samples, tokens, loss } }
-          }).pipe(Effect.orDie)
-          bytes += sent.bytes
-        }
-        const t4 = performance.now()
-        lastVersion = v
-        stats.steps++
-        stats.tokens += tokens
-        stats.bytesSent += bytes
-        hb.setInfo({ version: v, steps: stats.steps })
-        const metric: WorkerStep = {
-          _tag: "WorkerStep", v: PROTOCOL_VERSION, worker: id, version: v, batchId, loss, tokens,
-          waitBatchMs: t1 - t0, waitParamsMs: t2 - t1, computeMs: t3 - t2, pushMs: t4 - t3, bytesSent: bytes
-        }
-        yield* bus.publish(s.metrics("worker"), encodeMessage(metric)).pipe(Effect.ignore)
+          let bytes = 0
+          for (let k = 0; k < shards; k++) {
+            const tensors = model.specs
+              .filter((sp) => shardOf.get(sp.name) === k)
+              .map((sp) => {
+                let residual = residuals.get(sp.name)
+                if (codec !== "f32" && !residual) residuals.set(sp.name, (residual = new Float32Array(grads.get(sp.name)!.length)))
+                return toWire(sp.name, sp.shape, grads.get(sp.name)!, codec, { residual })
+              })
+            const sent = yield* sendBundle(bus, s.psPush(k), {
+              tensors,
+              meta: { kind: "grads", job: job.job, version: versions.get(k)!, step: versions.get(k)!, sender: id, batchId, codec, extra: { samples, tokens, loss } }
+            }).pipe(Effect.orDie)
+            bytes += sent.bytes
+          }
+          const t4 = performance.now()
+          lastVersion = v
+          stats.steps++
+          stats.tokens += tokens
+          stats.bytesSent += bytes
+          hb.setInfo({ version: v, steps: stats.steps })
+          const metric: WorkerStep = {
+            _tag: "WorkerStep", v: PROTOCOL_VERSION, worker: id, version: v, batchId, loss, tokens,
+            waitBatchMs: t1 - t0, waitParamsMs: t2 - t1, computeMs: t3 - t2, pushMs: t4 - t3, bytesSent: bytes
+          }
+          yield* bus.publish(s.metrics("worker"), encodeMessage(metric)).pipe(Effect.ignore)
         }))
+        return "continue" as const
+      }).pipe(Effect.withSpan("worker.step", { attributes: { "flotilla.worker": id } }))
+      while (!(yield* Deferred.isDone(finished))) {
+        if ((yield* iteration) === "break") break
       }
     })
 
