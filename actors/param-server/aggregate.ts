@@ -108,6 +108,20 @@ export class ShardState {
 
   /** Validate and admit a gradient. In sync mode it is held until the barrier closes. */
   admit(p: GradientPush): Admission {
+    const a = this.check(p)
+    // Sync: a worker whose gradient for the open version is refused (a duplicate batch, a
+    // bad tensor) does not push another one for this version: it waits for the next. So
+    // the barrier stops waiting for it, or one refused push would stall the shard and
+    // every worker forever. (Seen over NATS: a batch re-issued while its first copy was
+    // still pending here, then refused as a duplicate.) A sender that already has a
+    // gradient pending keeps its place.
+    if (!a.ok && this.consistency.mode === "sync" && p.version === this.version && !this.pending.has(p.sender)) {
+      this.barrier.delete(p.sender)
+    }
+    return a
+  }
+
+  private check(p: GradientPush): Admission {
     // an accumulated gradient (train.accumulate > 1) names its micro-batches: `e0-b1+e0-b7`
     const done = p.batchId.split("+").find((b) => this.appliedBatches.has(b))
     if (done !== undefined) {

@@ -183,6 +183,8 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
         })
         if (!admitted.ok) {
           yield* reject({ code: admitted.code, reason: admitted.reason, subject: info.subject, sender: m.sender, step: m.version })
+          // a refused push may release its sender from the sync barrier (aggregate.ts admit)
+          yield* tryApply
           return
         }
         yield* tryApply

@@ -140,11 +140,18 @@ const spawnActor = (role: ActorRole, id: string, args: readonly string[], env: N
   }
 }
 
-/** Write the job to a fresh temp dir and get ready to spawn its actors. */
-export const makeCluster = (url: string, patch: Record<string, any>, env: NodeJS.ProcessEnv = {}): Cluster => {
+/**
+ * Write the job to a fresh temp dir and get ready to spawn its actors. `patch` may be a
+ * function of that dir (to put a corpus file there).
+ */
+export const makeCluster = (
+  url: string,
+  patch: Record<string, any> | ((dir: string) => Record<string, any>),
+  env: NodeJS.ProcessEnv = {}
+): Cluster => {
   const dir = mkdtempSync(join(tmpdir(), "flotilla-dp-"))
   mkdirSync(join(dir, "checkpoints"), { recursive: true })
-  const job = testJob(patch, dir)
+  const job = testJob(typeof patch === "function" ? patch(dir) : patch, dir)
   const jobFile = join(dir, "job.json")
   writeFileSync(jobFile, JSON.stringify(job, null, 2))
   const actors: ActorProcess[] = []
