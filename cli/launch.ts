@@ -20,6 +20,7 @@ import { NatsBus } from "../shared/bus/nats.ts"
 import { Compute, type BackendPreference } from "../shared/compute/backend.ts"
 import { loadJobFile, resolveJob, type JobConfig } from "../shared/config/job.ts"
 import { subjects } from "../shared/protocol/subjects.ts"
+import { Metrics } from "../shared/telemetry/metrics.ts"
 import { Telemetry } from "../shared/telemetry/otel.ts"
 import { TracedBus } from "../shared/telemetry/traced-bus.ts"
 import type { Codec } from "../shared/wire/tensor.ts"
@@ -51,7 +52,10 @@ export const launch = (o: { role: string; values: Record<string, unknown> }) => 
   const id = (v.id as string | undefined) ?? `${role === "param-server" ? `ps${shard}` : role}-${hostname().replace(/[^A-Za-z0-9_-]/g, "")}-${process.pid}`
   const codec = codecFromFlag(v.codec)
   const bus = TracedBus.layer(NatsBus.layer({ servers, name: `flotilla-${job.job}-${id}`, waitOnFirstConnect: true }))
-  const telemetry = Telemetry.layer({ role: role === "param-server" ? "ps" : role, instanceId: id, job: job.job })
+  // Metrics after Telemetry: its instruments live on the MeterProvider Telemetry starts
+  const telemetry = Metrics.layer.pipe(
+    Layer.provideMerge(Telemetry.layer({ role: role === "param-server" ? "ps" : role, instanceId: id, job: job.job }))
+  )
 
   const program = Effect.gen(function* () {
     yield* Effect.logInfo(`launch ${role} ${id} for job ${job.job} on ${servers.join(",")}`)

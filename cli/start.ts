@@ -17,6 +17,7 @@ import { runWorker } from "../actors/worker/worker.ts"
 import { stopRequested } from "../shared/actor/control-listener.ts"
 import { Bus } from "../shared/bus/Bus.ts"
 import { InProcessBus } from "../shared/bus/inprocess.ts"
+import { Metrics } from "../shared/telemetry/metrics.ts"
 import { Telemetry } from "../shared/telemetry/otel.ts"
 import { TracedBus } from "../shared/telemetry/traced-bus.ts"
 import { Compute, type BackendPreference } from "../shared/compute/backend.ts"
@@ -115,7 +116,8 @@ export const startEmbedded = (o: StartOptions) =>
       Layer.mergeAll(
         TracedBus.layer(InProcessBus.layer()),
         Compute.layer(o.backend),
-        Telemetry.layer({ role: "embedded", instanceId: `embedded-${process.pid}`, job: o.job.job })
+        // Metrics after Telemetry: its instruments live on the MeterProvider Telemetry starts
+        Metrics.layer.pipe(Layer.provideMerge(Telemetry.layer({ role: "embedded", instanceId: `embedded-${process.pid}`, job: o.job.job })))
       )
     )
   )

@@ -28,6 +28,7 @@ import {
   type NoBatch
 } from "../../shared/protocol/messages.ts"
 import { PROTOCOL_VERSION, queues, subjects } from "../../shared/protocol/subjects.ts"
+import { currentMetrics } from "../../shared/telemetry/metrics.ts"
 import { LeaseTable, makeLmPlan, trainBatch, valBatch, type LmPlan } from "./plan.ts"
 
 export interface LoaderOptions {
@@ -76,6 +77,7 @@ export const runLoader = (o: LoaderOptions): Effect.Effect<LoaderHandle, Error, 
     const psShards = job.topology.psShards
     let paused = false
     const reject = makeReporter(bus, s, id)
+    const metrics = yield* currentMetrics
 
     yield* Effect.logInfo(
       `loader ${id}: corpus ${job.data.corpus}, ${plan.train.length} train / ${plan.val.length} val bytes, ` +
@@ -163,7 +165,10 @@ export const runLoader = (o: LoaderOptions): Effect.Effect<LoaderHandle, Error, 
 
     const hb = yield* runHeartbeat(s, "loader", id, job.train.heartbeatMs)
     yield* Effect.forkScoped(
-      Effect.sync(() => hb.setInfo({ epoch: table.epoch, done: table.doneCount, leased: table.outstanding })).pipe(
+      Effect.sync(() => {
+        hb.setInfo({ epoch: table.epoch, done: table.doneCount, leased: table.outstanding })
+        metrics.setLeasesOutstanding(table.outstanding)
+      }).pipe(
         Effect.repeat(Schedule.spaced(job.train.heartbeatMs))
       )
     )

@@ -22,6 +22,7 @@ import { LrForStep, PullParams, type StepApplied } from "../../shared/protocol/m
 import { shardSpecs } from "../../shared/protocol/sharding.ts"
 import { PROTOCOL_VERSION, subjects } from "../../shared/protocol/subjects.ts"
 import { lrAt, resolveSchedule, type ScheduleInput } from "../../shared/schedule/schedules.ts"
+import { currentMetrics } from "../../shared/telemetry/metrics.ts"
 import { fromWire } from "../../shared/wire/codec.ts"
 import type { TensorBundle } from "../../shared/wire/tensor.ts"
 import { receiveBundles, replyWithBundle, sendBundle } from "../../shared/wire/transport.ts"
@@ -54,6 +55,7 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
     const { job, shard, id } = o
     const s = subjects(job.job)
     const reject = makeReporter(bus, s, id)
+    const metrics = yield* currentMetrics
     const model = makeModel(job.model)
     const specs = shardSpecs(model.specs, job.topology.psShards, shard)
     const optimizer = resolveOptimizer(job.optimizer as never)
@@ -151,21 +153,27 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
         done = step.version >= job.train.steps
         hb.setInfo({ shard, version: state.version })
         if (state.consistency.mode === "sync") state.openBarrier(membership.live("worker").map((m) => m.id))
-        yield* sendBundle(bus, s.psVersion(shard), paramsBundle()).pipe(Effect.orDie, Effect.withSpan("ps.broadcast_version"))
+        const sent = yield* sendBundle(bus, s.psVersion(shard), paramsBundle()).pipe(Effect.orDie, Effect.withSpan("ps.broadcast_version"))
         const ev: StepApplied = {
           _tag: "StepApplied", v: PROTOCOL_VERSION, shard, version: step.version, batchIds: step.batchIds, contributors: step.contributors,
           samples: step.samples, tokens: step.tokens, loss: step.loss, lr: step.lr, gradNorm: Number.isFinite(step.gradNorm) ? step.gradNorm : -1,
           maxStaleness: step.maxStaleness, aggregateMs: performance.now() - t0, at: Date.now(), final: done
         }
         yield* bus.publish(s.psApplied(shard), encodeMessage(ev)).pipe(Effect.orDie)
+        metrics.addSteps()
+        metrics.recordLearningRate(step.lr)
+        metrics.recordStaleness(step.maxStaleness)
+        metrics.recordStepTimes({ aggregate: ev.aggregateMs })
+        metrics.addBytes("sent", sent.bytes, "params")
         if (done || (job.train.checkpointEvery > 0 && step.version % job.train.checkpointEvery === 0)) yield* checkpoint
         if (done) yield* Deferred.succeed(finished, undefined)
       })
     })
 
-    const onGrads = (bundle: TensorBundle, info: { readonly subject: string }) =>
+    const onGrads = (bundle: TensorBundle, info: { readonly subject: string; readonly bytes: number }) =>
       Effect.gen(function* () {
         const m = bundle.meta
+        metrics.addBytes("received", info.bytes, m.kind)
         if (m.kind !== "grads" || m.job !== job.job) {
           yield* reject({ code: "bad-message", reason: `expected a grads bundle of job ${job.job}, got ${m.kind} of ${m.job}`, subject: info.subject, sender: m.sender })
           return

@@ -31,6 +31,7 @@ import {
 } from "../../shared/protocol/messages.ts"
 import { assignShards } from "../../shared/protocol/sharding.ts"
 import { PROTOCOL_VERSION, subjects } from "../../shared/protocol/subjects.ts"
+import { currentMetrics } from "../../shared/telemetry/metrics.ts"
 import { toWire } from "../../shared/wire/codec.ts"
 import type { Codec, TensorBundle } from "../../shared/wire/tensor.ts"
 import { receiveBundles, requestBundle, sendBundle } from "../../shared/wire/transport.ts"
@@ -89,6 +90,7 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
     const residuals = new Map<string, Float32Array>()
     const stats = { steps: 0, stale: 0, tokens: 0, bytesSent: 0 }
     const finished = yield* Deferred.make<void>()
+    const metrics = yield* currentMetrics
 
     // ---- the params cache: newest version of each shard, and a signal on every change
     const cache = new Map<number, { version: number; params: Map<string, Float32Array> }>()
@@ -161,6 +163,8 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
     // ---- train loop
     const trainLoop: Effect.Effect<void, Error> = Effect.gen(function* () {
       let lastVersion = -1
+      /** end of the last pushed step: tokens/s counts every step's wall time, stale ones too. */
+      let lastPushAt = performance.now()
       /** leased micro-batches, until train.accumulate of them make one gradient. */
       const held: Batch[] = []
       /** one lease → params → forward/backward → push; one trace per step when tracing is on. */
@@ -233,6 +237,11 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
             waitBatchMs: t1 - t0, waitParamsMs: t2 - t1, computeMs: t3 - t2, pushMs: t4 - t3, bytesSent: bytes
           }
           yield* bus.publish(s.metrics("worker"), encodeMessage(metric)).pipe(Effect.ignore)
+          metrics.recordLoss("train", loss)
+          metrics.recordStepTimes({ wait_batch: metric.waitBatchMs, wait_params: metric.waitParamsMs, compute: metric.computeMs, push: metric.pushMs, total: t4 - t0 })
+          metrics.addBytes("sent", bytes, "grads")
+          if (t4 > lastPushAt) metrics.recordTokensPerSec((tokens * 1000) / (t4 - lastPushAt))
+          lastPushAt = t4
         }))
         return "continue" as const
       }).pipe(Effect.withSpan("worker.step", { attributes: { "flotilla.worker": id } }))
@@ -264,6 +273,7 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
         lastEval = v
         const msg: ValidationLoss = { _tag: "ValidationLoss", v: PROTOCOL_VERSION, evaluator: id, version: v, loss, batches: losses.length }
         yield* bus.publish(s.metrics("evaluator"), encodeMessage(msg)).pipe(Effect.ignore)
+        metrics.recordLoss("val", loss)
         if (v >= job.train.steps) {
           yield* Deferred.succeed(finished, undefined)
           break

@@ -18,6 +18,7 @@
 // `yield* Effect.fromResult(resolveOptimizer(input))` (a Result is not yieldable itself).
 import * as Data from "effect/Data"
 import * as Result from "effect/Result"
+import { finite, nonNegative, positive, show, type Rule } from "../config/rules.ts"
 
 // ---------------------------------------------------------------- configs
 
@@ -124,19 +125,7 @@ export class InvalidOptimizerConfig extends Data.TaggedError("InvalidOptimizerCo
 const invalid = (field: string, value: unknown, reason: string) =>
   new InvalidOptimizerConfig({ field, value, message: `optimizer ${field} = ${show(value)}: ${reason}` })
 
-const show = (v: unknown): string => {
-  if (typeof v === "number") return String(v)
-  try {
-    return JSON.stringify(v) ?? String(v)
-  } catch {
-    return String(v)
-  }
-}
 
-const finite = (v: unknown): v is number => typeof v === "number" && Number.isFinite(v)
-type Rule = readonly [ok: (v: unknown) => boolean, reason: string]
-const nonNegative: Rule = [(v) => finite(v) && v >= 0, "must be a finite number >= 0"]
-const positive: Rule = [(v) => finite(v) && v > 0, "must be a finite number > 0"]
 const unitInterval: Rule = [(v) => finite(v) && v >= 0 && v < 1, "must be in [0, 1)"]
 const closedUnit: Rule = [(v) => finite(v) && v >= 0 && v <= 1, "must be in [0, 1]"]
 const bool: Rule = [(v) => typeof v === "boolean", "must be true or false"]

@@ -21,6 +21,7 @@
 // (W = warmupSteps, T = totalSteps.)
 import * as Data from "effect/Data"
 import * as Result from "effect/Result"
+import { finite, nonNegative, show, type Rule } from "../config/rules.ts"
 
 export interface ConstantSchedule {
   readonly kind: "constant"
@@ -124,18 +125,7 @@ export class InvalidScheduleConfig extends Data.TaggedError("InvalidScheduleConf
 const invalid = (field: string, value: unknown, reason: string) =>
   new InvalidScheduleConfig({ field, value, message: `schedule ${field} = ${show(value)}: ${reason}` })
 
-const show = (v: unknown): string => {
-  if (typeof v === "number") return String(v)
-  try {
-    return JSON.stringify(v) ?? String(v)
-  } catch {
-    return String(v)
-  }
-}
 
-const finite = (v: unknown): v is number => typeof v === "number" && Number.isFinite(v)
-type Rule = readonly [ok: (v: unknown) => boolean, reason: string]
-const nonNegative: Rule = [(v) => finite(v) && v >= 0, "must be a finite number >= 0"]
 const count: Rule = [(v) => Number.isSafeInteger(v) && (v as number) >= 0, "must be an integer >= 0"]
 
 const RULES: Record<string, Rule> = {

@@ -18,7 +18,9 @@
  */
 import * as api from "@opentelemetry/api"
 import * as Context from "effect/Context"
+import * as Effect from "effect/Effect"
 import * as Layer from "effect/Layer"
+import * as Option from "effect/Option"
 import { metricsEnabled } from "./otel.ts"
 
 export type LossKind = "train" | "val"
@@ -147,3 +149,12 @@ export class Metrics extends Context.Service<Metrics, MetricsRecorder>()("flotil
   static readonly layer: Layer.Layer<Metrics> = Layer.sync(Metrics, () => makeMetrics())
   static readonly layerNoop: Layer.Layer<Metrics> = Layer.succeed(Metrics, noopMetrics)
 }
+
+/**
+ * The recorder of the `Metrics` service when one is provided, else the no-op: actors take it
+ * this way so that code (and tests) that never provide `Metrics` keep working unchanged.
+ */
+export const currentMetrics: Effect.Effect<MetricsRecorder> = Effect.map(
+  Effect.serviceOption(Metrics),
+  Option.getOrElse(() => noopMetrics)
+)

@@ -63,7 +63,8 @@ export interface Cluster {
   readonly dir: string
   readonly url: string
   readonly actors: ActorProcess[]
-  spawn(role: ActorRole, id: string, extra?: readonly string[]): ActorProcess
+  /** `env` is added over the cluster's for this process only. */
+  spawn(role: ActorRole, id: string, extra?: readonly string[], env?: NodeJS.ProcessEnv): ActorProcess
   /** loader, scheduler and every PS shard (the actors that run until stopped). */
   spawnServices(): ActorProcess[]
   /** SIGTERM every process still running (SIGKILL after `graceMs`), then remove the dir. */
@@ -162,8 +163,8 @@ export const makeCluster = (
     dir,
     url,
     actors,
-    spawn: (role, id, extra = []) => {
-      const a = spawnActor(role, id, [...common, ...extra], env)
+    spawn: (role, id, extra = [], own = {}) => {
+      const a = spawnActor(role, id, [...common, ...extra], { ...env, ...own })
       actors.push(a)
       return a
     },
