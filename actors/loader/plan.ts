@@ -203,8 +203,9 @@ export class LeaseTable {
   /** Release every lease past its deadline. */
   expire(now: number): Lease[] {
     const out: Lease[] = []
-    for (const l of [...this.leases.values()]) if (l.deadline <= now) out.push(this.release(l.id)!)
-    return out
+    // release newest first: each goes to the front, so the oldest ends up served first
+    for (const l of [...this.leases.values()].reverse()) if (l.deadline <= now) out.push(this.release(l.id)!)
+    return out.reverse()
   }
 
   /**
