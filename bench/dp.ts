@@ -10,9 +10,11 @@
 // the ratios the DP issue aims at (1 worker ≥ 0.95× in-process; 2 workers ≥ 1.8× one)
 // and the bytes on the wire per step: gradients pushed, params broadcast to each worker,
 // token batches leased (payload bytes, from the workers' reports and the model's size).
-//   node bench/dp.ts [--layers 2] [--width 128] [--heads 4] [--context 64] [--batch 8]
-//                    [--steps 40] [--warmup 6] [--window 5] [--ps-shards 1] [--nats URL]
-// ~3-4 minutes on 2 cores with the defaults. Owns nothing but measurement.
+//   node bench/dp.ts [--layers 4] [--width 128] [--heads 4] [--context 128] [--batch 8]
+//                    [--steps 24] [--warmup 4] [--window 4] [--ps-shards 1] [--nats URL]
+// Defaults: gpt-mini's shape (PERF-NOTES) with a per-worker batch of 8, ~2-3 minutes on
+// 2 cores. Also prints where a version's time goes (the workers' WorkerStep phases and
+// the PS's apply time). Owns nothing but measurement.
 import os from "node:os"
 import { parseArgs } from "node:util"
 import { makePlanForJob } from "../actors/loader/loader.ts"
@@ -42,11 +44,11 @@ const { values: v } = parseArgs({
   }
 })
 const num = (x: string | undefined, d: number) => (x === undefined ? d : Number(x))
-const model = { kind: "gpt" as const, vocabSize: 256, contextLength: num(v.context, 64), layers: num(v.layers, 2), heads: num(v.heads, 4), width: num(v.width, 128) }
+const model = { kind: "gpt" as const, vocabSize: 256, contextLength: num(v.context, 128), layers: num(v.layers, 4), heads: num(v.heads, 4), width: num(v.width, 128) }
 const B = num(v.batch, 8)
-const STEPS = num(v.steps, 40)
-const WARMUP = num(v.warmup, 6)
-const WINDOW = num(v.window, 5)
+const STEPS = num(v.steps, 24)
+const WARMUP = num(v.warmup, 4)
+const WINDOW = num(v.window, 4)
 const PS_SHARDS = num(v["ps-shards"], 1)
 const T = model.contextLength
 
@@ -82,6 +84,8 @@ interface Row {
   readonly gradBytes: number
   readonly paramBytes: number
   readonly batchBytes: number
+  /** medians over the timed steps, ms: a worker's phases (WorkerStep) and the PS's apply. */
+  readonly phases?: { lease: number; waitParams: number; compute: number; push: number; psApply: number }
 }
 
 // ---------------------------------------------------------------- 1. in-process
@@ -131,6 +135,13 @@ const overNats = async (url: string, workers: number): Promise<Row> => {
     const versions = new Set(timed.map((s) => s.version)).size
     const gradBytes = timed.reduce((n, s) => n + s.bytesSent, 0) / Math.max(1, versions)
     const paramBytes = countParams(makeModel(job.model)) * 4 * workers
+    const phases = {
+      lease: median(timed.map((s) => s.waitBatchMs)),
+      waitParams: median(timed.map((s) => s.waitParamsMs)),
+      compute: median(timed.map((s) => s.computeMs)),
+      push: median(timed.map((s) => s.pushMs)),
+      psApply: median(applied.filter((a) => a.version > WARMUP).map((a) => a.aggregateMs))
+    }
     return {
       run: `${workers} worker${workers > 1 ? "s" : ""} over NATS`,
       tokensPerSec: median(w),
@@ -138,7 +149,8 @@ const overNats = async (url: string, workers: number): Promise<Row> => {
       stepMs: (workers * B * T * 1000) / median(w),
       gradBytes,
       paramBytes,
-      batchBytes: workers * B * (T + 1) * 4
+      batchBytes: workers * B * (T + 1) * 4,
+      phases
     }
   } finally {
     await obs.close()
@@ -176,4 +188,12 @@ console.log("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
 console.log(`| ${inproc.run} | ${inproc.tokensPerSec.toFixed(0)} | 1.00 | ${inproc.stepMs.toFixed(0)} | 0 | 0 | 0 |`)
 console.log(`| ${one.run} | ${one.tokensPerSec.toFixed(0)} | ${(one.tokensPerSec / inproc.tokensPerSec).toFixed(2)} × in-process (goal ≥ 0.95) | ${one.stepMs.toFixed(0)} | ${kb(one.gradBytes)} | ${kb(one.paramBytes)} | ${kb(one.batchBytes)} |`)
 console.log(`| ${two.run} | ${two.tokensPerSec.toFixed(0)} | ${(two.tokensPerSec / one.tokensPerSec).toFixed(2)} × 1 worker (goal ≥ 1.8) | ${two.stepMs.toFixed(0)} | ${kb(two.gradBytes)} | ${kb(two.paramBytes)} | ${kb(two.batchBytes)} |`)
+console.log("\nwhere a version's time goes (medians, ms): a worker leases a batch, waits for the new params, computes, pushes; the PS applies")
+console.log("| run | lease | wait for params | forward + backward | push | PS: LR + apply + broadcast |")
+console.log("| --- | ---: | ---: | ---: | ---: | ---: |")
+console.log(`| ${inproc.run} | – | – | ${inproc.stepMs.toFixed(0)} (incl. optimizer) | – | – |`)
+for (const r of [one, two]) {
+  const p = r.phases!
+  console.log(`| ${r.run} | ${p.lease.toFixed(1)} | ${p.waitParams.toFixed(1)} | ${p.compute.toFixed(1)} | ${p.push.toFixed(1)} | ${p.psApply.toFixed(1)} |`)
+}
 console.log(`\nload average at the end ${os.loadavg().map((x) => x.toFixed(1)).join(" ")} (shared machines vary by up to ~1.8× run to run: compare the ratios)`)

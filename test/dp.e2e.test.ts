@@ -18,7 +18,7 @@ const JOB = {
   job: "dp-e2e",
   model: { kind: "gpt", vocabSize: 256, contextLength: 16, layers: 1, heads: 2, width: 16 },
   data: { batchSize: 4, valBatches: 2 },
-  train: { steps: STEPS, evalEvery: 10, checkpointEvery: 0, heartbeatMs: 200, livenessMs: 4_000, leaseTimeoutMs: 20_000 },
+  train: { steps: STEPS, evalEvery: 10, checkpointEvery: 0, heartbeatMs: 200, livenessMs: 15_000, leaseTimeoutMs: 20_000 },
   schedule: { kind: "cosine", lr: 1e-2, minLr: 1e-3 },
   topology: { workers: 2, psShards: 2 }
 }

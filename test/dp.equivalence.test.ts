@@ -33,7 +33,7 @@ const JOB = {
   job: "dp-eqv",
   model: { kind: "gpt", vocabSize: 256, contextLength: 16, layers: 1, heads: 2, width: 16 },
   data: { batchSize: HALF, valBatches: 1 },
-  train: { steps: STEPS, clipNorm: 0, evalEvery: 0, checkpointEvery: 0, heartbeatMs: 200, livenessMs: 4_000, leaseTimeoutMs: 30_000, seed: 7 },
+  train: { steps: STEPS, clipNorm: 0, evalEvery: 0, checkpointEvery: 0, heartbeatMs: 200, livenessMs: 15_000, leaseTimeoutMs: 30_000, seed: 7 },
   optimizer: { kind: "sgd", momentum: 0.9, weightDecay: 0.01 },
   schedule: { kind: "constant", lr: 0.1 },
   topology: { workers: 2, psShards: 2 }
@@ -73,7 +73,7 @@ describe("sync data parallel over NATS (2 worker processes, 2 PS shards)", () =>
     cluster.spawn("worker", "worker-b")
     await obs.until(() => obs.version() >= STEPS, 75_000, () => `version ${STEPS} on both shards (at ${obs.version()})\n${cluster.logs()}`)
     const pulled = [await obs.pull(0), await obs.pull(1)]
-    expect(pulled.map((p) => p.version)).toEqual([STEPS, STEPS])
+    expect(pulled.map((p) => p.version), `versions pulled; applied: ${JSON.stringify(obs.applied.map((a) => [a.shard, a.version, a.contributors]))}\n${cluster.logs()}`).toEqual([STEPS, STEPS])
 
     // ---- what the shards applied: the same batches, both workers, in every version
     const perVersion: StepApplied[][] = []

@@ -9,7 +9,7 @@
  * (`lr`); with no scheduler live it falls back to the job's schedule, computed locally.
  * Run alone: `flotilla launch param-server --job FILE --shard K`.
  */
-import { Deferred, Effect, Result, Scope } from "effect"
+import { Deferred, Effect, Result, Scope, Semaphore } from "effect"
 import { Bus, type BusMessage } from "../../shared/bus/Bus.ts"
 import { onControl } from "../../shared/actor/control-listener.ts"
 import { runHeartbeat, trackMembership } from "../../shared/actor/membership.ts"
@@ -137,7 +137,12 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
       })
     )
 
-    const tryApply: Effect.Effect<void> = Effect.suspend(() => {
+    // One apply at a time. tryApply is called from several fibers (gradients, membership,
+    // control) and yields (the LR request) between `ready()` and `apply()`: without the
+    // lock a second caller passed the same check and applied again with nothing pending —
+    // a zero-gradient step past the last version (seen over NATS: shard 0 at version 4 of 3).
+    const applyLock = Semaphore.makeUnsafe(1)
+    const tryApply: Effect.Effect<void> = applyLock.withPermit(Effect.suspend(() => {
       if (done || paused || !state.ready()) return Effect.void
       if (!started) {
         const live = membership.live("worker").map((m) => m.id)
@@ -168,7 +173,7 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
         if (done || (job.train.checkpointEvery > 0 && step.version % job.train.checkpointEvery === 0)) yield* checkpoint
         if (done) yield* Deferred.succeed(finished, undefined)
       })
-    })
+    }))
 
     const onGrads = (bundle: TensorBundle, info: { readonly subject: string; readonly bytes: number }) =>
       Effect.gen(function* () {

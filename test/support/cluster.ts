@@ -1,20 +1,21 @@
 // Implements: running a job's actors as SEPARATE OS PROCESSES over a real NATS server, for
 // the cross-process tests (test/dp.*.test.ts) and the DP benchmark (bench/dp.ts).
 //   - `makeCluster(url, jobPatch)`: resolves the job over the defaults, writes it to a temp
-//     dir (checkpoints go there too) and spawns `node bin/flotilla.ts launch <role> --job
-//     FILE --nats URL --id ID ...`, keeping every line each process logs; SIGTERM/SIGKILL
-//     one, stop them all, dump the logs for a failure message.
+//     dir (checkpoints and any corpus the patch puts there too) and spawns `node
+//     bin/flotilla.ts launch <role> --job FILE --nats URL --id ID ...`, keeping every line
+//     each process logs (FLOTILLA_LOG=info); SIGTERM/SIGKILL one, stop them all, dump the
+//     logs for a failure message.
 //   - `observe(url, job)`: a plain NATS subscriber in the test process that records every
-//     `ps.*.applied`, `metrics.*`, `errors` message and every train-batch lease (the
-//     `data.lease` request and its reply, so a test knows which batch a worker holds);
-//     `until(pred)` waits on them; `pull(k)` fetches shard k's params like a worker does.
+//     `ps.*.applied`, `metrics.*`, `errors` and heartbeat message and every train-batch
+//     lease (the `data.lease` request and its reply, so a test knows which batch a worker
+//     holds); `until(pred)` waits on them; `pull(k)` fetches shard k's params as a worker does.
 // Does not own: the NATS server (test/support/nats.ts), the actors, the CLI.
 import { spawn, type ChildProcess } from "node:child_process"
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { dirname, join, resolve } from "node:path"
 import { fileURLToPath } from "node:url"
-import { Effect, Exit, Layer, Result, Scope } from "effect"
+import { Effect, Exit, Layer, References, Result, Scope } from "effect"
 import { Bus } from "../../shared/bus/Bus.ts"
 import { NatsBus } from "../../shared/bus/nats.ts"
 import { resolveJob, type JobConfig } from "../../shared/config/job.ts"
@@ -231,7 +232,10 @@ export interface Observer {
 export const observe = async (url: string, job: JobConfig): Promise<Observer> => {
   const s = subjects(job.job)
   const scope = Scope.makeUnsafe()
-  const ctx = await Effect.runPromise(Layer.buildWithScope(NatsBus.layer({ servers: url, name: `flotilla-${job.job}-test-observer` }), scope))
+  const quiet = Layer.succeed(References.MinimumLogLevel, "Warn")
+  const ctx = await Effect.runPromise(
+    Layer.buildWithScope(NatsBus.layer({ servers: url, name: `flotilla-${job.job}-test-observer` }), scope).pipe(Effect.provide(quiet))
+  )
   const run = <A, E>(eff: Effect.Effect<A, E, Bus | Scope.Scope>): Promise<A> =>
     Effect.runPromise(eff.pipe(Scope.provide(scope), Effect.provideContext(ctx)) as Effect.Effect<A, E>)
 
