@@ -246,8 +246,15 @@ export const observe = async (url: string, job: JobConfig): Promise<Observer> =>
   const leases: LeaseSeen[] = []
   const leaseListeners: Array<(l: LeaseSeen) => void> = []
   const members = new Map<string, MemberSeen>()
-  /** reply inbox → worker, from the lease requests (a request and its reply share nothing else). */
+  // A lease is a request (worker id, reply inbox) and its reply (batch header): they come
+  // on two subscriptions, handled in two fibers, so either may be seen first.
   const inboxes = new Map<string, string>()
+  const replies = new Map<string, BatchLeased>()
+  const leased = (worker: string, b: BatchLeased) => {
+    const l: LeaseSeen = { worker, batchId: b.batchId, attempt: b.attempt, at: Date.now() }
+    leases.push(l)
+    for (const f of leaseListeners) f(l)
+  }
 
   await run(
     Effect.gen(function* () {
@@ -289,21 +296,24 @@ export const observe = async (url: string, job: JobConfig): Promise<Observer> =>
       // requester's inbox, which a `_INBOX.>` subscriber sees as well
       yield* bus.subscribe(s.dataLease, (m) => {
         const r = decodeBytes(LeaseBatch, m.subject, m.data)
-        if (Result.isSuccess(r) && r.success.split === "train" && m.reply) inboxes.set(m.reply, r.success.worker)
+        if (Result.isFailure(r) || r.success.split !== "train" || !m.reply) return Effect.void
+        const reply = replies.get(m.reply)
+        replies.delete(m.reply)
+        if (reply) leased(r.success.worker, reply)
+        else inboxes.set(m.reply, r.success.worker)
         return Effect.void
       })
       yield* bus.subscribe("_INBOX.>", (m) => {
         const h = m.headers[HEADER_BATCH]
         if (h === undefined) return Effect.void
-        const worker = inboxes.get(m.subject)
-        inboxes.delete(m.subject)
         const j = parseJson(new TextEncoder().encode(h))
-        if (worker === undefined || Result.isFailure(j)) return Effect.void
+        if (Result.isFailure(j)) return Effect.void
         const b = decodeValue(BatchLeased, m.subject, j.success)
         if (Result.isFailure(b) || b.success.split !== "train") return Effect.void
-        const l: LeaseSeen = { worker, batchId: b.success.batchId, attempt: b.success.attempt, at: Date.now() }
-        leases.push(l)
-        for (const f of leaseListeners) f(l)
+        const worker = inboxes.get(m.subject)
+        inboxes.delete(m.subject)
+        if (worker !== undefined) leased(worker, b.success)
+        else replies.set(m.subject, b.success)
         return Effect.void
       })
       yield* bus.flush()
