@@ -43,6 +43,9 @@ describe("data-parallel job, every actor its own process", () => {
     obs = await observe(nats.url, job)
     cluster.spawnServices()
     const evaluator = cluster.spawn("evaluator", "evaluator-0")
+    // the untrained model's validation loss first: the evaluator needs longer to start than
+    // the shards need to apply version 1 once workers are there
+    await obs.until(() => obs.validation.some((v) => v.version === 0), 60_000, () => `the evaluator's report on version 0\n${cluster.logs()}`)
     const workers = [cluster.spawn("worker", "worker-0"), cluster.spawn("worker", "worker-1")]
     await obs.until(
       () => obs.validation.some((v) => v.version >= STEPS),

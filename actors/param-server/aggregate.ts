@@ -63,6 +63,11 @@ export class ShardState {
   private pending = new Map<string, GradientPush & { staleness: number }>()
   /** sync: who the open version waits for. */
   private barrier = new Set<string>()
+  /** sync, shards > 1: this shard follows shard 0's choice of senders per version. */
+  private following = false
+  private readonly decisions = new Map<number, readonly string[]>()
+  /** gradients the last `apply` held but did not use (a follower's non-chosen senders). */
+  dropped: Array<GradientPush> = []
 
   constructor(o: {
     specs: readonly Spec[]
@@ -172,8 +177,35 @@ export class ShardState {
   ready(): boolean {
     if (this.pending.size === 0) return false
     if (this.consistency.mode !== "sync") return true
+    if (this.following) {
+      const d = this.decisions.get(this.version + 1)
+      return d !== undefined && d.every((sender) => this.pending.has(sender))
+    }
     for (const m of this.barrier) if (!this.pending.has(m)) return false
     return true
+  }
+
+  /**
+   * Sync with several shards: shard 0 leads, the others follow. A follower applies to
+   * version v+1 exactly the senders shard 0 applied to its v+1 (from its StepApplied),
+   * so every shard agrees on each version's batches even when a worker joins or leaves
+   * between two shards' decisions. Gradients from other senders are dropped as stale.
+   */
+  follow(): void {
+    this.following = true
+  }
+
+  /** Shard 0 applied `contributors` to `version`. */
+  decided(version: number, contributors: readonly string[]): void {
+    if (version <= this.version) return
+    this.decisions.set(version, contributors)
+    for (const v of this.decisions.keys()) if (v <= this.version) this.decisions.delete(v)
+  }
+
+  /** Senders the follower still waits for (for logs and status). */
+  waitingForDecision = (): string[] | undefined => {
+    const d = this.decisions.get(this.version + 1)
+    return d?.filter((s) => !this.pending.has(s))
   }
 
   /**
@@ -181,7 +213,10 @@ export class ShardState {
    * apply the optimizer with `lr`, advance the version. Call only when `ready()`.
    */
   apply(lr: number): AppliedStep {
-    const pushes = [...this.pending.values()].sort((a, b) => (a.sender < b.sender ? -1 : a.sender > b.sender ? 1 : 0))
+    const decided = this.following && this.consistency.mode === "sync" ? this.decisions.get(this.version + 1) : undefined
+    const held = [...this.pending.values()]
+    const pushes = (decided ? held.filter((p) => decided.includes(p.sender)) : held).sort((a, b) => (a.sender < b.sender ? -1 : a.sender > b.sender ? 1 : 0))
+    this.dropped = decided ? held.filter((p) => !decided.includes(p.sender)) : []
     this.pending = new Map()
     const samples = pushes.reduce((n, p) => n + p.samples, 0)
     const agg = new Map<string, Float32Array>()

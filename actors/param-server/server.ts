@@ -18,7 +18,7 @@ import type { JobConfig } from "../../shared/config/job.ts"
 import { makeModel } from "../../shared/models/zoo.ts"
 import { makeOptimizer, resolveOptimizer, setHyperparams, type OptimizerPatch } from "../../shared/optim/optimizers.ts"
 import { decodeBytes, encodeMessage } from "../../shared/protocol/decode.ts"
-import { LrForStep, PullParams, type StepApplied } from "../../shared/protocol/messages.ts"
+import { LrForStep, PullParams, StepApplied } from "../../shared/protocol/messages.ts"
 import { shardSpecs } from "../../shared/protocol/sharding.ts"
 import { PROTOCOL_VERSION, subjects } from "../../shared/protocol/subjects.ts"
 import { lrAt, resolveSchedule, type ScheduleInput } from "../../shared/schedule/schedules.ts"
@@ -142,9 +142,13 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
     // lock a second caller passed the same check and applied again with nothing pending —
     // a zero-gradient step past the last version (seen over NATS: shard 0 at version 4 of 3).
     const applyLock = Semaphore.makeUnsafe(1)
+    // sync with several shards: shard 0 decides each version's senders, the others follow
+    // (aggregate.ts `follow`), so all shards apply the same batches to the same version
+    const following = shard > 0 && job.topology.psShards > 1
+    if (following) state.follow()
     const tryApply: Effect.Effect<void> = applyLock.withPermit(Effect.suspend(() => {
       if (done || paused || !state.ready()) return Effect.void
-      if (!started) {
+      if (!started && !following) {
         const live = membership.live("worker").map((m) => m.id)
         if (live.length < minWorkers) return Effect.void
         started = true
@@ -155,6 +159,9 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
         const step = yield* Effect.sync(() => state.apply(lr)).pipe(
           Effect.withSpan("ps.aggregate_apply", { attributes: { "flotilla.shard": shard, "flotilla.version": state.version } })
         )
+        for (const p of state.dropped) {
+          yield* reject({ code: "stale", reason: `shard 0 applied version ${step.version} without this gradient (batch ${p.batchId})`, subject: s.psPush(shard), sender: p.sender, step: p.version })
+        }
         done = step.version >= job.train.steps
         hb.setInfo({ shard, version: state.version })
         if (state.consistency.mode === "sync") state.openBarrier(membership.live("worker").map((m) => m.id))
@@ -174,6 +181,15 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
         if (done) yield* Deferred.succeed(finished, undefined)
       })
     }))
+
+    if (following) {
+      yield* bus.subscribe(s.psApplied(0), (m) => {
+        const r = decodeBytes(StepApplied, m.subject, m.data)
+        if (Result.isFailure(r)) return Effect.logWarning(r.failure.message)
+        state.decided(r.success.version, r.success.contributors)
+        return tryApply
+      })
+    }
 
     const onGrads = (bundle: TensorBundle, info: { readonly subject: string; readonly bytes: number }) =>
       Effect.gen(function* () {
@@ -228,13 +244,16 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
     yield* onControl(s, {
       pause: () => Effect.sync(() => setPaused(true)),
       resume: () => Effect.sync(() => setPaused(false)),
-      checkpoint: () => checkpoint,
+      // under the apply lock: an update in flight finishes first, so the checkpoint holds it
+      checkpoint: () => applyLock.withPermit(checkpoint),
       stop: () =>
-        Effect.gen(function* () {
-          setPaused(true)
-          if (!done && !stopped) yield* checkpoint
-          stopped = true
-        }),
+        applyLock.withPermit(
+          Effect.gen(function* () {
+            setPaused(true)
+            if (!done && !stopped) yield* checkpoint
+            stopped = true
+          })
+        ),
       // new hyperparameters, same slots (setHyperparams refuses a change of state layout)
       "set-optimizer": (c) =>
         Effect.gen(function* () {

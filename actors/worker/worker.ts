@@ -12,7 +12,7 @@
  * Needs the Compute service (a TensorFlow.js backend). Run alone:
  * `flotilla launch worker --job FILE --nats URL`.
  */
-import { Deferred, Effect, Result, Schedule, Scope } from "effect"
+import { Deferred, Effect, Fiber, Result, Schedule, Scope } from "effect"
 import { Bus, type BusMessage } from "../../shared/bus/Bus.ts"
 import { onControl } from "../../shared/actor/control-listener.ts"
 import { runHeartbeat } from "../../shared/actor/membership.ts"
@@ -167,12 +167,16 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
       let lastPushAt = performance.now()
       /** leased micro-batches, until train.accumulate of them make one gradient. */
       const held: Batch[] = []
+      const leaseTrain: Effect.Effect<Result.Result<Batch, string>> = lease("train").pipe(
+        Effect.catch((e) => Effect.succeed(Result.fail(e.message)))
+      )
+      let prefetched: Fiber.Fiber<Result.Result<Batch, string>> | undefined
       /** one lease → params → forward/backward → push; one trace per step when tracing is on. */
       const iteration = Effect.gen(function* () {
         const t0 = performance.now()
-        const leased: Result.Result<Batch, string> = yield* lease("train").pipe(
-          Effect.catch((e) => Effect.succeed(Result.fail(e.message)))
-        )
+        // the lease for this step was usually requested while the last one was pushing
+        const leased: Result.Result<Batch, string> = prefetched ? yield* Fiber.join(prefetched) : yield* leaseTrain
+        prefetched = undefined
         if (Result.isFailure(leased)) {
           if (!leased.failure.includes("paused")) yield* Effect.logDebug(`worker ${id}: ${leased.failure}`)
           yield* Effect.sleep(200)
@@ -207,6 +211,8 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
           return "continue" as const
         }
         const tokens = micro.reduce((n, b) => n + b.meta.B * b.meta.T, 0)
+        // ask for the next batch now: its round trip overlaps the push and the wait for params
+        if (job.train.accumulate === 1) prefetched = yield* Effect.forkChild(leaseTrain)
         // Push to every shard and report the push (WorkerStep) as one step that a SIGTERM
         // cannot cut: a clean leave never leaves a gradient on some shards only, and the
         // loader, which keeps a pushed batch when its worker leaves, always hears of it.
