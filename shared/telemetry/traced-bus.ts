@@ -12,7 +12,7 @@
  */
 import { Effect, Layer } from "effect"
 import { Bus, type BusShape } from "../bus/Bus.ts"
-import { tracingEnabled } from "./otel.ts"
+import { resolveTelemetryConfig, tracingEnabled } from "./otel.ts"
 import { traceHeaders, withRemoteParent } from "./propagation.ts"
 
 export const traceBus = (inner: BusShape): BusShape => ({
@@ -42,7 +42,12 @@ export const traceBus = (inner: BusShape): BusShape => ({
 })
 
 export const TracedBus = {
-  /** A Bus that traces, over the Bus `inner` provides. */
+  /**
+   * A Bus that traces, over the Bus `inner` provides. When this process's environment
+   * turns tracing off (no OTLP traces endpoint), it is `inner` itself: off costs nothing.
+   */
   layer: <E, R>(inner: Layer.Layer<Bus, E, R>): Layer.Layer<Bus, E, R> =>
-    Layer.effect(Bus, Effect.map(Effect.service(Bus), traceBus)).pipe(Layer.provide(inner))
+    resolveTelemetryConfig({ role: "bus", instanceId: "bus", job: "bus" }).tracing
+      ? Layer.effect(Bus, Effect.map(Effect.service(Bus), traceBus)).pipe(Layer.provide(inner))
+      : inner
 }
