@@ -103,10 +103,11 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
         if (cur && cur.version >= b.meta.version) return
         // copy: the bundle's arrays may view a buffer the transport reuses
         cache.set(shard, { version: b.meta.version, params: new Map(b.tensors.map((t) => [t.name, Float32Array.from(t.data as Float32Array)])) })
+        // the final version ends training before anyone waiting for params wakes up
+        if (b.meta.version >= job.train.steps && mode === "train") yield* Deferred.succeed(finished, undefined)
         const old = changed
         changed = yield* Deferred.make<void>()
         yield* Deferred.succeed(old, undefined)
-        if (b.meta.version >= job.train.steps && mode === "train") yield* Deferred.succeed(finished, undefined)
       })
     yield* receiveBundles(bus, s.psVersionAll, onParams)
 

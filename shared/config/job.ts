@@ -86,26 +86,27 @@ export const JobConfig = Schema.Struct({
 })
 export type JobConfig = typeof JobConfig.Type
 
-/** The defaults: a small GPT on Moby Dick that trains in a few minutes on 2 cores. */
+/** The defaults: a small GPT on Moby Dick that trains in about two minutes on 2 cores (wasm). */
 export const DEFAULT_JOB: JobConfig = {
   job: "gpt",
   model: { kind: "gpt", vocabSize: 256, contextLength: 64, layers: 2, heads: 4, width: 64 },
   data: { corpus: "moby-dick", valFraction: 0.05, batchSize: 16, seed: 1337, valBatches: 4 },
   train: {
-    steps: 300,
+    steps: 1000,
     accumulate: 1, // micro-batches per pushed gradient
     consistency: { mode: "sync" },
     seed: 1337,
-    evalEvery: 50,
-    checkpointEvery: 100,
+    evalEvery: 100,
+    checkpointEvery: 250,
     checkpointDir: "checkpoints",
     clipNorm: 1,
     leaseTimeoutMs: 30_000,
     heartbeatMs: 500,
-    livenessMs: 3_000
+    // longer than the slowest step: a worker's heartbeats pause while it computes
+    livenessMs: 10_000
   },
   optimizer: { kind: "adamw", weightDecay: 0.01 },
-  schedule: { kind: "cosine", lr: 3e-3, totalSteps: 300, minLr: 3e-4 }, // warmup: steps / 15 unless given
+  schedule: { kind: "cosine", lr: 3e-3, totalSteps: 1000, minLr: 3e-4 }, // warmup: steps / 15 unless given
   topology: { workers: 1, psShards: 1 }
 }
 
