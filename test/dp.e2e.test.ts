@@ -7,10 +7,9 @@
 // Run: npx vitest run test/dp.e2e.test.ts   (~40-60 s on 2 cores, mostly process start-up)
 import { existsSync } from "node:fs"
 import { join } from "node:path"
-import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { describe, expect, it } from "vitest"
 import { lrAt, resolveSchedule, type ScheduleInput } from "../shared/schedule/schedules.ts"
-import { makeCluster, observe, type Cluster, type Observer } from "./support/cluster.ts"
-import { acquireNats, type AcquiredNats } from "./support/nats.ts"
+import { useCluster } from "./support/cluster.ts"
 
 const STEPS = 40
 
@@ -24,23 +23,12 @@ const JOB = {
 }
 
 describe("data-parallel job, every actor its own process", () => {
-  let nats: AcquiredNats
-  let cluster: Cluster
-  let obs: Observer
+  const suite = useCluster()
 
-  beforeAll(async () => {
-    nats = await acquireNats()
-  })
-  afterAll(async () => {
-    await obs?.close()
-    await cluster?.stop()
-    await nats?.stop()
-  })
 
   it("trains a tiny GPT for 40 versions: validation loss falls, every batch applied once", async () => {
-    cluster = makeCluster(nats.url, JOB)
+    const { cluster, obs } = await suite.start(JOB)
     const job = cluster.job
-    obs = await observe(nats.url, job)
     cluster.spawnServices()
     const evaluator = cluster.spawn("evaluator", "evaluator-0")
     // the untrained model's validation loss first: the evaluator needs longer to start than

@@ -14,7 +14,7 @@
 // float32 noise (~1e-9) in both computations to ±lr, so two correct runs differ by up to
 // 2·lr there (measured: 3e-4 relative on c_attn.bias, every other tensor < 2e-6).
 // Run: npx vitest run test/dp.equivalence.test.ts   (~30-60 s on 2 cores)
-import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { describe, expect, it } from "vitest"
 import { makePlanForJob } from "../actors/loader/loader.ts"
 import { parseBatchId, trainBatch } from "../actors/loader/plan.ts"
 import { ShardState } from "../actors/param-server/aggregate.ts"
@@ -23,8 +23,7 @@ import { lossAndGrads } from "../shared/models/model.ts"
 import { makeModel } from "../shared/models/zoo.ts"
 import { resolveOptimizer } from "../shared/optim/optimizers.ts"
 import type { StepApplied } from "../shared/protocol/messages.ts"
-import { makeCluster, observe, type Cluster, type Observer } from "./support/cluster.ts"
-import { acquireNats, type AcquiredNats } from "./support/nats.ts"
+import { useCluster } from "./support/cluster.ts"
 
 const HALF = 2 // sequences per worker; the reference step sees B = 2 × HALF
 const STEPS = 3
@@ -51,23 +50,12 @@ const relErr = (a: Float32Array, b: Float32Array): number => {
 }
 
 describe("sync data parallel over NATS (2 worker processes, 2 PS shards)", () => {
-  let nats: AcquiredNats
-  let cluster: Cluster
-  let obs: Observer
+  const suite = useCluster()
 
-  beforeAll(async () => {
-    nats = await acquireNats()
-  })
-  afterAll(async () => {
-    await obs?.close()
-    await cluster?.stop()
-    await nats?.stop()
-  })
 
   it("equals one in-process step on the concatenated batch, for 3 steps", async () => {
-    cluster = makeCluster(nats.url, JOB)
+    const { cluster, obs } = await suite.start(JOB)
     const job = cluster.job
-    obs = await observe(nats.url, job)
     cluster.spawnServices()
     cluster.spawn("worker", "worker-a")
     cluster.spawn("worker", "worker-b")

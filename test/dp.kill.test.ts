@@ -8,11 +8,10 @@
 // Run: npx vitest run test/dp.kill.test.ts   (~30-50 s on 2 cores)
 import { writeFileSync } from "node:fs"
 import { join } from "node:path"
-import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { describe, expect, it } from "vitest"
 import { makePlanForJob } from "../actors/loader/loader.ts"
 import { batchId } from "../actors/loader/plan.ts"
-import { makeCluster, observe, type Cluster, type LeaseSeen, type Observer } from "./support/cluster.ts"
-import { acquireNats, type AcquiredNats } from "./support/nats.ts"
+import { useCluster, type LeaseSeen } from "./support/cluster.ts"
 
 const STEPS = 35
 
@@ -29,21 +28,11 @@ const corpusText = (): string => {
 }
 
 describe("a worker killed while holding a lease (separate processes over NATS)", () => {
-  let nats: AcquiredNats
-  let cluster: Cluster
-  let obs: Observer
+  const suite = useCluster()
 
-  beforeAll(async () => {
-    nats = await acquireNats()
-  })
-  afterAll(async () => {
-    await obs?.close()
-    await cluster?.stop()
-    await nats?.stop()
-  })
 
   it("re-issues its batch to the other worker; every batch of the epoch is applied exactly once per shard", async () => {
-    cluster = makeCluster(nats.url, (dir) => {
+    const { cluster, obs } = await suite.start((dir) => {
       const corpus = join(dir, "corpus.txt")
       writeFileSync(corpus, corpusText())
       return {
@@ -58,7 +47,6 @@ describe("a worker killed while holding a lease (separate processes over NATS)",
     const job = cluster.job
     const plan = makePlanForJob(job)
     expect(plan.batchesPerEpoch).toBe(25)
-    obs = await observe(nats.url, job)
     const why = () => `\n(at version ${obs.version()})\n${cluster.logs()}`
     cluster.spawnServices()
     cluster.spawn("worker", "worker-a")

@@ -7,10 +7,9 @@
 //          shards drop it from the barrier at once: versions keep advancing without it,
 //          the first one well before livenessMs (10 s here) of silence could have dropped it.
 // Run: npx vitest run test/dp.membership.test.ts   (~40-60 s on 2 cores)
-import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { describe, expect, it } from "vitest"
 import type { StepApplied } from "../shared/protocol/messages.ts"
-import { makeCluster, observe, type Cluster, type Observer } from "./support/cluster.ts"
-import { acquireNats, type AcquiredNats } from "./support/nats.ts"
+import { useCluster } from "./support/cluster.ts"
 
 const LIVENESS_MS = 10_000
 
@@ -28,24 +27,13 @@ const JOB = {
 const has = (a: StepApplied, id: string) => a.contributors.includes(id)
 
 describe("membership over NATS: workers join and leave a running job", () => {
-  let nats: AcquiredNats
-  let cluster: Cluster
-  let obs: Observer
+  const suite = useCluster()
 
-  beforeAll(async () => {
-    nats = await acquireNats()
-  })
-  afterAll(async () => {
-    await obs?.close()
-    await cluster?.stop()
-    await nats?.stop()
-  })
 
   it("a joining worker is used from the next version; a SIGTERMed one is dropped at once", async () => {
     const t0 = Date.now()
     const phase = (what: string) => console.info(`[dp.membership] ${((Date.now() - t0) / 1000).toFixed(1)} s: ${what} (version ${obs.version()})`)
-    cluster = makeCluster(nats.url, JOB)
-    obs = await observe(nats.url, cluster.job)
+    const { cluster, obs } = await suite.start(JOB)
     const why = () => `\n(at version ${obs.version()})\n${cluster.logs()}`
     cluster.spawnServices()
     cluster.spawn("worker", "worker-a")

@@ -9,8 +9,7 @@
 // Run: npx vitest run test/metrics.test.ts   (~20-30 s on 2 cores, mostly process start-up)
 import { createServer, type AddressInfo } from "node:net"
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
-import { makeCluster, observe, waitUntil, type Cluster, type Observer } from "./support/cluster.ts"
-import { acquireNats, type AcquiredNats } from "./support/nats.ts"
+import { useCluster, waitUntil } from "./support/cluster.ts"
 import { startOtlpReceiver, type OtlpReceiver } from "./support/otlp-receiver.ts"
 
 const STEPS = 6
@@ -46,31 +45,24 @@ const freePort = (): Promise<number> =>
   })
 
 describe("training metrics from actor processes", () => {
-  let nats: AcquiredNats
+  const suite = useCluster()
   let rx: OtlpReceiver
-  let cluster: Cluster
-  let obs: Observer
 
   beforeAll(async () => {
-    nats = await acquireNats()
     rx = await startOtlpReceiver()
   })
   afterAll(async () => {
-    await obs?.close()
-    await cluster?.stop()
     await rx?.close()
-    await nats?.stop()
   })
 
   it("exports loss, step times, bytes, staleness, leases and tokens/s over OTLP, and Prometheus text", async () => {
-    cluster = makeCluster(nats.url, JOB, {
+    const { cluster, obs } = await suite.start(JOB, {
       OTEL_EXPORTER_OTLP_ENDPOINT: rx.url,
       OTEL_EXPORTER_OTLP_PROTOCOL: "http/json",
       OTEL_TRACES_EXPORTER: "none",
       OTEL_METRIC_EXPORT_INTERVAL: "300"
     })
     const promPort = await freePort()
-    obs = await observe(nats.url, cluster.job)
     cluster.spawn("loader", "loader-0")
     cluster.spawn("scheduler", "scheduler-0")
     cluster.spawn("param-server", "ps-0", ["--shard", "0", "--no-resume"], {

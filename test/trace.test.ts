@@ -7,8 +7,7 @@
 // pointing at a span of another process.
 // Run: npx vitest run test/trace.test.ts
 import { afterAll, beforeAll, describe, expect, it } from "vitest"
-import { makeCluster, observe, type Cluster, type Observer } from "./support/cluster.ts"
-import { acquireNats, type AcquiredNats } from "./support/nats.ts"
+import { useCluster } from "./support/cluster.ts"
 import { startOtlpReceiver, type OtlpReceiver, type ReceivedSpan } from "./support/otlp-receiver.ts"
 
 const JOB = {
@@ -20,31 +19,24 @@ const JOB = {
 }
 
 describe("tracing across actor processes", () => {
-  let nats: AcquiredNats
+  const suite = useCluster()
   let rx: OtlpReceiver
-  let cluster: Cluster
-  let obs: Observer
 
   beforeAll(async () => {
-    nats = await acquireNats()
     rx = await startOtlpReceiver()
   })
   afterAll(async () => {
-    await obs?.close()
-    await cluster?.stop()
     await rx?.close()
-    await nats?.stop()
   })
 
   it("puts one step's lease, compute, gradient chunks, aggregation and LR in one trace", async () => {
-    cluster = makeCluster(nats.url, JOB, {
+    const { cluster, obs } = await suite.start(JOB, {
       OTEL_EXPORTER_OTLP_ENDPOINT: rx.url,
       OTEL_EXPORTER_OTLP_PROTOCOL: "http/json",
       OTEL_TRACES_SAMPLER: "always_on",
       OTEL_METRICS_EXPORTER: "none",
       OTEL_BSP_SCHEDULE_DELAY: "200"
     })
-    obs = await observe(nats.url, cluster.job)
     cluster.spawnServices()
     cluster.spawn("worker", "worker-0")
     cluster.spawn("worker", "worker-1")

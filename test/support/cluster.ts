@@ -32,6 +32,8 @@ import {
 } from "../../shared/protocol/messages.ts"
 import { PROTOCOL_VERSION, subjects } from "../../shared/protocol/subjects.ts"
 import { requestBundle } from "../../shared/wire/transport.ts"
+import { afterAll, beforeAll } from "vitest"
+import { acquireNats, type AcquiredNats } from "./nats.ts"
 
 const BIN = resolve(dirname(fileURLToPath(import.meta.url)), "..", "..", "bin", "flotilla.ts")
 
@@ -347,5 +349,34 @@ export const observe = async (url: string, job: JobConfig): Promise<Observer> =>
         })
       ),
     close: () => Effect.runPromise(Scope.close(scope, Exit.void))
+  }
+}
+
+// ---------------------------------------------------------------- a suite's set-up
+
+/**
+ * The set-up every cross-process test file shares: a real NATS server for the file
+ * (acquired before its tests, stopped after), and `start(patch, env?)`, which makes the
+ * cluster and its observer; both are stopped after the file too.
+ */
+export const useCluster = () => {
+  let nats: AcquiredNats | undefined
+  let cluster: Cluster | undefined
+  let obs: Observer | undefined
+  beforeAll(async () => {
+    nats = await acquireNats()
+  })
+  afterAll(async () => {
+    await obs?.close()
+    await cluster?.stop()
+    await nats?.stop()
+  })
+  return {
+    url: () => nats!.url,
+    start: async (patch: Parameters<typeof makeCluster>[1], env: NodeJS.ProcessEnv = {}) => {
+      cluster = makeCluster(nats!.url, patch, env)
+      obs = await observe(nats!.url, cluster.job)
+      return { cluster, obs }
+    }
   }
 }
