@@ -25,9 +25,9 @@ import {
   startTelemetry,
   Telemetry,
   type TelemetryHandle,
-  tracingEnabled,
-  withOtelParent
+  tracingEnabled
 } from "../shared/telemetry/otel.ts"
+import { withOtelParent } from "../shared/telemetry/effect-tracer.ts"
 import {
   extractSpanContext,
   formatTraceparent,

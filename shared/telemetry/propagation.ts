@@ -13,7 +13,8 @@ import * as api from "@opentelemetry/api"
 import * as Effect from "effect/Effect"
 import * as Option from "effect/Option"
 import * as Tracer from "effect/Tracer"
-import { externalSpanFromContext, spanContextOf, tracingEnabled } from "./otel.ts"
+import { externalSpanFromContext, spanContextOf } from "./effect-tracer.ts"
+import { tracingEnabled } from "./otel.ts"
 
 /** NATS headers as this project passes them around. */
 export type Headers = Readonly<Record<string, string>>
