@@ -197,6 +197,13 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
         const versions = new Map([...cache].map(([k, c]) => [k, c.version]))
         const v = Math.min(...versions.values())
         const params = fullParams()
+        // ask for the next batch before computing: the request leaves now (the short sleep
+        // lets the socket write happen before TensorFlow.js holds the thread), the loader
+        // answers while we compute, and the next step finds its batch waiting
+        if (job.train.accumulate === 1) {
+          prefetched = yield* Effect.forkChild(leaseTrain, { startImmediately: true })
+          yield* Effect.sleep(1)
+        }
         const { batchId, samples, loss, grads } = yield* Effect.sync(() =>
           accumulateGrads(
             micro.map((b) => ({ batchId: b.meta.batchId, samples: b.meta.B, ...lossAndGrads(model, params, { tokens: b.tokens, batchSize: b.meta.B, seqLen: b.meta.T }) }))
@@ -212,8 +219,6 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
           return "continue" as const
         }
         const tokens = micro.reduce((n, b) => n + b.meta.B * b.meta.T, 0)
-        // ask for the next batch now: its round trip overlaps the push and the wait for params
-        if (job.train.accumulate === 1) prefetched = yield* Effect.forkChild(leaseTrain)
         // Push to every shard and report the push (WorkerStep) as one step that a SIGTERM
         // cannot cut: a clean leave never leaves a gradient on some shards only, and the
         // loader, which keeps a pushed batch when its worker leaves, always hears of it.
