@@ -8,9 +8,9 @@
 // with its flotilla metrics.
 // Run: npx vitest run test/metrics.test.ts   (~20-30 s on 2 cores, mostly process start-up)
 import { createServer, type AddressInfo } from "node:net"
-import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { describe, expect, it } from "vitest"
 import { useCluster, waitUntil } from "./support/cluster.ts"
-import { startOtlpReceiver, type OtlpReceiver } from "./support/otlp-receiver.ts"
+import { useOtlpReceiver } from "./support/otlp-receiver.ts"
 
 const STEPS = 6
 
@@ -46,16 +46,10 @@ const freePort = (): Promise<number> =>
 
 describe("training metrics from actor processes", () => {
   const suite = useCluster()
-  let rx: OtlpReceiver
-
-  beforeAll(async () => {
-    rx = await startOtlpReceiver()
-  })
-  afterAll(async () => {
-    await rx?.close()
-  })
+  const receiver = useOtlpReceiver()
 
   it("exports loss, step times, bytes, staleness, leases and tokens/s over OTLP, and Prometheus text", async () => {
+    const rx = receiver.current()
     const { cluster, obs } = await suite.start(JOB, {
       OTEL_EXPORTER_OTLP_ENDPOINT: rx.url,
       OTEL_EXPORTER_OTLP_PROTOCOL: "http/json",

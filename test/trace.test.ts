@@ -6,9 +6,9 @@
 // every span's parent is in the same trace (no dangling links), with remote parents
 // pointing at a span of another process.
 // Run: npx vitest run test/trace.test.ts
-import { afterAll, beforeAll, describe, expect, it } from "vitest"
+import { describe, expect, it } from "vitest"
 import { useCluster } from "./support/cluster.ts"
-import { startOtlpReceiver, type OtlpReceiver, type ReceivedSpan } from "./support/otlp-receiver.ts"
+import { useOtlpReceiver, type ReceivedSpan } from "./support/otlp-receiver.ts"
 
 const JOB = {
   job: "trace",
@@ -20,16 +20,10 @@ const JOB = {
 
 describe("tracing across actor processes", () => {
   const suite = useCluster()
-  let rx: OtlpReceiver
-
-  beforeAll(async () => {
-    rx = await startOtlpReceiver()
-  })
-  afterAll(async () => {
-    await rx?.close()
-  })
+  const receiver = useOtlpReceiver()
 
   it("puts one step's lease, compute, gradient chunks, aggregation and LR in one trace", async () => {
+    const rx = receiver.current()
     const { cluster, obs } = await suite.start(JOB, {
       OTEL_EXPORTER_OTLP_ENDPOINT: rx.url,
       OTEL_EXPORTER_OTLP_PROTOCOL: "http/json",

@@ -221,12 +221,6 @@ export class LeaseTable {
     return out
   }
 
-  /** Extend a lease (the worker pushed; the batch awaits aggregation). */
-  touch(id: string, now: number): void {
-    const l = this.leases.get(id)
-    if (l) this.leases.set(id, { ...l, deadline: now + this.leaseMs })
-  }
-
   /** The worker pushed the gradient of `id`: extend the lease and keep it if the worker leaves. */
   pushed(id: string, worker: string, now: number): void {
     const l = this.leases.get(id)

@@ -202,11 +202,6 @@ export class ShardState {
     for (const v of this.decisions.keys()) if (v <= this.version) this.decisions.delete(v)
   }
 
-  /** Senders the follower still waits for (for logs and status). */
-  waitingForDecision = (): string[] | undefined => {
-    const d = this.decisions.get(this.version + 1)
-    return d?.filter((s) => !this.pending.has(s))
-  }
 
   /**
    * Aggregate the held gradients (sample-weighted mean, summed in sender order), clip,

@@ -101,8 +101,8 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
         if (b.meta.kind !== "params" || !(shard >= 0 && shard < shards)) return
         const cur = cache.get(shard)
         if (cur && cur.version >= b.meta.version) return
-        // copy: the bundle's arrays may view a buffer the transport reuses
-        cache.set(shard, { version: b.meta.version, params: new Map(b.tensors.map((t) => [t.name, Float32Array.from(t.data as Float32Array)])) })
+        // receiveBundles owns a fresh buffer per bundle (no `borrow`), so its views are ours to keep
+        cache.set(shard, { version: b.meta.version, params: new Map(b.tensors.map((t) => [t.name, t.data as Float32Array])) })
         // the final version ends training before anyone waiting for params wakes up
         if (b.meta.version >= job.train.steps && mode === "train") yield* Deferred.succeed(finished, undefined)
         const old = changed

@@ -15,8 +15,6 @@ export class CorpusError extends Error {
   readonly _tag = "CorpusError"
 }
 
-export const BYTE_VOCAB = 256
-
 const bundled: Record<string, () => string> = {
   "moby-dick": () => {
     const require = createRequire(import.meta.url)

@@ -161,8 +161,6 @@ export const ValidationLoss = Schema.Struct({
 })
 export type ValidationLoss = typeof ValidationLoss.Type
 
-export const Metric = Schema.Union([WorkerStep, ValidationLoss, LrForStep])
-export type Metric = typeof Metric.Type
 
 // ---------------------------------------------------------------- errors
 

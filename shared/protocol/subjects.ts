@@ -60,8 +60,6 @@ export const subjects = (job: string) => {
     controlApplied: `${p}.events.control`,
     /** the control history (JetStream stream FLOTILLA_<job>_CONTROL when on NATS). */
     history: `${p}.history`,
-    /** broadcast: other job-level events (reserved). */
-    events: (kind: string) => `${p}.events.${assertToken("event kind", kind)}`,
     hb: (role: Role, id: string) => `${p}.hb.${role}.${assertToken("actor id", id)}`,
     hbAll: `${p}.hb.>`,
     errors: `${p}.errors`

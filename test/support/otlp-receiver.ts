@@ -13,6 +13,7 @@
 import * as http from "node:http"
 import type { AddressInfo } from "node:net"
 import * as zlib from "node:zlib"
+import { afterAll, beforeAll } from "vitest"
 
 export interface ReceivedSpan {
   readonly traceId: string
@@ -300,4 +301,16 @@ export const startOtlpReceiver = async (): Promise<OtlpReceiver> => {
         server.close(() => resolve())
       })
   }
+}
+
+/** A receiver for a test file: started before its tests, closed after. */
+export const useOtlpReceiver = (): { readonly current: () => OtlpReceiver } => {
+  let rx: OtlpReceiver | undefined
+  beforeAll(async () => {
+    rx = await startOtlpReceiver()
+  })
+  afterAll(async () => {
+    await rx?.close()
+  })
+  return { current: () => rx! }
 }
