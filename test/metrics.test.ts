@@ -64,6 +64,8 @@ describe("training metrics from actor processes", () => {
       FLOTILLA_PROMETHEUS_HOST: "127.0.0.1"
     })
     cluster.spawn("evaluator", "evaluator-0")
+    // the evaluator reports on version 0 before the (tiny, quick) job can run past it
+    await obs.until(() => obs.validation.some((v) => v.version === 0), 60_000, () => `the evaluator's report on version 0\n${cluster.logs()}`)
     const worker = cluster.spawn("worker", "worker-0")
     await obs.until(() => obs.version() >= STEPS, 60_000, () => `version ${STEPS}\n${cluster.logs()}`)
 
