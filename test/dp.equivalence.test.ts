@@ -103,10 +103,9 @@ describe("sync data parallel over NATS (2 worker processes, 2 PS shards)", () =>
       }
       const { loss, grads } = lossAndGrads(model, ref.params, { tokens, batchSize: 2 * HALF, seqLen: plan.T })
       expect(Math.abs(loss - a.loss) / loss, `version ${a.version}: full-batch loss ${loss} vs sample-weighted mean ${a.loss}`).toBeLessThan(1e-5)
-      ref.openBarrier(["reference"])
-      const ok = ref.admit({ sender: "reference", version: ref.version, batchId: `ref-${a.version}`, samples: 2 * HALF, tokens: 2 * HALF * plan.T, loss, grads })
+      const ok = ref.admit({ sender: "reference", version: ref.version, batchId: `e99-b${a.version}`, samples: 2 * HALF, tokens: 2 * HALF * plan.T, loss, grads })
       expect(ok.ok).toBe(true)
-      ref.apply(a.lr)
+      ref.apply(a.lr, ref.choose(["reference"]))
     }
 
     const dp = new Map([...pulled[0].params, ...pulled[1].params])

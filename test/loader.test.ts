@@ -1,11 +1,11 @@
-// Checks: the loader's pure core — corpora (bundled, file, folder; empty, binary,
-// unreadable, too small get a clear error), deterministic batches, and the lease table
-// (expiry, a worker leaving, give-up after max attempts, done only when every shard applied).
+// Checks: the loader's batch plan — corpora (bundled, file, folder; empty, binary,
+// unreadable, too small get a clear error) and deterministic batches. The lease table is
+// test/loader.core.test.ts; the actor over NATS is test/loader.nats.test.ts.
 import { mkdirSync, mkdtempSync, writeFileSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
 import { describe, expect, it } from "vitest"
-import { LeaseTable, makeLmPlan, trainBatch, valBatch } from "../actors/loader/plan.ts"
+import { makeLmPlan, trainBatch, valBatch } from "../actors/loader/plan.ts"
 import { CorpusError, decodeTokens, loadCorpus } from "../shared/data/corpus.ts"
 
 const dir = mkdtempSync(join(tmpdir(), "flotilla-corpus-"))
@@ -66,30 +66,5 @@ describe("batch plan", () => {
     }
     expect(starts.size).toBe(plan.batchesPerEpoch * 4)
     expect(valBatch(plan, 1).length).toBe(4 * 17)
-  })
-})
-
-describe("lease table", () => {
-  it("re-issues expired and orphaned leases, and is done only when every shard applied", () => {
-    const t = new LeaseTable([0, 1, 2], { leaseMs: 100, maxAttempts: 2 })
-    const a = t.lease("w0", 0)
-    const b = t.lease("w1", 0)
-    expect([a.id, b.id]).toEqual(["e0-b0", "e0-b1"])
-    expect(t.expire(50)).toEqual([])
-    expect(t.expire(100).map((l) => l.id)).toEqual(["e0-b0", "e0-b1"])
-    // released batches come back first, with the attempt counted
-    const again = t.lease("w2", 200)
-    expect([again.id, again.attempt]).toEqual(["e0-b0", 2])
-    expect(t.dropWorker("w2").map((l) => l.id)).toEqual(["e0-b0"])
-    expect(t.givenUp).toEqual(["e0-b0"]) // max attempts reached: given up, not retried forever
-    const c = t.lease("w0", 300)
-    expect(c.id).toBe("e0-b1")
-    expect(t.applied(c.id, 0, 2)).toBe(false)
-    expect(t.applied(c.id, 1, 2)).toBe(true)
-    expect(t.applied(c.id, 1, 2)).toBe(false) // a duplicate report changes nothing
-    expect(t.doneCount).toBe(1)
-    // the next epoch follows without a gap
-    expect(t.lease("w0", 300).id).toBe("e0-b2")
-    expect(t.lease("w0", 300).id).toBe("e1-b0")
   })
 })

@@ -1,35 +1,37 @@
 /**
- * Implements: the data shard loader actor.
+ * Implements: the data shard loader actor — the thin effectful shell around core.ts.
  *
- * Owns: the corpus, its batch plan (actors/loader/plan.ts) and the lease table of its
- * shard of batch indices. Serves `LeaseBatch` requests in the `loader` queue group:
- * the reply's payload is the batch tokens (int32 LE, B × (T + 1)) with a
- * `Flotilla-Batch` header (BatchLeased JSON). A batch is done when every
- * parameter-server shard has applied it (`ps.*.applied`); a lease that expires, a
- * worker that leaves or dies before pushing it (`metrics.worker` WorkerStep says it
- * pushed), or a `BatchFailed` puts it back in the queue.
- * Does not own: model, params, LR. Run alone: `flotilla launch loader --job NAME`.
+ * One mailbox: subscriptions (`data.lease` in the `loader` queue group, `data.ack`,
+ * `ps.*.applied`, `ps.*.ack.*`, PS heartbeats), membership (a worker left), control
+ * (pause/resume/stop) and a timer (`Tick`) only enqueue events; one fiber takes them off
+ * the queue, runs the pure reducer `step` and performs the effects it returns (reply with
+ * a batch or NoBatch, reject, ask a PS shard for its applied log, log, heartbeat status).
+ * A log request runs in its own fiber and enqueues its answer, so the mailbox never waits
+ * on the network. A lease reply's payload is the batch tokens (actors/loader/protocol.ts).
+ * Owns: the corpus and its batch plan (plan.ts). Does not own: the lease rules (core.ts),
+ * model, params, LR. Run alone: `flotilla launch loader --job NAME`.
  */
-import { Effect, Result, Schedule, Scope } from "effect"
+import { Data, Effect, Queue, Ref, Result, Schedule, Scope } from "effect"
 import { Bus, type BusMessage } from "../../shared/bus/Bus.ts"
 import { onControl } from "../../shared/actor/control-listener.ts"
-import { trackMembership, runHeartbeat } from "../../shared/actor/membership.ts"
+import { runHeartbeat, trackMembership } from "../../shared/actor/membership.ts"
 import { makeReporter } from "../../shared/actor/report.ts"
 import type { JobConfig } from "../../shared/config/job.ts"
 import { loadCorpus } from "../../shared/data/corpus.ts"
 import { decodeBytes, encodeMessage } from "../../shared/protocol/decode.ts"
 import {
+  AppliedLog as AppliedLogReply,
   BatchFailed,
-  HEADER_BATCH,
+  Heartbeat,
   LeaseBatch,
-  StepApplied,
-  WorkerStep,
-  type BatchLeased,
-  type NoBatch
+  PushAck,
+  StepApplied
 } from "../../shared/protocol/messages.ts"
-import { PROTOCOL_VERSION, queues, subjects } from "../../shared/protocol/subjects.ts"
+import { queues, subjects } from "../../shared/protocol/subjects.ts"
 import { currentMetrics } from "../../shared/telemetry/metrics.ts"
-import { LeaseTable, makeLmPlan, trainBatch, valBatch, type LmPlan } from "./plan.ts"
+import { start, statusOf, step, type LoaderConfig, type LoaderEffect, type LoaderEvent, type LoaderStatus } from "./core.ts"
+import { makeLmPlan, trainBatch, valBatch, type LmPlan } from "./plan.ts"
+import { encodeBatch, getAppliedLog, noBatch } from "./protocol.ts"
 
 export interface LoaderOptions {
   readonly job: JobConfig
@@ -38,22 +40,29 @@ export interface LoaderOptions {
   readonly shard?: number
   readonly shards?: number
   readonly maxAttempts?: number
+  /** the Tick period: lease expiry, log retries, heartbeat status. Default 250 ms. */
+  readonly tickMs?: number
+  /** ask a PS shard that has not answered its applied log again after this. Default 500 ms. */
+  readonly logRetryMs?: number
+  /** one applied-log request's timeout. Default 2 s. */
+  readonly logTimeoutMs?: number
+  /** re-fetch every shard's applied log this often while serving; 0 = never. Default 10 s. */
+  readonly refreshMs?: number
 }
 
 export interface LoaderHandle {
   readonly plan: LmPlan
-  readonly table: LeaseTable
+  /** the table as of the last event the mailbox handled. */
+  status(): LoaderStatus
+  /** pause (leases answer NoBatch "paused") or resume; goes through the mailbox. */
   setPaused(paused: boolean): void
 }
 
-const int32Bytes = (a: Int32Array): Uint8Array => {
-  // the wire is little-endian; so is every platform Node runs on, but say it once
-  const out = new Uint8Array(a.buffer, a.byteOffset, a.byteLength)
-  return out
-}
+/** The job cannot be served by a loader (not a language model, an empty loader shard). */
+export class LoaderConfigError extends Data.TaggedError("LoaderConfigError")<{ readonly message: string }> {}
 
 export const makePlanForJob = (job: JobConfig): LmPlan => {
-  if (job.model.kind !== "gpt") throw new Error(`the loader serves language-model batches; model.kind is ${job.model.kind}`)
+  if (job.model.kind !== "gpt") throw new LoaderConfigError({ message: `the loader serves language-model batches; model.kind is ${job.model.kind}` })
   const corpus = loadCorpus(job.data.corpus)
   return makeLmPlan(corpus.bytes, {
     T: job.model.contextLength,
@@ -64,127 +73,175 @@ export const makePlanForJob = (job: JobConfig): LmPlan => {
   })
 }
 
+const PS_HEARTBEAT = ".hb.ps."
+
 export const runLoader = (o: LoaderOptions): Effect.Effect<LoaderHandle, Error, Bus | Scope.Scope> =>
   Effect.gen(function* () {
     const bus = yield* Bus
+    const scope = yield* Effect.scope
     const { job, id } = o
     const s = subjects(job.job)
-    const plan = yield* Effect.try({ try: () => makePlanForJob(job), catch: (e) => e as Error })
+    const plan = yield* Effect.try({
+      try: () => makePlanForJob(job),
+      catch: (e) => (e instanceof Error ? e : new LoaderConfigError({ message: String(e) }))
+    })
     const shard = o.shard ?? 0
     const shards = o.shards ?? 1
     const indices = Array.from({ length: plan.batchesPerEpoch }, (_, i) => i).filter((i) => i % shards === shard)
-    const table = new LeaseTable(indices, { leaseMs: job.train.leaseTimeoutMs, maxAttempts: o.maxAttempts ?? 5 })
-    const psShards = job.topology.psShards
-    let paused = false
+    if (!(job.topology.psShards >= 1)) return yield* new LoaderConfigError({ message: `topology.psShards must be at least 1, got ${job.topology.psShards}` })
+    if (indices.length === 0) {
+      return yield* new LoaderConfigError({ message: `loader shard ${shard} of ${shards} has no batches (an epoch has ${plan.batchesPerEpoch})` })
+    }
+    const cfg: LoaderConfig = {
+      id,
+      indices,
+      epochBatches: plan.batchesPerEpoch,
+      psShards: job.topology.psShards,
+      B: plan.B,
+      T: plan.T,
+      valBatches: job.data.valBatches,
+      leaseMs: job.train.leaseTimeoutMs,
+      maxAttempts: o.maxAttempts ?? 5,
+      logRetryMs: o.logRetryMs ?? 500,
+      refreshMs: o.refreshMs ?? 10_000,
+      leaseSubject: s.dataLease
+    }
+    const logTimeoutMs = o.logTimeoutMs ?? 2_000
     const reject = makeReporter(bus, s, id)
     const metrics = yield* currentMetrics
+    const mailbox = yield* Queue.unbounded<LoaderEvent>()
+    const offer = (e: LoaderEvent) => Queue.offer(mailbox, e).pipe(Effect.asVoid)
 
     yield* Effect.logInfo(
       `loader ${id}: corpus ${job.data.corpus}, ${plan.train.length} train / ${plan.val.length} val bytes, ` +
         `${plan.batchesPerEpoch} batches of ${plan.B}×${plan.T + 1} per epoch (serving ${indices.length})`
     )
-
-    const giveBack = (ids: ReadonlyArray<{ id: string; worker: string }>, why: string) =>
-      Effect.forEach(
-        ids,
-        (l) =>
-          table.givenUp.includes(l.id)
-            ? reject({ code: "internal", reason: `batch ${l.id} given up after repeated failures (${why})`, subject: s.dataLease, sender: l.worker })
-            : Effect.logInfo(`re-issuing ${l.id} (was leased to ${l.worker}): ${why}`),
-        { discard: true }
-      )
-
-    const serveLease = (m: BusMessage) =>
-      Effect.gen(function* () {
-        const req = decodeBytes(LeaseBatch, m.subject, m.data)
-        if (Result.isFailure(req)) {
-          yield* reject({ code: "bad-message", reason: req.failure.reason, subject: m.subject }, m)
-          return
-        }
-        const r = req.success
-        if (r.split === "val") {
-          if (r.index === undefined || r.index >= job.data.valBatches) {
-            yield* reject({ code: "invalid-value", reason: `val batch index must be in [0, ${job.data.valBatches})`, subject: m.subject, sender: r.worker }, m)
-            return
-          }
-          const tokens = valBatch(plan, r.index)
-          const meta: BatchLeased = { _tag: "BatchLeased", v: PROTOCOL_VERSION, batchId: `val-${r.index}`, epoch: 0, index: r.index, split: "val", B: plan.B, T: plan.T, attempt: 1, leaseMs: 0 }
-          yield* bus.respond(m, int32Bytes(tokens), { [HEADER_BATCH]: JSON.stringify(meta) })
-          return
-        }
-        if (paused) {
-          const nb: NoBatch = { _tag: "NoBatch", v: PROTOCOL_VERSION, reason: "paused", retryAfterMs: 200 }
-          yield* bus.respond(m, encodeMessage(nb))
-          return
-        }
-        const l = table.lease(r.worker, Date.now())
-        const meta: BatchLeased = { _tag: "BatchLeased", v: PROTOCOL_VERSION, batchId: l.id, epoch: l.epoch, index: l.index, split: "train", B: plan.B, T: plan.T, attempt: l.attempt, leaseMs: table.leaseMs }
-        yield* bus.respond(m, int32Bytes(trainBatch(plan, l.epoch, l.index)), { [HEADER_BATCH]: JSON.stringify(meta) })
-      })
-
-    yield* bus.subscribe(s.dataLease, serveLease, { queue: queues.loader })
-
-    yield* bus.subscribe(s.dataAck, (m) =>
-      Effect.gen(function* () {
-        const f = decodeBytes(BatchFailed, m.subject, m.data)
-        if (Result.isFailure(f)) {
-          yield* reject({ code: "bad-message", reason: f.failure.reason, subject: m.subject }, m)
-          return
-        }
-        const l = table.release(f.success.batchId)
-        if (l) yield* giveBack([l], `worker ${f.success.worker}: ${f.success.reason}`)
-      })
-    )
-
-    yield* bus.subscribe(s.psAppliedAll, (m) =>
-      Effect.gen(function* () {
-        const a = decodeBytes(StepApplied, m.subject, m.data)
-        if (Result.isFailure(a)) return yield* Effect.logWarning(a.failure.message)
-        for (const b of a.success.batchIds) table.applied(b, a.success.shard, psShards)
-      })
-    )
-
-    // a worker reports each push (WorkerStep): its batch now waits on the parameter
-    // servers, so it is not re-issued if the worker leaves (plan.ts LeaseTable.pushed)
-    yield* bus.subscribe(s.metrics("worker"), (m) => {
-      const w = decodeBytes(WorkerStep, m.subject, m.data)
-      // an accumulated gradient names its micro-batches: `e0-b1+e0-b7`
-      if (Result.isSuccess(w)) for (const b of w.success.batchId.split("+")) table.pushed(b, w.success.worker, Date.now())
-      return Effect.void
-    })
-
-    yield* trackMembership(s, job.train.livenessMs, (e) =>
-      e.kind === "left" && e.member.role === "worker"
-        ? giveBack(table.dropWorker(e.member.id), `worker ${e.member.id} ${e.why}`)
-        : Effect.void
-    )
-
-    yield* Effect.forkScoped(
-      Effect.suspend(() => giveBack(table.expire(Date.now()), "lease expired")).pipe(Effect.repeat(Schedule.spaced(250)))
-    )
-
     const hb = yield* runHeartbeat(s, "loader", id, job.train.heartbeatMs)
-    yield* Effect.forkScoped(
-      Effect.sync(() => {
-        hb.setInfo({ epoch: table.epoch, done: table.doneCount, leased: table.outstanding })
-        metrics.setLeasesOutstanding(table.outstanding)
-      }).pipe(
-        Effect.repeat(Schedule.spaced(job.train.heartbeatMs))
+
+    // ---- the effects the reducer asks for
+    const requestLog = (k: number, seq: number) =>
+      bus.request(s.psLog(k), encodeMessage(getAppliedLog(id)), { timeoutMs: logTimeoutMs }).pipe(
+        Effect.map((m): LoaderEvent => {
+          const r = decodeBytes(AppliedLogReply, m.subject, m.data)
+          return Result.isSuccess(r)
+            ? { _tag: "AppliedLogReceived", shard: k, seq, reply: r.success, now: Date.now() }
+            : { _tag: "AppliedLogFailed", shard: k, seq, reason: r.failure.message }
+        }),
+        Effect.catch((e) => Effect.succeed<LoaderEvent>({ _tag: "AppliedLogFailed", shard: k, seq, reason: `${e._tag}: ${e.message}` })),
+        Effect.flatMap(offer)
       )
-    )
-    const setPaused = (p: boolean) => {
-      paused = p
-      hb.setState(p ? "paused" : "running")
+
+    const replyBatch = (to: BusMessage, meta: Extract<LoaderEffect, { _tag: "ReplyBatch" }>["meta"]) =>
+      Effect.try({
+        try: () => (meta.split === "val" ? valBatch(plan, meta.index) : trainBatch(plan, meta.epoch, meta.index)),
+        catch: (e) => new LoaderConfigError({ message: `cannot cut ${meta.batchId}: ${e instanceof Error ? e.message : String(e)}` })
+      }).pipe(
+        Effect.flatMap((tokens) => {
+          const { data, headers } = encodeBatch(meta, tokens)
+          return bus.respond(to, data, headers)
+        }),
+        Effect.catch((e) =>
+          e._tag === "LoaderConfigError"
+            ? reject({ code: "internal", reason: e.message, subject: s.dataLease }, to).pipe(Effect.asVoid)
+            : Effect.logWarning(`loader ${id}: reply with ${meta.batchId} not sent: ${e.message}`)
+        )
+      )
+
+    const perform = (fx: LoaderEffect): Effect.Effect<void> => {
+      switch (fx._tag) {
+        case "ReplyBatch":
+          return replyBatch(fx.to, fx.meta)
+        case "ReplyNoBatch":
+          return bus.respond(fx.to, encodeMessage(noBatch(fx.reason, fx.retryAfterMs))).pipe(Effect.ignore)
+        case "Reject":
+          return reject(fx.rejection, fx.to).pipe(Effect.asVoid)
+        case "RequestLog":
+          return Effect.forkIn(requestLog(fx.shard, fx.seq), scope).pipe(Effect.asVoid)
+        case "Log":
+          return fx.level === "info" ? Effect.logInfo(fx.message) : fx.level === "warning" ? Effect.logWarning(fx.message) : Effect.logDebug(fx.message)
+        case "Status":
+          return Effect.sync(() => {
+            const st = fx.status
+            hb.setInfo({ epoch: st.epoch, done: st.done, leased: st.leased, gen: st.gen, table: st.rebuilding ? "rebuilding" : "serving" })
+            hb.setState(st.paused ? "paused" : "running")
+            metrics.setLeasesOutstanding(st.leased)
+          })
+      }
     }
+
+    // ---- the one fiber that owns the state
+    const [first, firstEffects] = start(cfg, Date.now())
+    const snapshot = yield* Ref.make(first)
+    yield* Effect.forkScoped(
+      Effect.gen(function* () {
+        yield* Effect.forEach(firstEffects, perform, { discard: true })
+        let st = first // owned by this fiber alone; others read `snapshot`
+        while (true) {
+          const e = yield* Queue.take(mailbox)
+          const r = Result.try(() => step(st, e))
+          if (Result.isFailure(r)) {
+            yield* Effect.logError(`loader ${id}: event ${e._tag} failed in the reducer; state kept`, r.failure)
+            continue
+          }
+          st = r.success[0]
+          yield* Ref.set(snapshot, st)
+          yield* Effect.forEach(r.success[1], perform, { discard: true })
+        }
+      })
+    )
+
+    // ---- everything else only enqueues
+    yield* bus.subscribe(
+      s.dataLease,
+      (m) => {
+        const r = decodeBytes(LeaseBatch, m.subject, m.data)
+        return offer(
+          Result.isSuccess(r)
+            ? { _tag: "LeaseRequested", request: r.success, replyTo: m, now: Date.now() }
+            : { _tag: "BadMessageReceived", subject: m.subject, reason: r.failure.reason, replyTo: m }
+        )
+      },
+      { queue: queues.loader }
+    )
+    yield* bus.subscribe(s.dataAck, (m) => {
+      const r = decodeBytes(BatchFailed, m.subject, m.data)
+      return offer(Result.isSuccess(r) ? { _tag: "BatchFailedReceived", failed: r.success } : { _tag: "BadMessageReceived", subject: m.subject, reason: r.failure.reason })
+    })
+    yield* bus.subscribe(s.psAppliedAll, (m) => {
+      const r = decodeBytes(StepApplied, m.subject, m.data)
+      return Result.isSuccess(r) ? offer({ _tag: "StepAppliedReceived", applied: r.success, now: Date.now() }) : Effect.logWarning(r.failure.message)
+    })
+    // a refused push gets a Rejected on the same subject: not the loader's business
+    yield* bus.subscribe(s.psAckAll, (m) => {
+      const r = decodeBytes(PushAck, m.subject, m.data)
+      return Result.isSuccess(r) ? offer({ _tag: "PushAckReceived", ack: r.success, now: Date.now() }) : Effect.void
+    })
+    // a PS heartbeat names its incarnation: a restarted shard is seen even when it applies nothing
+    yield* bus.subscribe(s.hbAll, (m) => {
+      if (!m.subject.startsWith(s.prefix + PS_HEARTBEAT)) return Effect.void
+      const r = decodeBytes(Heartbeat, m.subject, m.data)
+      if (Result.isFailure(r) || r.success.state === "leaving") return Effect.void
+      const k = Number(r.success.info?.["shard"])
+      const incarnation = Number(r.success.info?.["incarnation"])
+      return Number.isInteger(k) && k >= 0 && Number.isFinite(incarnation) && incarnation > 0
+        ? offer({ _tag: "ServerSeen", shard: k, incarnation, now: Date.now() })
+        : Effect.void
+    })
+    yield* trackMembership(s, job.train.livenessMs, (e) =>
+      e.kind === "left" ? offer({ _tag: "MemberLeft", role: e.member.role, id: e.member.id, why: e.why }) : Effect.void
+    )
     // pause: leases answer NoBatch "paused"; stop: no more leases (the process then exits)
     yield* onControl(s, {
-      pause: () => Effect.sync(() => setPaused(true)),
-      resume: () => Effect.sync(() => setPaused(false)),
-      stop: () => Effect.sync(() => setPaused(true))
+      pause: () => offer({ _tag: "ControlApplied", verb: "pause" }),
+      resume: () => offer({ _tag: "ControlApplied", verb: "resume" }),
+      stop: () => offer({ _tag: "ControlApplied", verb: "stop" })
     })
+    const tickMs = o.tickMs ?? 250
+    yield* Effect.forkScoped(Effect.suspend(() => offer({ _tag: "Tick", now: Date.now() })).pipe(Effect.repeat(Schedule.spaced(tickMs))))
+
     return {
       plan,
-      table,
-      setPaused
+      status: () => statusOf(Ref.getUnsafe(snapshot)),
+      setPaused: (p: boolean) => void Queue.offerUnsafe(mailbox, { _tag: "ControlApplied", verb: p ? "pause" : "resume" })
     } satisfies LoaderHandle
   })

@@ -1,14 +1,17 @@
 /**
- * Implements: the loader's pure core — how a corpus becomes batches, and the lease table.
+ * Implements: the loader's batch plan — how a corpus becomes batches.
  *
  * Shapes: T = sequence length, B = sequences per batch. A batch is B windows of T + 1
  * byte tokens (inputs [:T], targets [1:]), laid out as Int32Array B × (T + 1).
  * Train windows are non-overlapping cuts of the train split, shuffled per epoch by a
  * seeded permutation (same seed → same batches on every host and every restart).
  * Validation batches are the first `valBatches` × B windows of the val split, in order.
- * No I/O and no clocks here: time is passed in, so the lease logic is unit-testable.
+ * Does not own: the lease table (core.ts), batch ids (shared/protocol/applied-log.ts,
+ * re-exported here). No I/O and no clocks.
  */
 import { CorpusError } from "../../shared/data/corpus.ts"
+
+export { batchId, parseBatchId } from "../../shared/protocol/applied-log.ts"
 
 export interface PlanOptions {
   readonly T: number
@@ -71,13 +74,6 @@ export const makeLmPlan = (bytes: Uint8Array, o: PlanOptions): LmPlan => {
   return { ...o, train, val, trainWindows, batchesPerEpoch }
 }
 
-export const batchId = (epoch: number, index: number) => `e${epoch}-b${index}`
-
-export const parseBatchId = (id: string): { epoch: number; index: number } | undefined => {
-  const m = /^e(\d+)-b(\d+)$/.exec(id)
-  return m ? { epoch: Number(m[1]), index: Number(m[2]) } : undefined
-}
-
 const epochPerms = new WeakMap<LmPlan, Map<number, Uint32Array>>()
 
 const epochPermutation = (plan: LmPlan, epoch: number): Uint32Array => {
@@ -114,124 +110,4 @@ export const valBatch = (plan: LmPlan, index: number): Int32Array => {
   const starts = Array.from({ length: plan.B }, (_, b) => (index * plan.B + b) * plan.T)
   if (starts[starts.length - 1] + plan.T + 1 > plan.val.length) throw new RangeError(`val batch ${index} out of range`)
   return cut(plan.val, starts, plan.T)
-}
-
-// ---------------------------------------------------------------- lease table
-
-export interface Lease {
-  readonly epoch: number
-  readonly index: number
-  readonly id: string
-  readonly worker: string
-  readonly attempt: number
-  readonly deadline: number
-  /** the worker reported pushing its gradient: the batch now waits on the parameter servers. */
-  readonly pushed?: boolean
-}
-
-/**
- * Which batches are pending, leased (to whom, until when) and done. A batch is done
- * when every parameter-server shard has applied it; a lease that expires, a worker
- * that leaves, or a BatchFailed puts the batch back at the front of the queue. After
- * `maxAttempts` the batch is given up (reported, never retried forever). Epochs follow
- * each other without a gap: when the queue runs dry the next epoch is enqueued.
- */
-export class LeaseTable {
-  /** the batch indices of an epoch this loader serves (its shard of them). */
-  readonly indices: readonly number[]
-  readonly leaseMs: number
-  readonly maxAttempts: number
-  private pending: Array<{ epoch: number; index: number; attempt: number }> = []
-  private nextEpoch = 0
-  private readonly leases = new Map<string, Lease>()
-  private readonly appliedBy = new Map<string, Set<number>>()
-  private readonly doneIds = new Set<string>()
-  readonly givenUp: string[] = []
-  doneCount = 0
-
-  constructor(indices: readonly number[], opts: { leaseMs: number; maxAttempts: number }) {
-    if (indices.length === 0) throw new RangeError("a lease table needs at least one batch index")
-    this.indices = indices
-    this.leaseMs = opts.leaseMs
-    this.maxAttempts = opts.maxAttempts
-  }
-
-  lease(worker: string, now: number): Lease {
-    if (this.pending.length === 0) {
-      const e = this.nextEpoch++
-      for (const i of this.indices) this.pending.push({ epoch: e, index: i, attempt: 0 })
-    }
-    const next = this.pending.shift()!
-    const l: Lease = {
-      epoch: next.epoch,
-      index: next.index,
-      id: batchId(next.epoch, next.index),
-      worker,
-      attempt: next.attempt + 1,
-      deadline: now + this.leaseMs
-    }
-    this.leases.set(l.id, l)
-    return l
-  }
-
-  /** Shard `shard` applied `id`; true when this made the batch done on all `shards`. */
-  applied(id: string, shard: number, shards: number): boolean {
-    if (this.doneIds.has(id)) return false
-    let s = this.appliedBy.get(id)
-    if (!s) this.appliedBy.set(id, (s = new Set()))
-    s.add(shard)
-    if (s.size < shards) return false
-    this.appliedBy.delete(id)
-    this.leases.delete(id)
-    this.doneIds.add(id)
-    this.doneCount++
-    return true
-  }
-
-  isDone = (id: string) => this.doneIds.has(id)
-
-  /** Put a leased batch back (front of the queue); returns it if it was leased. */
-  release(id: string): Lease | undefined {
-    const l = this.leases.get(id)
-    if (!l) return undefined
-    this.leases.delete(id)
-    if (l.attempt >= this.maxAttempts) this.givenUp.push(id)
-    else this.pending.unshift({ epoch: l.epoch, index: l.index, attempt: l.attempt })
-    return l
-  }
-
-  /** Release every lease past its deadline. */
-  expire(now: number): Lease[] {
-    const out: Lease[] = []
-    // release newest first: each goes to the front, so the oldest ends up served first
-    for (const l of [...this.leases.values()].reverse()) if (l.deadline <= now) out.push(this.release(l.id)!)
-    return out.reverse()
-  }
-
-  /**
-   * Release every lease of a worker that left or died, except the batches it already
-   * pushed: their gradients wait in the parameter servers (a worker that leaves does not
-   * take back what it pushed), and a copy computed by another worker would be refused
-   * there as a duplicate. A pushed batch that is never applied (its gradient was refused,
-   * or only some shards got it) is re-issued when its lease expires.
-   */
-  dropWorker(worker: string): Lease[] {
-    const out: Lease[] = []
-    for (const l of [...this.leases.values()]) if (l.worker === worker && !l.pushed) out.push(this.release(l.id)!)
-    return out
-  }
-
-  /** The worker pushed the gradient of `id`: extend the lease and keep it if the worker leaves. */
-  pushed(id: string, worker: string, now: number): void {
-    const l = this.leases.get(id)
-    if (l && l.worker === worker) this.leases.set(id, { ...l, deadline: now + this.leaseMs, pushed: true })
-  }
-
-  leased = (): ReadonlyArray<Lease> => [...this.leases.values()]
-  get epoch() {
-    return Math.max(0, this.nextEpoch - 1)
-  }
-  get outstanding() {
-    return this.leases.size
-  }
 }

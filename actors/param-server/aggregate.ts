@@ -1,21 +1,25 @@
 /**
- * Implements: the parameter server's pure core — gradient admission, aggregation and
- * the optimizer step for one shard of tensors.
+ * Implements: the parameter server's arithmetic core for one shard of tensors — gradient
+ * admission, the held gradients, aggregation, clipping and the optimizer step, and the
+ * applied log (which micro-batches this shard has applied, exactly once).
  *
  * Consistency:
- *   sync      version v+1 = v updated with the sample-weighted mean of the gradients of
- *             every member of v's barrier (the live workers when v was published, plus
- *             any other worker whose v-gradient arrives before the barrier closes);
- *   bounded s each gradient computed on v-s..v is applied as it arrives;
- *   async     each gradient is applied as it arrives, whatever its version.
- * Sums run in a fixed order (sender id) so a run is reproducible. A gradient is applied
- * at most once: a batch id already applied is a duplicate. Non-finite gradients, wrong
- * tensor sets or shapes are rejected with a reason and never touch the params.
- * No I/O and no clocks: the server (server.ts) feeds it and publishes what it returns.
+ *   sync      version v+1 = v updated with the sample-weighted mean of the gradients of the
+ *             senders the caller chose (core.ts decides: the barrier, and with several
+ *             shards the senders every shard holds); one gradient per sender per version;
+ *   bounded s each gradient computed on v-s..v is applied on its own, in arrival order;
+ *   async     each gradient is applied on its own, in arrival order, whatever its version.
+ * Sums run in sender-id order (float64), so a run is reproducible. A micro-batch id is
+ * applied at most once: it is refused once in the applied log, and when two senders hold
+ * the same one, only the first chosen is used. A resend of a held or applied gradient is
+ * acknowledged again (`already`), so a worker may resend until it hears back.
+ * Non-finite gradients, wrong tensor sets or shapes are rejected with a reason and never
+ * touch the params. No I/O and no clocks: core.ts drives it.
  */
-import { clipByGlobalNorm, findNonFinite, globalNorm } from "../../shared/optim/clip.ts"
+import { findNonFinite } from "../../shared/optim/clip.ts"
 import { makeOptimizer, type Optimizer, type OptimizerConfig, type OptimizerSlots } from "../../shared/optim/optimizers.ts"
 import type { Consistency } from "../../shared/config/job.ts"
+import { AppliedLog, parseBatchId, type BatchRef } from "../../shared/protocol/applied-log.ts"
 import type { ErrorCode } from "../../shared/protocol/messages.ts"
 import type { Spec } from "../../shared/protocol/sharding.ts"
 
@@ -23,15 +27,22 @@ export interface GradientPush {
   readonly sender: string
   /** the params version the gradient was computed on. */
   readonly version: number
+  /** micro-batch ids joined by "+" (one id without accumulation). */
   readonly batchId: string
   readonly samples: number
   readonly tokens: number
   readonly loss: number
   readonly grads: ReadonlyMap<string, Float32Array>
+  /** batches in an epoch (lets the applied log compact full epochs); 0 = unknown. */
+  readonly epochBatches?: number
+  /** squared norm of the sender's whole gradient (all shards), for async clipping; -1 = unknown. */
+  readonly normSq?: number
 }
 
+export type Held = GradientPush & { readonly staleness: number; readonly micro: readonly BatchRef[] }
+
 export type Admission =
-  | { readonly ok: true; readonly staleness: number }
+  | { readonly ok: true; readonly staleness: number; readonly already?: "held" | "applied" }
   | { readonly ok: false; readonly code: ErrorCode; readonly reason: string }
 
 export interface AppliedStep {
@@ -46,7 +57,11 @@ export interface AppliedStep {
   readonly maxStaleness: number
 }
 
+/** Most gradients held at once in bounded/async mode (more are refused `over-budget`: resent later). */
+export const MAX_HELD = 64
+
 const numel = (shape: readonly number[]) => shape.reduce((a, b) => a * b, 1)
+const bySender = (a: { sender: string }, b: { sender: string }) => (a.sender < b.sender ? -1 : a.sender > b.sender ? 1 : 0)
 
 export class ShardState {
   readonly specs: readonly Spec[]
@@ -58,16 +73,9 @@ export class ShardState {
   version: number
   /** per tensor update count (Adam's bias correction). */
   updates: number
-  private readonly appliedBatches = new Set<string>()
-  /** sync: gradients of the open version, by sender. */
-  private pending = new Map<string, GradientPush & { staleness: number }>()
-  /** sync: who the open version waits for. */
-  private barrier = new Set<string>()
-  /** sync, shards > 1: this shard follows shard 0's choice of senders per version. */
-  private following = false
-  private readonly decisions = new Map<number, readonly string[]>()
-  /** gradients the last `apply` held but did not use (a follower's non-chosen senders). */
-  dropped: Array<GradientPush> = []
+  readonly log: AppliedLog
+  /** held gradients in arrival order (sync: at most one per sender, all of the open version). */
+  private held: Held[] = []
 
   constructor(o: {
     specs: readonly Spec[]
@@ -78,7 +86,7 @@ export class ShardState {
     version?: number
     updates?: number
     slots?: Map<string, OptimizerSlots>
-    appliedBatches?: Iterable<string>
+    log?: AppliedLog
   }) {
     this.specs = o.specs
     this.params = o.params
@@ -88,50 +96,34 @@ export class ShardState {
     this.version = o.version ?? 0
     this.updates = o.updates ?? 0
     this.slots = o.slots ?? new Map(o.specs.map((s) => [s.name, this.optimizer.initState(numel(s.shape))]))
-    for (const b of o.appliedBatches ?? []) this.appliedBatches.add(b)
+    this.log = o.log ?? new AppliedLog()
     for (const s of o.specs) {
       const p = o.params.get(s.name)
       if (!p || p.length !== numel(s.shape)) throw new RangeError(`param ${s.name}: expected ${numel(s.shape)} elements, got ${p?.length}`)
     }
   }
 
-  /** Batch ids applied so far (for checkpoints and tests). */
-  applied = (): string[] => [...this.appliedBatches]
-  isApplied = (batchId: string) => this.appliedBatches.has(batchId)
-
-  /** Open the barrier of the current version over these live workers (sync). */
-  openBarrier(members: readonly string[]): void {
-    this.barrier = new Set(members)
+  isApplied = (batchId: string) => this.log.hasId(batchId)
+  /** Senders with a gradient held now, sorted. */
+  heldSenders = (): string[] => [...new Set(this.held.map((h) => h.sender))].sort()
+  heldList = (): ReadonlyArray<Held> => this.held
+  get heldCount() {
+    return this.held.length
   }
 
-  /** A member left: it no longer holds the barrier (its pending gradient, if any, stays). */
-  dropMember(id: string): void {
-    this.barrier.delete(id)
-  }
-
-  waitingFor = (): string[] => [...this.barrier].filter((m) => !this.pending.has(m)).sort()
-
-  /** Validate and admit a gradient. In sync mode it is held until the barrier closes. */
+  /** Validate and hold a gradient (or acknowledge a resend of one held or applied). */
   admit(p: GradientPush): Admission {
-    const a = this.check(p)
-    // Sync: a worker whose gradient for the open version is refused (a duplicate batch, a
-    // bad tensor) does not push another one for this version: it waits for the next. So
-    // the barrier stops waiting for it, or one refused push would stall the shard and
-    // every worker forever. (Seen over NATS: a batch re-issued while its first copy was
-    // still pending here, then refused as a duplicate.) A sender that already has a
-    // gradient pending keeps its place.
-    if (!a.ok && this.consistency.mode === "sync" && p.version === this.version && !this.pending.has(p.sender)) {
-      this.barrier.delete(p.sender)
+    const micro: BatchRef[] = []
+    for (const id of p.batchId.split("+")) {
+      const r = parseBatchId(id)
+      if (!r) return { ok: false, code: "bad-message", reason: `batch id ${JSON.stringify(id)} is not of the form e<epoch>-b<index>` }
+      micro.push(r)
     }
-    return a
-  }
-
-  private check(p: GradientPush): Admission {
-    // an accumulated gradient (train.accumulate > 1) names its micro-batches: `e0-b1+e0-b7`
-    const done = p.batchId.split("+").find((b) => this.appliedBatches.has(b))
-    if (done !== undefined) {
-      return { ok: false, code: "duplicate", reason: `batch ${done} was already applied` }
-    }
+    const applied = micro.filter((r) => this.log.has(r))
+    if (applied.length === micro.length) return { ok: true, staleness: 0, already: "applied" }
+    if (applied.length > 0) return { ok: false, code: "duplicate", reason: `batch e${applied[0].epoch}-b${applied[0].index} was already applied` }
+    const same = this.held.find((h) => h.sender === p.sender && h.batchId === p.batchId)
+    if (same) return { ok: true, staleness: same.staleness, already: "held" }
     if (!(p.samples > 0)) return { ok: false, code: "invalid-value", reason: `samples must be > 0, got ${p.samples}` }
     if (p.version > this.version) {
       return { ok: false, code: "invalid-value", reason: `version ${p.version} is from the future (current ${this.version})` }
@@ -156,65 +148,42 @@ export class ShardState {
       return { ok: false, code: "bad-tensor", reason: `tensors not owned by this shard: ${extra.join(", ")}` }
     }
     const bad = findNonFinite(p.grads)
-    if (bad) {
-      return { ok: false, code: "non-finite", reason: `gradient ${bad.name}[${bad.index}] is ${bad.value}` }
+    if (bad) return { ok: false, code: "non-finite", reason: `gradient ${bad.name}[${bad.index}] is ${bad.value}` }
+    if (c.mode === "sync" && this.held.some((h) => h.sender === p.sender)) {
+      return { ok: false, code: "duplicate", reason: `${p.sender} already pushed a gradient for version ${this.version}` }
     }
-    if (c.mode === "sync") {
-      if (this.pending.has(p.sender)) {
-        return { ok: false, code: "duplicate", reason: `${p.sender} already pushed a gradient for version ${this.version}` }
-      }
-      if ([...this.pending.values()].some((q) => q.batchId === p.batchId)) {
-        return { ok: false, code: "duplicate", reason: `batch ${p.batchId} is already pending in version ${this.version}` }
-      }
-      this.pending.set(p.sender, { ...p, staleness })
-    } else {
-      this.pending = new Map([[p.sender, { ...p, staleness }]])
-    }
+    if (this.held.length >= MAX_HELD) return { ok: false, code: "conflict", reason: `over budget: ${this.held.length} gradients held; resend later` }
+    this.held.push({ ...p, staleness, micro })
     return { ok: true, staleness }
   }
 
-  /** Sync: every barrier member pushed (and at least one gradient is held). Else: anything held. */
-  ready(): boolean {
-    if (this.pending.size === 0) return false
-    if (this.consistency.mode !== "sync") return true
-    if (this.following) {
-      const d = this.decisions.get(this.version + 1)
-      return d !== undefined && d.every((sender) => this.pending.has(sender))
+  /** Drop every held gradient of `sender` (it left before the barrier chose it). */
+  forget(sender: string): void {
+    this.held = this.held.filter((h) => h.sender !== sender)
+  }
+
+  /**
+   * The gradients a sync version would use from `senders` (sorted; a micro-batch held by
+   * two senders goes to the first), and each chosen one's share of the samples.
+   */
+  choose(senders: readonly string[]): Held[] {
+    const want = new Set(senders)
+    const seen = new Set<string>()
+    const out: Held[] = []
+    for (const h of [...this.held].filter((h) => want.has(h.sender)).sort(bySender)) {
+      const ids = h.batchId.split("+")
+      if (ids.some((id) => seen.has(id))) continue
+      for (const id of ids) seen.add(id)
+      out.push(h)
     }
-    for (const m of this.barrier) if (!this.pending.has(m)) return false
-    return true
+    return out
   }
 
-  /**
-   * Sync with several shards: shard 0 leads, the others follow. A follower applies to
-   * version v+1 exactly the senders shard 0 applied to its v+1 (from its StepApplied),
-   * so every shard agrees on each version's batches even when a worker joins or leaves
-   * between two shards' decisions. Gradients from other senders are dropped as stale.
-   */
-  follow(): void {
-    this.following = true
-  }
-
-  /** Shard 0 applied `contributors` to `version`. */
-  decided(version: number, contributors: readonly string[]): void {
-    if (version <= this.version) return
-    this.decisions.set(version, contributors)
-    for (const v of this.decisions.keys()) if (v <= this.version) this.decisions.delete(v)
-  }
-
-
-  /**
-   * Aggregate the held gradients (sample-weighted mean, summed in sender order), clip,
-   * apply the optimizer with `lr`, advance the version. Call only when `ready()`.
-   */
-  apply(lr: number): AppliedStep {
-    const decided = this.following && this.consistency.mode === "sync" ? this.decisions.get(this.version + 1) : undefined
-    const held = [...this.pending.values()]
-    const pushes = (decided ? held.filter((p) => decided.includes(p.sender)) : held).sort((a, b) => (a.sender < b.sender ? -1 : a.sender > b.sender ? 1 : 0))
-    this.dropped = decided ? held.filter((p) => !decided.includes(p.sender)) : []
-    this.pending = new Map()
+  /** The sample-weighted mean of `pushes` (float64, sender order) and its squared norm. */
+  aggregate(pushes: readonly Held[]): { agg: Map<string, Float32Array>; sumSq: number } {
     const samples = pushes.reduce((n, p) => n + p.samples, 0)
     const agg = new Map<string, Float32Array>()
+    let sumSq = 0
     for (const s of this.specs) {
       const out = new Float32Array(numel(s.shape))
       if (pushes.length === 1) out.set(pushes[0].grads.get(s.name)!)
@@ -227,26 +196,63 @@ export class ShardState {
         }
         for (let i = 0; i < out.length; i++) out[i] = acc[i]
       }
+      for (let i = 0; i < out.length; i++) sumSq += out[i] * out[i]
       agg.set(s.name, out)
     }
-    const gradNorm = this.clipNorm > 0 ? clipByGlobalNorm(agg.values(), this.clipNorm).norm : globalNorm(agg.values())
+    return { agg, sumSq }
+  }
+
+  /**
+   * Apply `pushes` (from `choose`, or the oldest held one in bounded/async): aggregate, clip
+   * by the global norm (`globalSumSq` = the squared norm over every shard when known, else
+   * this shard's own), optimizer step with `lr`, version + 1, record the micro-batches.
+   * Sync: every other held gradient is dropped (returned in `dropped`), as it is stale now.
+   */
+  apply(lr: number, pushes: readonly Held[], globalSumSq?: number): { step: AppliedStep; dropped: Held[] } {
+    if (pushes.length === 0) throw new RangeError("apply: no gradients")
+    const { agg, sumSq } = this.aggregate(pushes)
+    const norm = Math.sqrt(globalSumSq ?? sumSq)
+    if (this.clipNorm > 0) {
+      const scale = this.clipNorm / (norm + 1e-6)
+      if (Number.isFinite(norm) && scale < 1) for (const g of agg.values()) for (let i = 0; i < g.length; i++) g[i] *= scale
+    }
     this.updates++
-    for (const s of this.specs) {
-      this.optimizer.update(this.params.get(s.name)!, agg.get(s.name)!, this.slots.get(s.name)!, lr, this.updates)
-    }
+    for (const s of this.specs) this.optimizer.update(this.params.get(s.name)!, agg.get(s.name)!, this.slots.get(s.name)!, lr, this.updates)
     this.version++
-    const batchIds = pushes.flatMap((p) => p.batchId.split("+"))
-    for (const b of batchIds) this.appliedBatches.add(b)
-    return {
-      version: this.version,
-      batchIds,
-      contributors: pushes.map((p) => p.sender),
-      samples,
-      tokens: pushes.reduce((n, p) => n + p.tokens, 0),
-      loss: pushes.reduce((n, p) => n + (p.loss * p.samples) / samples, 0),
-      lr,
-      gradNorm,
-      maxStaleness: pushes.reduce((m, p) => Math.max(m, p.staleness), 0)
+    const chosen = new Set(pushes)
+    let dropped: Held[] = []
+    if (this.consistency.mode === "sync") {
+      dropped = this.held.filter((h) => !chosen.has(h))
+      this.held = []
+    } else {
+      this.held = this.held.filter((h) => !chosen.has(h))
+      // bounded: what the new version made too stale goes too
+      const c = this.consistency
+      if (c.mode === "bounded") {
+        dropped = this.held.filter((h) => this.version - h.version > c.staleness)
+        this.held = this.held.filter((h) => this.version - h.version <= c.staleness)
+      }
     }
+    const samples = pushes.reduce((n, p) => n + p.samples, 0)
+    for (const p of pushes) for (const r of p.micro) this.log.add(r, p.epochBatches ?? 0)
+    return {
+      step: {
+        version: this.version,
+        batchIds: pushes.flatMap((p) => p.batchId.split("+")),
+        contributors: pushes.map((p) => p.sender),
+        samples,
+        tokens: pushes.reduce((n, p) => n + p.tokens, 0),
+        loss: pushes.reduce((n, p) => n + (p.loss * p.samples) / samples, 0),
+        lr,
+        gradNorm: norm,
+        maxStaleness: pushes.reduce((m, p) => Math.max(m, this.version - 1 - p.version), 0)
+      },
+      dropped
+    }
+  }
+
+  /** Bounded/async: the oldest held gradient. */
+  next(): Held | undefined {
+    return this.held[0]
   }
 }

@@ -1,27 +1,34 @@
 /**
- * Implements: parameter-server checkpoints on local disk — atomic, checksummed, and
- * self-describing.
+ * Implements: parameter-server checkpoints — their checksummed, self-describing byte
+ * layout, and saving/loading them through the CheckpointStore.
  *
- * File layout (`<dir>/<job>/ps-<shard>/v<version>.ckpt`):
+ * Where the bytes live is the CheckpointStore's (shared/checkpoint/store.ts: files at
+ * `<dir>/<job>/ps-<shard>/v<version>.ckpt` by default, or a JetStream object store).
+ * Layout of one checkpoint:
  *   8 bytes  magic "FLOTCKPT"
  *   4 bytes  header length H (uint32 LE)
- *   H bytes  header JSON: { format: 1, crc32, payloadBytes, manifest, state }
+ *   H bytes  header JSON: { format: 2, crc32, payloadBytes, manifest, state }
  *   payload  the tensors (params, then optimizer slots as `slot:<slot>:<param>`) in the
  *            wire format's layout (shared/wire/tensor.ts), 4-byte aligned
- * `state` holds what is not a tensor: version, update count, optimizer config, applied
- * batch ids. Writes go to a temp file, are fsynced, then renamed over: a crash leaves the
- * old checkpoint or the new one, never half of one. Loading checks magic, header,
- * length and CRC32; a corrupt file is reported and the previous one is used.
+ * `state` holds what is not a tensor: version, update count, optimizer config (with any
+ * live `set-optimizer` change), consistency, the applied log (per-epoch bitmaps: the
+ * loader's done set and its cursor are derived from it), and on shard 0 the scheduler's
+ * live state (schedule, plateau counters, `set-lr` overrides) as of this version. With
+ * these, a resumed job continues bit-identically. The store writes atomically (a crash
+ * leaves the old checkpoint or the new one). Loading checks magic, header, length and
+ * CRC32; a corrupt checkpoint is reported and the previous one is used.
  */
-import { closeSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, writeSync } from "node:fs"
-import { join } from "node:path"
-import { Result } from "effect"
+import { Effect, Result } from "effect"
+import type { CheckpointRef, CheckpointStoreError, CheckpointStoreShape } from "../../shared/checkpoint/store.ts"
 import { crc32 } from "../../shared/wire/crc32.ts"
 import { decodeBundle, encodeBundle, type WireTensor } from "../../shared/wire/tensor.ts"
 import type { OptimizerConfig, OptimizerSlots } from "../../shared/optim/optimizers.ts"
+import type { Consistency } from "../../shared/config/job.ts"
+import { AppliedLogJson } from "../../shared/protocol/applied-log.ts"
+import { decodeValue } from "../../shared/protocol/decode.ts"
 
 const MAGIC = new TextEncoder().encode("FLOTCKPT")
-const FORMAT = 1
+const FORMAT = 2
 
 export class CheckpointError extends Error {
   readonly _tag = "CheckpointError"
@@ -33,13 +40,14 @@ export interface ShardCheckpoint {
   readonly version: number
   readonly updates: number
   readonly optimizer: OptimizerConfig
-  readonly appliedBatches: readonly string[]
+  readonly consistency: Consistency
+  readonly log: AppliedLogJson
+  /** shard 0: the scheduler's state as of this version (shared/schedule/state.ts); else absent. */
+  readonly schedule?: unknown
   readonly params: ReadonlyMap<string, Float32Array>
   readonly shapes: ReadonlyMap<string, readonly number[]>
   readonly slots: ReadonlyMap<string, OptimizerSlots>
 }
-
-export const shardDir = (dir: string, job: string, shard: number) => join(dir, job, `ps-${shard}`)
 
 export const encodeCheckpoint = (c: ShardCheckpoint): Uint8Array => {
   const tensors: WireTensor[] = []
@@ -61,7 +69,7 @@ export const encodeCheckpoint = (c: ShardCheckpoint): Uint8Array => {
       crc32: crc32(payload),
       payloadBytes: payload.byteLength,
       manifest,
-      state: { job: c.job, shard: c.shard, version: c.version, updates: c.updates, optimizer: c.optimizer, appliedBatches: c.appliedBatches }
+      state: { job: c.job, shard: c.shard, version: c.version, updates: c.updates, optimizer: c.optimizer, consistency: c.consistency, log: c.log, schedule: c.schedule }
     })
   )
   // pad the header so the payload starts 4-byte aligned in the file
@@ -90,7 +98,7 @@ export const decodeCheckpoint = (bytes: Uint8Array, what = "checkpoint"): ShardC
   } catch (e) {
     fail(`header is not JSON (${(e as Error).message})`)
   }
-  if (header?.format !== FORMAT) fail(`unknown format ${header?.format}`)
+  if (header?.format !== FORMAT) fail(`unknown format ${header?.format} (this build reads format ${FORMAT})`)
   const payload = bytes.slice(start) // copy: aligned, and independent of the file buffer
   if (payload.length !== header.payloadBytes) fail(`payload is ${payload.length} bytes, header says ${header.payloadBytes} (truncated?)`)
   if (crc32(payload) !== header.crc32) fail("CRC32 mismatch")
@@ -111,57 +119,43 @@ export const decodeCheckpoint = (bytes: Uint8Array, what = "checkpoint"): ShardC
       shapes.set(t.name, t.shape)
     }
   }
-  return { job: st.job, shard: st.shard, version: st.version, updates: st.updates, optimizer: st.optimizer, appliedBatches: st.appliedBatches, params, shapes, slots }
+  const log = decodeValue(AppliedLogJson, what, st?.log)
+  if (Result.isFailure(log)) fail(`applied log: ${log.failure.reason}`)
+  return {
+    job: st.job, shard: st.shard, version: st.version, updates: st.updates, optimizer: st.optimizer, consistency: st.consistency,
+    log: Result.getOrThrow(log), schedule: st.schedule, params, shapes, slots
+  }
 }
 
-/** Write atomically (temp file, fsync, rename); keep the newest `keep` files. */
-export const writeCheckpoint = (dir: string, c: ShardCheckpoint, keep = 3): string => {
-  const d = shardDir(dir, c.job, c.shard)
-  mkdirSync(d, { recursive: true })
-  const path = join(d, `v${String(c.version).padStart(8, "0")}.ckpt`)
-  const tmp = `${path}.tmp-${process.pid}`
-  const bytes = encodeCheckpoint(c)
-  const fd = openSync(tmp, "w")
-  try {
-    writeSync(fd, bytes)
-    fsyncSync(fd)
-  } finally {
-    closeSync(fd)
-  }
-  renameSync(tmp, path)
-  const all = listCheckpoints(dir, c.job, c.shard)
-  for (const old of all.slice(0, Math.max(0, all.length - keep))) rmSync(old, { force: true })
-  return path
-}
-
-/** Checkpoint files of a shard, oldest first. */
-export const listCheckpoints = (dir: string, job: string, shard: number): string[] => {
-  const d = shardDir(dir, job, shard)
-  let names: string[]
-  try {
-    names = readdirSync(d)
-  } catch {
-    return []
-  }
-  return names.filter((n) => /^v\d+\.ckpt$/.test(n)).sort().map((n) => join(d, n))
-}
+/** Save through the store (atomic, newest few kept; see shared/checkpoint/store.ts). */
+export const saveCheckpoint = (store: CheckpointStoreShape, c: ShardCheckpoint): Effect.Effect<CheckpointRef, CheckpointStoreError> =>
+  Effect.suspend(() => store.save(c.job, c.shard, c.version, encodeCheckpoint(c)))
 
 /**
- * The newest checkpoint that loads, newest first; corrupt ones are reported through
- * `onCorrupt` and skipped. undefined when there is none.
+ * The newest checkpoint of a shard with version ≤ `atMost` that loads; corrupt ones are
+ * reported through `onCorrupt` and skipped. undefined when there is none.
  */
-export const loadLatestCheckpoint = (
-  dir: string,
+export const loadCheckpoint = (
+  store: CheckpointStoreShape,
   job: string,
   shard: number,
-  onCorrupt: (path: string, why: string) => void = () => {}
-): { path: string; checkpoint: ShardCheckpoint } | undefined => {
-  for (const path of listCheckpoints(dir, job, shard).reverse()) {
-    try {
-      return { path, checkpoint: decodeCheckpoint(new Uint8Array(readFileSync(path)), path) }
-    } catch (e) {
-      onCorrupt(path, (e as Error).message)
+  atMost = Infinity,
+  onCorrupt: (where: string, why: string) => Effect.Effect<void> = () => Effect.void
+): Effect.Effect<{ path: string; checkpoint: ShardCheckpoint } | undefined, CheckpointStoreError> =>
+  Effect.gen(function* () {
+    const refs = (yield* store.list(job, shard)).filter((r) => r.version <= atMost)
+    for (const ref of [...refs].reverse()) {
+      const bytes = yield* store.load(ref).pipe(Effect.result)
+      if (Result.isFailure(bytes)) {
+        if (bytes.failure.reason === "unavailable") return yield* Effect.fail(bytes.failure)
+        yield* onCorrupt(ref.where, bytes.failure.message)
+        continue
+      }
+      try {
+        return { path: ref.where, checkpoint: decodeCheckpoint(bytes.success, ref.where) }
+      } catch (e) {
+        yield* onCorrupt(ref.where, (e as Error).message)
+      }
     }
-  }
-  return undefined
-}
+    return undefined
+  })

@@ -1,57 +1,73 @@
 /**
- * Implements: the parameter-server actor for one shard of tensors.
+ * Implements: the parameter-server actor for one shard of tensors — the effectful shell
+ * around the mailbox reducer (core.ts).
  *
- * Owns: its tensors' params and optimizer state (actors/param-server/aggregate.ts), the
- * version counter, checkpoints (checkpoint.ts). Receives gradient bundles on
- * `ps.<k>.push`, answers `ps.<k>.pull`, and after each update publishes the new params
- * on `ps.<k>.version` and a `StepApplied` on `ps.<k>.applied`. Membership (who the sync
- * barrier waits for) comes from heartbeats. The LR of step v is asked of the scheduler
- * (`lr`); with no scheduler live it falls back to the job's schedule, computed locally.
+ * Owns: the shard's state (built from the newest valid checkpoint, or a fresh init), its
+ * incarnation, its checkpoints (checkpoint.ts). Every input — gradient bundles on
+ * `ps.<k>.push`, pulls, applied-log and decision requests, membership, peer shards'
+ * heartbeats and messages, LR replies, control commands, a Tick every TICK_MS — becomes
+ * one event on one queue; one fiber runs the reducer on each and performs its effects in
+ * order (publish, reply, broadcast params, checkpoint, roll back). The LR of step v is asked
+ * of the scheduler (`lr`) in a fiber of this scope that enqueues the answer; with no
+ * scheduler it is computed from the scheduler state this shard holds.
  * Run alone: `flotilla launch param-server --job FILE --shard K`.
  */
-import { Deferred, Effect, Result, Scope, Semaphore } from "effect"
-import { Bus, type BusMessage } from "../../shared/bus/Bus.ts"
+import { Deferred, Effect, Queue, Result, Scope } from "effect"
+import { Bus } from "../../shared/bus/Bus.ts"
 import { onControl } from "../../shared/actor/control-listener.ts"
 import { runHeartbeat, trackMembership } from "../../shared/actor/membership.ts"
 import { makeReporter } from "../../shared/actor/report.ts"
 import type { JobConfig } from "../../shared/config/job.ts"
 import { makeModel } from "../../shared/models/zoo.ts"
-import { makeOptimizer, resolveOptimizer, setHyperparams, type OptimizerPatch } from "../../shared/optim/optimizers.ts"
-import { decodeBytes, encodeMessage } from "../../shared/protocol/decode.ts"
-import { LrForStep, PullParams, StepApplied } from "../../shared/protocol/messages.ts"
+import { resolveOptimizer } from "../../shared/optim/optimizers.ts"
+import { CONTROL_VERBS, type CommandVerb } from "../../shared/protocol/control.ts"
+import { decodeBytes, decodeValue, encodeMessage } from "../../shared/protocol/decode.ts"
+import { GetDecision, GradientsHeld, GradMeta, Heartbeat, LrForStep, NormShare, PullParams, GetAppliedLog, StepDecided } from "../../shared/protocol/messages.ts"
 import { shardSpecs } from "../../shared/protocol/sharding.ts"
 import { PROTOCOL_VERSION, subjects } from "../../shared/protocol/subjects.ts"
-import { lrAt, resolveSchedule, type ScheduleInput } from "../../shared/schedule/schedules.ts"
+import { resolveSchedule, type ScheduleInput } from "../../shared/schedule/schedules.ts"
+import { initialState as initialSchedulerState, lrFrom, parseState } from "../../shared/schedule/state.ts"
 import { currentMetrics } from "../../shared/telemetry/metrics.ts"
 import { fromWire } from "../../shared/wire/codec.ts"
 import type { TensorBundle } from "../../shared/wire/tensor.ts"
 import { receiveBundles, replyWithBundle, sendBundle } from "../../shared/wire/transport.ts"
+import { AppliedLog } from "../../shared/protocol/applied-log.ts"
 import { ShardState } from "./aggregate.ts"
-import { loadLatestCheckpoint, writeCheckpoint } from "./checkpoint.ts"
+import { makeFileStore, type CheckpointStoreShape } from "../../shared/checkpoint/store.ts"
+import { loadCheckpoint, saveCheckpoint, type ShardCheckpoint } from "./checkpoint.ts"
+import { initialState, step, type PsEffect, type PsEvent, type PsState } from "./core.ts"
+import { ParamServerClient, paramsBundle } from "./protocol.ts"
 
 export interface ParamServerOptions {
   readonly job: JobConfig
   readonly shard: number
   readonly id: string
-  /** resume from the newest valid checkpoint (default true). */
+  /** resume from the newest valid checkpoint (default true); false = a fresh run, earlier checkpoints of this shard are removed. */
   readonly resume?: boolean
   /** the first version waits until this many workers are live (default topology.workers). */
   readonly minWorkers?: number
+  /** where checkpoints go; default files under job.train.checkpointDir. */
+  readonly store?: CheckpointStoreShape
 }
 
 export interface ParamServerHandle {
+  /** the shard's live arithmetic state (read-only for callers: the mailbox fiber owns it). */
   readonly state: ShardState
+  /** the whole mailbox state (read-only). */
+  readonly actor: () => PsState
   /** completes when the job's last step is applied and checkpointed. */
   readonly finished: Deferred.Deferred<void>
-  checkpoint(): Effect.Effect<string>
-  setPaused(paused: boolean): void
 }
+
+/** How often the mailbox gets a Tick (re-sends, overdue decisions). */
+export const TICK_MS = 250
 
 const numel = (shape: readonly number[]) => shape.reduce((a, b) => a * b, 1)
 
 export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServerHandle, Error, Bus | Scope.Scope> =>
   Effect.gen(function* () {
     const bus = yield* Bus
+    const scope = yield* Effect.scope
     const { job, shard, id } = o
     const s = subjects(job.job)
     const reject = makeReporter(bus, s, id)
@@ -62,219 +78,217 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
     if (Result.isFailure(optimizer)) return yield* Effect.fail(new Error(`optimizer: ${optimizer.failure.message}`))
     const schedule = resolveSchedule(job.schedule as unknown as ScheduleInput)
     if (Result.isFailure(schedule)) return yield* Effect.fail(new Error(`schedule: ${schedule.failure.message}`))
-    const dir = job.train.checkpointDir
+    const store = o.store ?? makeFileStore(job.train.checkpointDir)
+    const logCorrupt = (path: string, why: string) => Effect.logError(`ps ${id}: skipping checkpoint ${path}: ${why}`)
 
-    // ---- state: from the newest valid checkpoint, or a fresh deterministic init
-    const found =
-      o.resume === false
-        ? undefined
-        : loadLatestCheckpoint(dir, job.job, shard, (path, why) => void Effect.runFork(Effect.logError(`skipping ${path}: ${why}`)))
-    let state: ShardState
-    if (found) {
-      const c = found.checkpoint
-      for (const sp of specs) {
-        const p = c.params.get(sp.name)
-        if (!p || p.length !== numel(sp.shape)) {
-          return yield* Effect.fail(new Error(`checkpoint ${found.path} does not match the model: tensor ${sp.name} ${p ? `has ${p.length} values` : "is missing"}`))
+    /** Shard state from a checkpoint (checked against the model), or a fresh deterministic init. */
+    const fromCheckpoint = (c: ShardCheckpoint | undefined): Effect.Effect<{ core: ShardState; schedule: unknown }, Error> =>
+      Effect.gen(function* () {
+        if (!c) {
+          const all = model.init(job.train.seed)
+          const core = new ShardState({
+            specs, params: new Map(specs.map((sp) => [sp.name, all.get(sp.name)!])), optimizer: optimizer.success,
+            consistency: job.train.consistency, clipNorm: job.train.clipNorm
+          })
+          return { core, schedule: shard === 0 ? initialSchedulerState(schedule.success) : undefined }
         }
-      }
-      state = new ShardState({
-        specs, params: new Map(specs.map((sp) => [sp.name, c.params.get(sp.name)!])), optimizer: optimizer.success,
-        consistency: job.train.consistency, clipNorm: job.train.clipNorm, version: c.version, updates: c.updates,
-        slots: new Map(specs.map((sp) => [sp.name, c.slots.get(sp.name) ?? {}])), appliedBatches: c.appliedBatches
+        for (const sp of specs) {
+          const p = c.params.get(sp.name)
+          if (!p || p.length !== numel(sp.shape)) {
+            return yield* Effect.fail(new Error(`checkpoint of version ${c.version} does not match the model: tensor ${sp.name} ${p ? `has ${p.length} values` : "is missing"}`))
+          }
+        }
+        const core = new ShardState({
+          specs, params: new Map(specs.map((sp) => [sp.name, c.params.get(sp.name)!])), optimizer: c.optimizer,
+          consistency: c.consistency, clipNorm: job.train.clipNorm, version: c.version, updates: c.updates,
+          slots: new Map(specs.map((sp) => [sp.name, c.slots.get(sp.name) ?? {}])), log: AppliedLog.fromJSON(c.log)
+        })
+        return { core, schedule: c.schedule }
       })
-      yield* Effect.logInfo(`ps ${id}: resumed shard ${shard} at version ${c.version} from ${found.path}`)
-    } else {
-      const all = model.init(job.train.seed)
-      state = new ShardState({
-        specs, params: new Map(specs.map((sp) => [sp.name, all.get(sp.name)!])), optimizer: optimizer.success,
-        consistency: job.train.consistency, clipNorm: job.train.clipNorm
-      })
-    }
-    yield* Effect.logInfo(`ps ${id}: shard ${shard}/${job.topology.psShards} owns ${specs.length} tensors, ${specs.reduce((n, sp) => n + numel(sp.shape), 0)} params, ${job.train.consistency.mode}`)
 
-    const hb = yield* runHeartbeat(s, "ps", id, job.train.heartbeatMs)
-    hb.setInfo({ shard, version: state.version })
+    if (o.resume === false) yield* store.clear(job.job, shard)
+    const found = o.resume === false ? undefined : yield* loadCheckpoint(store, job.job, shard, Infinity, logCorrupt)
+    const init = yield* fromCheckpoint(found?.checkpoint)
+    const incarnation = Date.now()
+    const state = initialState(
+      {
+        subjects: s, job: job.job, id, shard, shards: job.topology.psShards, steps: job.train.steps, checkpointEvery: job.train.checkpointEvery,
+        minWorkers: o.minWorkers ?? job.topology.workers, decisionWaitMs: Math.max(1_000, 4 * job.train.heartbeatMs), resendMs: 500
+      },
+      init.core,
+      { incarnation, schedule: init.schedule, now: Date.now() }
+    )
+    yield* Effect.logInfo(
+      found
+        ? `ps ${id}: resumed shard ${shard} at version ${state.core.version} from ${found.path} (incarnation ${incarnation})`
+        : `ps ${id}: shard ${shard} starts fresh at version 0 (incarnation ${incarnation})`
+    )
+    yield* Effect.logInfo(`ps ${id}: shard ${shard}/${job.topology.psShards} owns ${specs.length} tensors, ${specs.reduce((n, sp) => n + numel(sp.shape), 0)} params, ${state.core.consistency.mode}`)
+
     const finished = yield* Deferred.make<void>()
-    let paused = false
-    /** told to stop: checkpointed, applies nothing more. */
-    let stopped = false
-    let done = state.version >= job.train.steps
-    const minWorkers = o.minWorkers ?? job.topology.workers
-    let started = state.version > 0
+    const queue = yield* Queue.unbounded<PsEvent>()
+    const offer = (e: PsEvent) => Effect.sync(() => void Queue.offerUnsafe(queue, e))
+    const hb = yield* runHeartbeat(s, "ps", id, job.train.heartbeatMs)
+    const setInfo = () => hb.setInfo({ shard, version: state.core.version, incarnation: state.incarnation })
+    setInfo()
 
-    const paramsBundle = (): TensorBundle => ({
-      tensors: specs.map((sp) => ({ name: sp.name, dtype: "float32" as const, shape: sp.shape, data: state.params.get(sp.name)! })),
-      meta: { kind: "params", job: job.job, version: state.version, step: state.version, sender: id, codec: "f32", extra: { shard } }
-    })
+    // ---- effects
+    const checkpoint = (why: string) =>
+      saveCheckpoint(store, {
+        job: job.job, shard, version: state.core.version, updates: state.core.updates, optimizer: state.core.optimizer.config,
+        consistency: state.core.consistency, log: state.core.log.toJSON(), schedule: state.schedule,
+        params: state.core.params, shapes: new Map(specs.map((sp) => [sp.name, sp.shape])), slots: state.core.slots
+      }).pipe(Effect.flatMap((r) => Effect.logInfo(`ps ${id}: checkpoint ${r.where} (${why})`)))
 
-    const checkpoint = Effect.sync(() =>
-      writeCheckpoint(dir, {
-        job: job.job, shard, version: state.version, updates: state.updates, optimizer: state.optimizer.config,
-        appliedBatches: state.applied(), params: state.params, shapes: new Map(specs.map((sp) => [sp.name, sp.shape])), slots: state.slots
-      })
-    ).pipe(Effect.tap((p) => Effect.logInfo(`ps ${id}: checkpoint ${p}`)))
-
-    const lrFor = (step: number) =>
-      bus.request(s.lr, encodeMessage({ _tag: "GetLr", v: PROTOCOL_VERSION, step }), { timeoutMs: 1_000 }).pipe(
+    const lrFor = (version: number) =>
+      bus.request(s.lr, encodeMessage({ _tag: "GetLr", v: PROTOCOL_VERSION, step: version, incarnation: state.incarnation, state: shard === 0 ? state.schedule : undefined }), { timeoutMs: 1_000 }).pipe(
         Effect.flatMap((m) => Effect.fromResult(decodeBytes(LrForStep, m.subject, m.data))),
-        Effect.map((r) => r.lr),
-        Effect.catch(() => Effect.sync(() => lrAt(schedule.success, step)))
+        Effect.retry({ times: 2 }),
+        Effect.map((r) => ({ lr: r.lr, schedule: r.state })),
+        // no scheduler: the LR its last known state gives (the job's schedule before any reply)
+        Effect.catch(() => Effect.sync(() => ({ lr: lrFrom(parseState(state.schedule) ?? initialSchedulerState(schedule.success), version), schedule: undefined })))
       )
 
-    const membership = yield* trackMembership(s, job.train.livenessMs, (e) =>
-      Effect.gen(function* () {
-        if (e.member.role !== "worker") return
-        if (e.kind === "left") {
-          state.dropMember(e.member.id)
-          yield* Effect.logInfo(`ps ${id}: worker ${e.member.id} left (${e.why}); barrier waits for [${state.waitingFor()}]`)
-          yield* tryApply
-        } else if (!started) {
-          // before the first update every live worker is in the barrier; later, a worker
-          // that joins is in the barrier of the next version
-          state.openBarrier(membership.live("worker").map((m) => m.id))
+    let stepMs = 0 // how long the last reducer step took (the update's compute), for StepApplied
+    const perform = (e: PsEffect): Effect.Effect<void> => {
+      switch (e._tag) {
+        case "Publish": {
+          const msg = (e.message as { _tag?: string })._tag === "StepApplied" ? { ...e.message, aggregateMs: stepMs, at: Date.now() } : e.message
+          return bus.publish(e.subject, encodeMessage(msg)).pipe(Effect.ignore)
         }
-      })
+        case "Reply":
+          return bus.respond(e.to, encodeMessage(e.message)).pipe(Effect.ignore)
+        case "ReplyParams":
+          return replyWithBundle(bus, e.to, paramsBundle(state)).pipe(Effect.ignore)
+        case "BroadcastParams":
+          return sendBundle(bus, s.psVersion(shard), paramsBundle(state)).pipe(
+            Effect.tap((sent) => Effect.sync(() => metrics.addBytes("sent", sent.bytes, "params"))),
+            Effect.withSpan("ps.broadcast_version"),
+            Effect.ignore
+          )
+        case "RequestLr":
+          return Effect.asVoid(Effect.forkIn(lrFor(e.version).pipe(Effect.flatMap((r) => offer({ _tag: "LrResolved", version: e.version + 1, lr: r.lr, schedule: r.schedule }))), scope))
+        case "RequestDecision":
+          return Effect.asVoid(
+            Effect.forkIn(ParamServerClient.decision(bus, s, e.version).pipe(Effect.flatMap((d) => offer({ _tag: "Decided", msg: d })), Effect.ignore), scope)
+          )
+        case "Reject":
+          return reject(e.rejection, e.replyTo).pipe(
+            Effect.flatMap((msg) => (e.ackTo ? bus.publish(s.psAck(shard, e.ackTo), encodeMessage(msg)).pipe(Effect.ignore) : Effect.void))
+          )
+        case "Applied":
+          return Effect.sync(() => {
+            metrics.addSteps()
+            metrics.recordLearningRate(e.step.lr)
+            metrics.recordStaleness(e.step.maxStaleness)
+            metrics.recordStepTimes({ aggregate: stepMs })
+          })
+        case "Checkpoint":
+          return checkpoint(e.why).pipe(Effect.catchCause((c) => Effect.logError(`ps ${id}: checkpoint failed`, c)))
+        case "Rollback":
+          return loadCheckpoint(store, job.job, shard, e.atMost, logCorrupt).pipe(
+            Effect.flatMap((f) =>
+              fromCheckpoint(f?.checkpoint).pipe(
+                Effect.flatMap((r) => offer({ _tag: "Restored", core: r.core, schedule: r.schedule, incarnation: Date.now(), from: `${e.why}; ${f ? f.path : "no checkpoint at or below it: fresh init"}` }))
+              )
+            ),
+            Effect.catchCause((c) => Effect.logError(`ps ${id}: rollback failed`, c))
+          )
+        case "Finished":
+          return Deferred.succeed(finished, undefined).pipe(Effect.asVoid)
+        case "Log":
+          return e.level === "warn" ? Effect.logWarning(`ps ${id}: ${e.message}`) : Effect.logInfo(`ps ${id}: ${e.message}`)
+      }
+    }
+
+    // a clean stop checkpoints what the mailbox reached (added before the mailbox fiber, so it runs after it ends)
+    yield* Effect.addFinalizer(() => (state.done || state.stopped ? Effect.void : checkpoint("shutting down").pipe(Effect.ignore)))
+
+    // ---- the mailbox: one fiber, one queue, the reducer, the effects in order
+    yield* Effect.forkScoped(
+      Effect.forever(
+        Effect.gen(function* () {
+          const e = yield* Queue.take(queue)
+          const t0 = performance.now()
+          const effects = step(state, e)
+          stepMs = performance.now() - t0
+          for (const eff of effects) yield* perform(eff)
+          setInfo()
+        })
+      )
     )
 
-    // One apply at a time. tryApply is called from several fibers (gradients, membership,
-    // control) and yields (the LR request) between `ready()` and `apply()`: without the
-    // lock a second caller passed the same check and applied again with nothing pending —
-    // a zero-gradient step past the last version (seen over NATS: shard 0 at version 4 of 3).
-    const applyLock = Semaphore.makeUnsafe(1)
-    // sync with several shards: shard 0 decides each version's senders, the others follow
-    // (aggregate.ts `follow`), so all shards apply the same batches to the same version
-    const following = shard > 0 && job.topology.psShards > 1
-    if (following) state.follow()
-    const tryApply: Effect.Effect<void> = applyLock.withPermit(Effect.suspend(() => {
-      if (done || paused || !state.ready()) return Effect.void
-      if (!started && !following) {
-        const live = membership.live("worker").map((m) => m.id)
-        if (live.length < minWorkers) return Effect.void
-        started = true
-      }
-      return Effect.gen(function* () {
-        const t0 = performance.now()
-        const lr = yield* lrFor(state.version)
-        const step = yield* Effect.sync(() => state.apply(lr)).pipe(
-          Effect.withSpan("ps.aggregate_apply", { attributes: { "flotilla.shard": shard, "flotilla.version": state.version } })
-        )
-        for (const p of state.dropped) {
-          yield* reject({ code: "stale", reason: `shard 0 applied version ${step.version} without this gradient (batch ${p.batchId})`, subject: s.psPush(shard), sender: p.sender, step: p.version })
-        }
-        done = step.version >= job.train.steps
-        hb.setInfo({ shard, version: state.version })
-        if (state.consistency.mode === "sync") state.openBarrier(membership.live("worker").map((m) => m.id))
-        const sent = yield* sendBundle(bus, s.psVersion(shard), paramsBundle()).pipe(Effect.orDie, Effect.withSpan("ps.broadcast_version"))
-        const ev: StepApplied = {
-          _tag: "StepApplied", v: PROTOCOL_VERSION, shard, version: step.version, batchIds: step.batchIds, contributors: step.contributors,
-          samples: step.samples, tokens: step.tokens, loss: step.loss, lr: step.lr, gradNorm: Number.isFinite(step.gradNorm) ? step.gradNorm : -1,
-          maxStaleness: step.maxStaleness, aggregateMs: performance.now() - t0, at: Date.now(), final: done
-        }
-        yield* bus.publish(s.psApplied(shard), encodeMessage(ev)).pipe(Effect.orDie)
-        metrics.addSteps()
-        metrics.recordLearningRate(step.lr)
-        metrics.recordStaleness(step.maxStaleness)
-        metrics.recordStepTimes({ aggregate: ev.aggregateMs })
-        metrics.addBytes("sent", sent.bytes, "params")
-        if (done || (job.train.checkpointEvery > 0 && step.version % job.train.checkpointEvery === 0)) yield* checkpoint
-        if (done) yield* Deferred.succeed(finished, undefined)
-      })
-    }))
-
-    if (following) {
-      yield* bus.subscribe(s.psApplied(0), (m) => {
-        const r = decodeBytes(StepApplied, m.subject, m.data)
-        if (Result.isFailure(r)) return Effect.logWarning(r.failure.message)
-        state.decided(r.success.version, r.success.contributors)
-        return tryApply
-      })
-    }
+    // ---- inputs: everything below only decodes at the edge and enqueues
+    yield* trackMembership(s, job.train.livenessMs, (e) =>
+      e.member.role !== "worker" ? Effect.void : offer(e.kind === "left" ? { _tag: "MemberLeft", id: e.member.id, why: e.why } : { _tag: "MemberJoined", id: e.member.id })
+    )
+    yield* bus.subscribe(s.hbRole("ps"), (m) => {
+      const hb = decodeBytes(Heartbeat, m.subject, m.data)
+      if (Result.isFailure(hb) || hb.success.state === "leaving") return Effect.void
+      const i = hb.success.info ?? {}
+      const [k, inc, ver] = [Number(i.shard), Number(i.incarnation), Number(i.version)]
+      return Number.isInteger(k) && Number.isFinite(inc) && Number.isInteger(ver) ? offer({ _tag: "PeerSeen", shard: k, incarnation: inc, version: ver }) : Effect.void
+    })
 
     const onGrads = (bundle: TensorBundle, info: { readonly subject: string; readonly bytes: number }) =>
       Effect.gen(function* () {
         const m = bundle.meta
         metrics.addBytes("received", info.bytes, m.kind)
-        if (m.kind !== "grads" || m.job !== job.job) {
-          yield* reject({ code: "bad-message", reason: `expected a grads bundle of job ${job.job}, got ${m.kind} of ${m.job}`, subject: info.subject, sender: m.sender })
-          return
-        }
-        if (done) {
-          yield* reject({ code: "stale", reason: `the job finished at version ${state.version}`, subject: info.subject, sender: m.sender, step: m.version })
-          return
-        }
+        const bad = (code: "bad-message" | "wrong-job", reason: string) =>
+          reject({ code, reason, subject: info.subject, sender: m.sender }).pipe(
+            Effect.flatMap((msg) => (/^[A-Za-z0-9_-]{1,64}$/.test(m.sender) ? bus.publish(s.psAck(shard, m.sender), encodeMessage(msg)).pipe(Effect.ignore) : Effect.void))
+          )
+        if (m.kind !== "grads") return yield* bad("bad-message", `expected a grads bundle, got ${m.kind}`)
+        if (m.job !== job.job) return yield* bad("wrong-job", `expected job ${job.job}, got ${m.job}`)
+        const g = decodeValue(GradMeta, `${info.subject} meta.extra`, m.extra ?? {})
+        if (Result.isFailure(g)) return yield* bad("bad-message", g.failure.reason)
+        const x = g.success
         const grads = new Map<string, Float32Array>()
         for (const t of bundle.tensors) grads.set(t.name, fromWire(t))
-        const extra = m.extra ?? {}
-        const admitted = state.admit({
-          sender: m.sender, version: m.version, batchId: m.batchId ?? "", samples: Number(extra.samples ?? 0),
-          tokens: Number(extra.tokens ?? 0), loss: Number(extra.loss ?? Number.NaN), grads
+        yield* offer({
+          _tag: "GradientsReceived", subject: info.subject, incarnation: x.incarnation,
+          push: { sender: m.sender, version: m.version, batchId: m.batchId ?? x.micro, samples: x.samples, tokens: x.tokens, loss: x.loss, grads, epochBatches: x.epochBatches, normSq: x.normSq }
         })
-        if (!admitted.ok) {
-          yield* reject({ code: admitted.code, reason: admitted.reason, subject: info.subject, sender: m.sender, step: m.version })
-          // a refused push may release its sender from the sync barrier (aggregate.ts admit)
-          yield* tryApply
-          return
-        }
-        yield* tryApply
       })
-
     yield* receiveBundles(bus, s.psPush(shard), onGrads, {
       onError: (e, info) => reject({ code: "wire", reason: e.message, subject: info.subject }).pipe(Effect.asVoid)
     })
 
-    yield* bus.subscribe(s.psPull(shard), (m: BusMessage) =>
-      Effect.gen(function* () {
-        const r = decodeBytes(PullParams, m.subject, m.data)
-        if (Result.isFailure(r)) {
-          yield* reject({ code: "bad-message", reason: r.failure.reason, subject: m.subject }, m)
-          return
-        }
-        yield* replyWithBundle(bus, m, paramsBundle())
+    const request = <A>(schema: Parameters<typeof decodeBytes>[0], subject: string, toEvent: (m: import("../../shared/bus/Bus.ts").BusMessage, a: A) => PsEvent) =>
+      bus.subscribe(subject, (m) => {
+        const r = decodeBytes(schema, m.subject, m.data)
+        return Result.isFailure(r) ? reject({ code: "bad-message", reason: r.failure.reason, subject: m.subject }, m).pipe(Effect.asVoid) : offer(toEvent(m, r.success as A))
       })
-    )
-
-    yield* Effect.addFinalizer(() => (done || stopped ? Effect.void : checkpoint.pipe(Effect.ignore)))
-
-    const setPaused = (p: boolean) => {
-      paused = p || stopped
-      hb.setState(paused ? "paused" : "running")
-      if (!paused) Effect.runFork(tryApply)
+    yield* request(PullParams, s.psPull(shard), (m) => ({ _tag: "PullRequested", reply: m }))
+    yield* request(GetAppliedLog, s.psLog(shard), (m) => ({ _tag: "LogRequested", reply: m }))
+    if (shard === 0) {
+      yield* request<GetDecision>(GetDecision, s.psDecision, (m, d) => ({ _tag: "DecisionRequested", reply: m, version: d.version }))
+      yield* bus.subscribe(s.psHeldAll, (m) => {
+        const r = decodeBytes(GradientsHeld, m.subject, m.data)
+        return Result.isSuccess(r) ? offer({ _tag: "HeldReported", msg: r.success }) : Effect.logWarning(r.failure.message)
+      })
+    } else {
+      yield* bus.subscribe(s.psDecided, (m) => {
+        const r = decodeBytes(StepDecided, m.subject, m.data)
+        return Result.isSuccess(r) ? offer({ _tag: "Decided", msg: r.success }) : Effect.logWarning(r.failure.message)
+      })
     }
-    yield* onControl(s, {
-      pause: () => Effect.sync(() => setPaused(true)),
-      resume: () => Effect.sync(() => setPaused(false)),
-      // under the apply lock: an update in flight finishes first, so the checkpoint holds it
-      checkpoint: () => applyLock.withPermit(checkpoint),
-      stop: () =>
-        applyLock.withPermit(
-          Effect.gen(function* () {
-            setPaused(true)
-            if (!done && !stopped) yield* checkpoint
-            stopped = true
-          })
-        ),
-      // new hyperparameters, same slots (setHyperparams refuses a change of state layout)
-      "set-optimizer": (c) =>
-        Effect.gen(function* () {
-          const next = setHyperparams(state.optimizer.config, c.patch as OptimizerPatch)
-          if (Result.isFailure(next)) return yield* Effect.logError(`ps ${id}: set-optimizer: ${next.failure.message}`)
-          state.optimizer = makeOptimizer(next.success)
-          yield* Effect.logInfo(`ps ${id}: optimizer → ${JSON.stringify(next.success)}`)
-        }),
-      "set-consistency": (c) =>
-        Effect.gen(function* () {
-          state.consistency = c.mode === "bounded" ? { mode: "bounded", staleness: c.staleness ?? 0 } : { mode: c.mode }
-          if (c.mode === "sync") state.openBarrier(membership.live("worker").map((m) => m.id))
-          yield* Effect.logInfo(`ps ${id}: consistency → ${JSON.stringify(state.consistency)}`)
-          yield* tryApply
-        })
+    yield* bus.subscribe(s.psNormAll, (m) => {
+      const r = decodeBytes(NormShare, m.subject, m.data)
+      return Result.isSuccess(r) ? offer({ _tag: "NormShared", msg: r.success }) : Effect.logWarning(r.failure.message)
     })
+    const verbs: ReadonlyArray<CommandVerb> = ["pause", "resume", "checkpoint", "stop", "set-optimizer", "set-consistency"]
+    yield* onControl(s, Object.fromEntries(verbs.filter((v) => (CONTROL_VERBS as readonly string[]).includes(v)).map((v) => [v, (_: unknown, ev: never) => offer({ _tag: "ControlApplied", event: ev })])))
+    yield* Effect.forkScoped(Effect.forever(Effect.sleep(TICK_MS).pipe(Effect.andThen(offer({ _tag: "Tick", now: Date.now() })))))
 
+    // announce this incarnation: workers waiting on the old one pick up these params at once
+    yield* Queue.offer(queue, { _tag: "Tick", now: Date.now() })
+    yield* sendBundle(bus, s.psVersion(shard), paramsBundle(state)).pipe(Effect.ignore)
     return {
-      state,
-      finished,
-      checkpoint: () => checkpoint,
-      setPaused
+      get state() {
+        return state.core
+      },
+      actor: () => state,
+      finished
     } satisfies ParamServerHandle
   })

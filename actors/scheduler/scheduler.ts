@@ -1,14 +1,18 @@
 /**
  * Implements: the LR scheduler actor.
  *
- * Owns: the schedule (shared/schedule) and its live state (reduce-on-plateau counters).
- * Answers `GetLr { step }` on `lr` (queue group `scheduler`) with the LR of that step
- * and publishes each new step's LR on `metrics.scheduler`. A pure function of (schedule,
- * step) except for plateau, which listens to `ValidationLoss` on `metrics.evaluator`.
- * Run alone: `flotilla launch scheduler --job FILE`.
+ * Owns: the schedule's live state (shared/schedule/state.ts: the schedule, plateau
+ * counters, `set-lr` overrides). Answers `GetLr { step }` on `lr` (queue group `scheduler`)
+ * with the LR of that step and its whole state, and publishes each new step's LR on
+ * `metrics.scheduler`; listens to `ValidationLoss` (reduce-on-plateau) and to set-lr /
+ * set-schedule. One mailbox: the subscriptions only enqueue; one fiber applies the pure
+ * transitions of state.ts and replies. Parameter-server shard 0 sends the state it holds
+ * with each request: a scheduler that just started, or that sees a new server incarnation
+ * (a restart or a rollback), adopts it, so the LRs continue exactly where the checkpoint
+ * left them. Run alone: `flotilla launch scheduler --job FILE`.
  */
-import { Effect, Result, Scope } from "effect"
-import { Bus } from "../../shared/bus/Bus.ts"
+import { Effect, Queue, Result, Scope } from "effect"
+import { Bus, type BusMessage } from "../../shared/bus/Bus.ts"
 import { onControl } from "../../shared/actor/control-listener.ts"
 import { runHeartbeat } from "../../shared/actor/membership.ts"
 import { makeReporter } from "../../shared/actor/report.ts"
@@ -16,8 +20,8 @@ import type { JobConfig } from "../../shared/config/job.ts"
 import { decodeBytes, encodeMessage } from "../../shared/protocol/decode.ts"
 import { GetLr, ValidationLoss, type LrForStep } from "../../shared/protocol/messages.ts"
 import { PROTOCOL_VERSION, queues, subjects } from "../../shared/protocol/subjects.ts"
-import { plateauInit, plateauObserve, type PlateauState } from "../../shared/schedule/plateau.ts"
-import { lrAt, resolveSchedule, type Schedule, type ScheduleInput } from "../../shared/schedule/schedules.ts"
+import { resolveSchedule, type Schedule, type ScheduleInput } from "../../shared/schedule/schedules.ts"
+import { initialState, lrFrom, observeLoss, parseState, queried, setLr, setSchedule, type SchedulerState } from "../../shared/schedule/state.ts"
 
 export interface SchedulerOptions {
   readonly job: JobConfig
@@ -29,6 +33,12 @@ export interface SchedulerHandle {
   readonly schedule: () => Schedule
 }
 
+type Event =
+  | { readonly _tag: "LrAsked"; readonly msg: BusMessage; readonly req: GetLr }
+  | { readonly _tag: "LossObserved"; readonly loss: number }
+  | { readonly _tag: "LrSet"; readonly lr: number; readonly fromStep?: number }
+  | { readonly _tag: "ScheduleSet"; readonly schedule: unknown }
+
 export const runScheduler = (o: SchedulerOptions): Effect.Effect<SchedulerHandle, Error, Bus | Scope.Scope> =>
   Effect.gen(function* () {
     const bus = yield* Bus
@@ -36,68 +46,70 @@ export const runScheduler = (o: SchedulerOptions): Effect.Effect<SchedulerHandle
     const reject = makeReporter(bus, s, o.id)
     const resolved = resolveSchedule(o.job.schedule as unknown as ScheduleInput)
     if (Result.isFailure(resolved)) return yield* Effect.fail(new Error(`schedule: ${resolved.failure.message}`))
-    let schedule: Schedule = resolved.success
-    let plateau: PlateauState | undefined = schedule.kind === "plateau" ? plateauInit(schedule, schedule.lr) : undefined
-    let announced = -1
-    /** live `set-lr`s, oldest first: the newest whose fromStep <= step decides (until a set-schedule). */
-    let overrides: Array<{ readonly lr: number; readonly fromStep: number }> = []
+    let state: SchedulerState = initialState(resolved.success)
+    /** the server incarnation whose state was adopted (undefined: none yet). */
+    let adoptedFrom: number | undefined
+    const queue = yield* Queue.unbounded<Event>()
+    const offer = (e: Event) => Effect.sync(() => void Queue.offerUnsafe(queue, e))
 
-    const lrFor = (step: number) => {
-      for (let i = overrides.length - 1; i >= 0; i--) if (step >= overrides[i].fromStep) return overrides[i].lr
-      return plateau ? plateau.lr : lrAt(schedule, step)
+    const handle = (e: Event): Effect.Effect<void> => {
+      switch (e._tag) {
+        case "LrAsked": {
+          const r = e.req
+          if (r.state !== undefined && r.incarnation !== undefined && r.incarnation !== adoptedFrom) {
+            const adopted = parseState(r.state)
+            adoptedFrom = r.incarnation
+            if (adopted) {
+              state = adopted
+              return Effect.logInfo(`scheduler ${o.id}: adopted the state of server incarnation ${r.incarnation} (step ${adopted.announced})`).pipe(Effect.andThen(handle(e)))
+            }
+          }
+          const fresh = r.step > state.announced
+          state = queried(state, r.step)
+          const reply: LrForStep = { _tag: "LrForStep", v: PROTOCOL_VERSION, step: r.step, lr: lrFrom(state, r.step), schedule: state.schedule.kind, state }
+          const bytes = encodeMessage(reply)
+          return bus.respond(e.msg, bytes).pipe(
+            Effect.andThen(fresh ? bus.publish(s.metrics("scheduler"), bytes) : Effect.void),
+            Effect.ignore
+          )
+        }
+        case "LossObserved": {
+          const next = observeLoss(state, e.loss)
+          state = next.state
+          return next.reduced ? Effect.logInfo(`scheduler: validation loss plateaued, lr → ${next.lr}`) : Effect.void
+        }
+        case "LrSet":
+          state = setLr(state, e.lr, e.fromStep)
+          return Effect.logInfo(`scheduler ${o.id}: lr → ${e.lr}${e.fromStep === undefined ? "" : ` from step ${e.fromStep}`}`)
+        case "ScheduleSet": {
+          const r = setSchedule(state, e.schedule)
+          if (Result.isFailure(r)) return Effect.logError(`scheduler ${o.id}: set-schedule: ${r.failure}`)
+          state = r.success
+          return Effect.logInfo(`scheduler ${o.id}: schedule → ${JSON.stringify(state.schedule)}`)
+        }
+      }
     }
-    const describe = () => JSON.stringify(schedule)
+    yield* Effect.forkScoped(Effect.forever(Queue.take(queue).pipe(Effect.flatMap(handle))))
 
     yield* bus.subscribe(
       s.lr,
-      (m) =>
-        Effect.gen(function* () {
-          const r = decodeBytes(GetLr, m.subject, m.data)
-          if (Result.isFailure(r)) {
-            yield* reject({ code: "bad-message", reason: r.failure.reason, subject: m.subject }, m)
-            return
-          }
-          const reply: LrForStep = { _tag: "LrForStep", v: PROTOCOL_VERSION, step: r.success.step, lr: lrFor(r.success.step), schedule: schedule.kind }
-          const bytes = encodeMessage(reply)
-          yield* bus.respond(m, bytes)
-          if (r.success.step > announced) {
-            announced = r.success.step
-            yield* bus.publish(s.metrics("scheduler"), bytes).pipe(Effect.ignore)
-          }
-        }),
+      (m) => {
+        const r = decodeBytes(GetLr, m.subject, m.data)
+        return Result.isFailure(r) ? reject({ code: "bad-message", reason: r.failure.reason, subject: m.subject }, m).pipe(Effect.asVoid) : offer({ _tag: "LrAsked", msg: m, req: r.success })
+      },
       { queue: queues.scheduler }
     )
-
     // listened to whatever the schedule: a set-schedule may switch to plateau later
     yield* bus.subscribe(s.metrics("evaluator"), (m) => {
       const r = decodeBytes(ValidationLoss, m.subject, m.data)
-      if (Result.isFailure(r) || !plateau) return Effect.void
-      const next = plateauObserve(plateau, r.success.loss)
-      plateau = next.state
-      return next.reduced ? Effect.logInfo(`scheduler: validation loss plateaued, lr → ${next.lr}`) : Effect.void
+      return Result.isSuccess(r) ? offer({ _tag: "LossObserved", loss: r.success.loss }) : Effect.void
     })
-
     yield* onControl(s, {
-      "set-lr": (c) =>
-        Effect.sync(() => {
-          const from = c.fromStep ?? 0
-          if (plateau && c.fromStep === undefined) {
-            plateau = { ...plateau, lr: c.lr } // later reductions start from it
-            overrides = overrides.filter((x) => x.fromStep > announced)
-          } else overrides = [...overrides.filter((x) => x.fromStep < from), { lr: c.lr, fromStep: from }]
-        }).pipe(Effect.andThen(Effect.logInfo(`scheduler ${o.id}: lr → ${c.lr}${c.fromStep === undefined ? "" : ` from step ${c.fromStep}`}`))),
-      "set-schedule": (c) =>
-        Effect.gen(function* () {
-          const r = resolveSchedule(c.schedule as unknown as ScheduleInput)
-          if (Result.isFailure(r)) return yield* Effect.logError(`scheduler ${o.id}: set-schedule: ${r.failure.message}`)
-          schedule = r.success
-          plateau = schedule.kind === "plateau" ? plateauInit(schedule, schedule.lr) : undefined
-          overrides = []
-          yield* Effect.logInfo(`scheduler ${o.id}: schedule → ${describe()}`)
-        })
+      "set-lr": (c) => offer({ _tag: "LrSet", lr: c.lr, fromStep: c.fromStep }),
+      "set-schedule": (c) => offer({ _tag: "ScheduleSet", schedule: c.schedule })
     })
 
     yield* runHeartbeat(s, "scheduler", o.id, o.job.train.heartbeatMs)
-    yield* Effect.logDebug(`scheduler ${o.id}: ${describe()}`)
-    return { lrFor, schedule: () => schedule }
+    yield* Effect.logDebug(`scheduler ${o.id}: ${JSON.stringify(state.schedule)}`)
+    return { lrFor: (step: number) => lrFrom(state, step), schedule: () => state.schedule }
   })

@@ -13,6 +13,7 @@ import { parse as parseYaml } from "yaml"
 import { decodeValue } from "../protocol/decode.ts"
 import { resolveOptimizer } from "../optim/optimizers.ts"
 import { resolveSchedule } from "../schedule/schedules.ts"
+import { TOKEN_PATTERN } from "../protocol/subjects.ts"
 
 const PosInt = Schema.Int.check(Schema.isGreaterThan(0))
 const NonNegInt = Schema.Int.check(Schema.isGreaterThanOrEqualTo(0))
@@ -49,7 +50,7 @@ const Loose = Schema.Record(Schema.String, Schema.Unknown)
 
 export const JobConfig = Schema.Struct({
   /** job name: the `<job>` token of every subject. */
-  job: Schema.String.check(Schema.isPattern(/^[A-Za-z0-9_-]{1,64}$/)),
+  job: Schema.String.check(Schema.isPattern(TOKEN_PATTERN)),
   model: Schema.Union([GptModel, LstmModel]),
   data: Schema.Struct({
     /** "moby-dick" (bundled), a text file, or a folder of .txt/.md files. */

@@ -14,11 +14,10 @@
  */
 import { Result, Schema, SchemaIssue } from "effect"
 import { ProtocolDecodeError } from "./decode.ts"
-import { ErrorCode } from "./messages.ts"
+import { ErrorCode, Id } from "./messages.ts"
 import { PROTOCOL_VERSION } from "./subjects.ts"
 
 const V = Schema.Literal(PROTOCOL_VERSION)
-const Id = Schema.String.check(Schema.isPattern(/^[A-Za-z0-9_-]{1,64}$/))
 const RequestId = Schema.String.check(Schema.isMinLength(1), Schema.isMaxLength(128))
 const NonNeg = Schema.Finite.check(Schema.isGreaterThanOrEqualTo(0))
 const NonNegInt = Schema.Int.check(Schema.isGreaterThanOrEqualTo(0))
@@ -163,7 +162,9 @@ export const ActorStatus = Schema.Struct({
   pid: NonNegInt,
   heartbeatAgeMs: NonNeg,
   state: Schema.String,
-  info: Schema.optional(Schema.Record(Schema.String, Schema.Union([Schema.String, Schema.Number])))
+  info: Schema.optional(Schema.Record(Schema.String, Schema.Union([Schema.String, Schema.Number]))),
+  /** times its supervisor restarted it (from its heartbeats; absent from older actors). */
+  restarts: Schema.optional(NonNegInt)
 })
 export type ActorStatus = typeof ActorStatus.Type
 

@@ -8,10 +8,11 @@
  * Control-plane messages live in shared/protocol/control.ts.
  */
 import { Schema } from "effect"
-import { PROTOCOL_VERSION } from "./subjects.ts"
+import { AppliedLogJson } from "./applied-log.ts"
+import { PROTOCOL_VERSION, ROLES, TOKEN_PATTERN } from "./subjects.ts"
 
 const V = Schema.Literal(PROTOCOL_VERSION)
-const Id = Schema.String.check(Schema.isPattern(/^[A-Za-z0-9_-]{1,64}$/))
+export const Id = Schema.String.check(Schema.isPattern(TOKEN_PATTERN))
 const NonNeg = Schema.Finite.check(Schema.isGreaterThanOrEqualTo(0))
 const NonNegInt = Schema.Int.check(Schema.isGreaterThanOrEqualTo(0))
 const Split = Schema.Literals(["train", "val"])
@@ -22,7 +23,7 @@ const Split = Schema.Literals(["train", "val"])
 export const Heartbeat = Schema.Struct({
   _tag: Schema.Literal("Heartbeat"),
   v: V,
-  role: Schema.Literals(["loader", "worker", "evaluator", "ps", "scheduler", "quantizer", "driver", "ctl"]),
+  role: Schema.Literals(ROLES),
   id: Id,
   host: Schema.String,
   pid: NonNegInt,
@@ -30,7 +31,9 @@ export const Heartbeat = Schema.Struct({
   seq: NonNegInt,
   /** `leaving` is sent once on a clean shutdown so barriers drop the actor at once. */
   state: Schema.Literals(["running", "paused", "leaving"]),
-  info: Schema.optional(Schema.Record(Schema.String, Schema.Union([Schema.String, Schema.Number])))
+  info: Schema.optional(Schema.Record(Schema.String, Schema.Union([Schema.String, Schema.Number]))),
+  /** how many times a supervisor (`flotilla up`) has restarted this actor ($FLOTILLA_RESTARTS); absent = 0. */
+  restarts: Schema.optional(NonNegInt)
 })
 export type Heartbeat = typeof Heartbeat.Type
 
@@ -61,7 +64,15 @@ export const BatchLeased = Schema.Struct({
   B: NonNegInt,
   T: NonNegInt,
   attempt: NonNegInt,
-  leaseMs: NonNeg
+  leaseMs: NonNeg,
+  /**
+   * The loader's lease generation: a new one each time the loader (re)builds its table
+   * (its start, a parameter-server rollback). A release or failure names it, and one of an
+   * older generation is ignored.
+   */
+  gen: NonNegInt,
+  /** batches in an epoch (all loader shards together): lets servers compact their applied log. */
+  epochBatches: NonNegInt
 })
 export type BatchLeased = typeof BatchLeased.Type
 
@@ -69,7 +80,7 @@ export type BatchLeased = typeof BatchLeased.Type
 export const NoBatch = Schema.Struct({
   _tag: Schema.Literal("NoBatch"),
   v: V,
-  reason: Schema.Literals(["all-leased", "exhausted", "paused"]),
+  reason: Schema.Literals(["all-leased", "exhausted", "paused", "rebuilding"]),
   retryAfterMs: NonNeg
 })
 export type NoBatch = typeof NoBatch.Type
@@ -80,6 +91,8 @@ export const BatchFailed = Schema.Struct({
   v: V,
   worker: Id,
   batchId: Schema.String,
+  /** the lease generation (BatchLeased.gen) the batch was leased under. */
+  gen: NonNegInt,
   reason: Schema.String
 })
 export type BatchFailed = typeof BatchFailed.Type
@@ -95,11 +108,113 @@ export const PullParams = Schema.Struct({
 })
 export type PullParams = typeof PullParams.Type
 
+/**
+ * `meta.extra` of a `grads` bundle (shared/wire), decoded by the parameter server.
+ * `micro` lists the micro-batches (one, or train.accumulate of them); each is applied
+ * exactly once. `incarnation` is the server incarnation whose params were used.
+ */
+export const GradMeta = Schema.Struct({
+  samples: Schema.Int.check(Schema.isGreaterThan(0)),
+  tokens: NonNegInt,
+  loss: Schema.Finite,
+  /** squared L2 norm of the worker's whole gradient (all shards): async/bounded clipping. */
+  normSq: NonNeg,
+  /** micro-batch ids joined by "+" (wire extra values are strings or numbers). */
+  micro: Schema.String,
+  gen: NonNegInt,
+  epochBatches: NonNegInt,
+  incarnation: NonNeg
+})
+export type GradMeta = typeof GradMeta.Type
+
+/** `meta.extra` of a `params` bundle. */
+export const ParamsMeta = Schema.Struct({
+  shard: NonNegInt,
+  /** when this server process started (ms): a new one means a restart, maybe at a lower version. */
+  incarnation: NonNeg
+})
+export type ParamsMeta = typeof ParamsMeta.Type
+
+/**
+ * on `ps.<k>.ack.<worker>`: shard k holds (or already applied) the worker's gradient. A
+ * worker resends a push that is not acknowledged in time; the resend is idempotent.
+ */
+export const PushAck = Schema.Struct({
+  _tag: Schema.Literal("PushAck"),
+  v: V,
+  shard: NonNegInt,
+  incarnation: NonNeg,
+  sender: Id,
+  batchId: Schema.String,
+  /** the version the gradient was computed on. */
+  version: NonNegInt,
+  status: Schema.Literals(["held", "applied"])
+})
+export type PushAck = typeof PushAck.Type
+
+/** on `ps.<k>.held` (follower shards, sync): the gradients shard k holds for `version`. */
+export const GradientsHeld = Schema.Struct({
+  _tag: Schema.Literal("GradientsHeld"),
+  v: V,
+  shard: NonNegInt,
+  incarnation: NonNeg,
+  version: NonNegInt,
+  held: Schema.Array(Schema.Struct({ sender: Id, batchId: Schema.String }))
+})
+export type GradientsHeld = typeof GradientsHeld.Type
+
+/** on `ps.<k>.norm` (sync, several shards, clipping on): shard k's squared norm of the aggregate. */
+export const NormShare = Schema.Struct({
+  _tag: Schema.Literal("NormShare"),
+  v: V,
+  shard: NonNegInt,
+  incarnation: NonNeg,
+  /** the version being produced. */
+  version: NonNegInt,
+  sumSq: NonNeg
+})
+export type NormShare = typeof NormShare.Type
+
+/**
+ * on `ps.0.decided` (sync, several shards): shard 0 chose these gradients and this LR for
+ * `version`; every shard applies exactly them (a follower that missed it asks `ps.0.decision`).
+ */
+export const StepDecided = Schema.Struct({
+  _tag: Schema.Literal("StepDecided"),
+  v: V,
+  shard: NonNegInt,
+  incarnation: NonNeg,
+  /** the version being produced. */
+  version: NonNegInt,
+  chosen: Schema.Array(Schema.Struct({ sender: Id, batchId: Schema.String })),
+  lr: NonNeg
+})
+export type StepDecided = typeof StepDecided.Type
+
+/** request on `ps.0.decision`: shard 0's StepDecided for `version` (a follower missed it). */
+export const GetDecision = Schema.Struct({ _tag: Schema.Literal("GetDecision"), v: V, version: NonNegInt })
+export type GetDecision = typeof GetDecision.Type
+
+/** request on `ps.<k>.log`: the shard's applied log (reply AppliedLog). */
+export const GetAppliedLog = Schema.Struct({ _tag: Schema.Literal("GetAppliedLog"), v: V, from: Id })
+export type GetAppliedLog = typeof GetAppliedLog.Type
+
+export const AppliedLog = Schema.Struct({
+  _tag: Schema.Literal("AppliedLog"),
+  v: V,
+  shard: NonNegInt,
+  incarnation: NonNeg,
+  version: NonNegInt,
+  log: AppliedLogJson
+})
+export type AppliedLog = typeof AppliedLog.Type
+
 /** event on `ps.<k>.applied`: shard k produced `version` from these gradients. */
 export const StepApplied = Schema.Struct({
   _tag: Schema.Literal("StepApplied"),
   v: V,
   shard: NonNegInt,
+  incarnation: NonNeg,
   /** the new version; it was computed from gradients of version - 1 (sync). */
   version: NonNegInt,
   batchIds: Schema.Array(Schema.String),
@@ -119,8 +234,18 @@ export type StepApplied = typeof StepApplied.Type
 
 // ---------------------------------------------------------------- scheduler
 
-/** request on `lr`. */
-export const GetLr = Schema.Struct({ _tag: Schema.Literal("GetLr"), v: V, step: NonNegInt })
+/**
+ * request on `lr`. Shard 0 sends its incarnation and the scheduler state it holds (from
+ * its checkpoint, or the last reply): a scheduler that just started, or that sees a new
+ * incarnation (the server restarted or the job rolled back), adopts that state first.
+ */
+export const GetLr = Schema.Struct({
+  _tag: Schema.Literal("GetLr"),
+  v: V,
+  step: NonNegInt,
+  incarnation: Schema.optional(NonNeg),
+  state: Schema.optional(Schema.Unknown)
+})
 export type GetLr = typeof GetLr.Type
 
 /** reply on `lr`, also published on `metrics.scheduler` as the schedule advances. */
@@ -129,7 +254,13 @@ export const LrForStep = Schema.Struct({
   v: V,
   step: NonNegInt,
   lr: NonNeg,
-  schedule: Schema.String
+  schedule: Schema.String,
+  /**
+   * The scheduler's whole live state (schedule, plateau counters, set-lr overrides) as of
+   * this step: shard 0 keeps the newest in its checkpoints, and a restarted scheduler or a
+   * rollback restores it from there (SchedulerState, shared/schedule/state.ts).
+   */
+  state: Schema.optional(Schema.Unknown)
 })
 export type LrForStep = typeof LrForStep.Type
 

@@ -9,7 +9,9 @@
 /** The protocol version every message and header carries; bump on a breaking change. */
 export const PROTOCOL_VERSION = 1
 
-const TOKEN = /^[A-Za-z0-9_-]{1,64}$/
+/** The one pattern of a subject token, job name and actor id. */
+export const TOKEN_PATTERN = /^[A-Za-z0-9_-]{1,64}$/
+const TOKEN = TOKEN_PATTERN
 
 /** A subject token (job name, actor id, role, verb): letters, digits, `_` and `-`. */
 export const isToken = (s: string): boolean => TOKEN.test(s)
@@ -26,7 +28,9 @@ export const assertToken = (what: string, value: string): string => {
   return value
 }
 
-export type Role = "loader" | "worker" | "evaluator" | "ps" | "scheduler" | "quantizer" | "driver" | "ctl"
+/** Every actor role, as it appears in `hb.<role>.<id>` and `metrics.<role>`. */
+export const ROLES = ["loader", "worker", "evaluator", "ps", "scheduler", "quantizer", "driver", "ctl"] as const
+export type Role = (typeof ROLES)[number]
 
 /** All subjects of one job. Built once per actor: `const s = subjects("gpt")`. */
 export const subjects = (job: string) => {
@@ -47,6 +51,22 @@ export const subjects = (job: string) => {
     /** event: shard k applied a step (which batches, loss, timing). JSON. */
     psApplied: (shard: number) => `${p}.ps.${shard}.applied`,
     psAppliedAll: `${p}.ps.*.applied`,
+    /** shard k acknowledges a worker's push (PushAck, or a Rejected for it). */
+    psAck: (shard: number, worker: string) => `${p}.ps.${shard}.ack.${assertToken("worker id", worker)}`,
+    psAckFor: (worker: string) => `${p}.ps.*.ack.${assertToken("worker id", worker)}`,
+    psAckAll: `${p}.ps.*.ack.*`,
+    /** sync, several shards: a follower tells shard 0 which gradients it holds (GradientsHeld). */
+    psHeld: (shard: number) => `${p}.ps.${shard}.held`,
+    psHeldAll: `${p}.ps.*.held`,
+    /** sync, several shards, clipping: each shard's squared norm of the aggregate (NormShare). */
+    psNorm: (shard: number) => `${p}.ps.${shard}.norm`,
+    psNormAll: `${p}.ps.*.norm`,
+    /** sync, several shards: shard 0's choice of gradients and LR for a version (StepDecided). */
+    psDecided: `${p}.ps.0.decided`,
+    /** request/reply to shard 0: its decision (StepDecided) for a version. */
+    psDecision: `${p}.ps.0.decision`,
+    /** request/reply: shard k's applied log (AppliedLog). */
+    psLog: (shard: number) => `${p}.ps.${shard}.log`,
     /** pipeline activations / activation gradients (reserved for the pipeline issue). */
     pipeFwd: (replica: string, stage: number) => `${p}.pipe.${assertToken("replica", replica)}.${stage}.fwd`,
     pipeBwd: (replica: string, stage: number) => `${p}.pipe.${assertToken("replica", replica)}.${stage}.bwd`,
@@ -62,6 +82,8 @@ export const subjects = (job: string) => {
     history: `${p}.history`,
     hb: (role: Role, id: string) => `${p}.hb.${role}.${assertToken("actor id", id)}`,
     hbAll: `${p}.hb.>`,
+    /** the heartbeats of one role (e.g. every parameter server: their version and incarnation). */
+    hbRole: (role: Role) => `${p}.hb.${role}.*`,
     errors: `${p}.errors`
   } as const
 }

@@ -1,0 +1,448 @@
+/**
+ * Implements: the parameter server's mailbox reducer — every decision a shard makes, as a
+ * pure function `step(state, event) → effects` over a closed union of events. The shell
+ * (server.ts) turns bus messages, membership changes, LR replies, control commands and a
+ * timer into events on ONE queue, runs this reducer on each in turn, and performs the
+ * effects it returns (data: publish, reply, broadcast params, checkpoint, roll back). Only
+ * that fiber holds the state, so nothing here is locked or raced.
+ *
+ * The protocol it keeps (docs/PROTOCOL.md, docs/RELIABILITY.md):
+ *  - every admitted push is acknowledged (`PushAck` on ps.<k>.ack.<worker>), every refused
+ *    one answered with the reason there and on `errors`; a resend is idempotent;
+ *  - sync, one shard: version v+1 applies the gradients of the barrier (the live workers at
+ *    v, plus any other sender whose gradient is held); members that leave stop holding it;
+ *  - sync, several shards: followers report what they hold (`GradientsHeld`, again on every
+ *    Tick while waiting); shard 0 chooses from the gradients EVERY shard holds, so a worker
+ *    killed between its pushes to two shards never stalls a follower; the choice and the LR
+ *    go out as `StepDecided` (a follower that misses it asks `ps.0.decision`); with clipping
+ *    each shard shares its squared norm of the aggregate (`NormShare`, re-sent while
+ *    waiting) and all clip by the global norm;
+ *  - bounded / async: each held gradient is applied on its own, in arrival order, clipped by
+ *    the sender's whole-gradient norm;
+ *  - a server that restarts takes a new incarnation (its start time); with several sync
+ *    shards, a peer that sees another shard come back at a lower version rolls back to its
+ *    own checkpoint at or below it, so every shard is at one version again.
+ * The state is mutated in place (params are megabytes): `step` is pure in the sense that
+ * matters — no I/O, no clocks (time arrives in events), no randomness.
+ */
+import type { BusMessage } from "../../shared/bus/Bus.ts"
+import type { Consistency } from "../../shared/config/job.ts"
+import { makeOptimizer, setHyperparams, type OptimizerPatch } from "../../shared/optim/optimizers.ts"
+import type { ControlApplied } from "../../shared/protocol/control.ts"
+import type { GradientsHeld, NormShare, StepApplied, StepDecided } from "../../shared/protocol/messages.ts"
+import type { Rejection } from "../../shared/actor/report.ts"
+import { Result } from "effect"
+import type { AppliedStep, GradientPush, Held, ShardState } from "./aggregate.ts"
+import type { Subjects } from "../../shared/protocol/subjects.ts"
+import * as P from "./protocol.ts"
+
+export interface PsConfig {
+  readonly subjects: Subjects
+  readonly job: string
+  readonly id: string
+  readonly shard: number
+  readonly shards: number
+  readonly steps: number
+  readonly checkpointEvery: number
+  /** the first version waits until this many workers are live. */
+  readonly minWorkers: number
+  /** a follower asks shard 0 for a decision it has waited this long for. */
+  readonly decisionWaitMs: number
+  /** how often a waiting shard re-sends what its peers may have missed. */
+  readonly resendMs: number
+}
+
+type Phase =
+  | { readonly _tag: "Idle" }
+  /** asked the scheduler for the LR of `version - 1`; `pushes` will make `version`. */
+  | { readonly _tag: "AwaitingLr"; readonly version: number; readonly pushes: readonly Held[] }
+  /** sync, several shards, clipping: waiting for every shard's squared norm. */
+  | { readonly _tag: "AwaitingNorms"; readonly version: number; readonly pushes: readonly Held[]; readonly lr: number; readonly sumSq: number; sentAt: number }
+
+export interface PsState {
+  readonly cfg: PsConfig
+  core: ShardState
+  incarnation: number
+  /** live workers (membership). */
+  readonly members: Set<string>
+  /** sync leader: who the open version waits for. */
+  barrier: Set<string>
+  started: boolean
+  paused: boolean
+  stopped: boolean
+  done: boolean
+  phase: Phase
+  /** leader: what each follower holds for its version. */
+  readonly heldBy: Map<number, GradientsHeld>
+  /** leader: its recent decisions; follower: decisions received (a few). */
+  readonly decisions: Map<number, StepDecided>
+  /** norm shares of the version in AwaitingNorms, by shard; and this shard's recent own shares. */
+  readonly norms: Map<number, number>
+  readonly ownShares: Map<number, number>
+  /** what this shard knows of each peer shard. */
+  readonly peers: Map<number, { incarnation: number; version: number }>
+  /** shard 0: the scheduler state of the newest LR reply (checkpointed). */
+  schedule: unknown
+  /** follower: when it began waiting for the decision of the open version; when it last re-sent. */
+  waitingSince: number
+  lastResend: number
+  now: number
+  rollingBack: boolean
+}
+
+export type PsEvent =
+  | { readonly _tag: "GradientsReceived"; readonly push: GradientPush; readonly incarnation: number; readonly subject: string }
+  | { readonly _tag: "MemberJoined"; readonly id: string }
+  | { readonly _tag: "MemberLeft"; readonly id: string; readonly why: string }
+  | { readonly _tag: "PeerSeen"; readonly shard: number; readonly incarnation: number; readonly version: number }
+  | { readonly _tag: "HeldReported"; readonly msg: GradientsHeld }
+  | { readonly _tag: "Decided"; readonly msg: StepDecided }
+  | { readonly _tag: "NormShared"; readonly msg: NormShare }
+  | { readonly _tag: "LrResolved"; readonly version: number; readonly lr: number; readonly schedule?: unknown }
+  | { readonly _tag: "PullRequested"; readonly reply: BusMessage }
+  | { readonly _tag: "LogRequested"; readonly reply: BusMessage }
+  | { readonly _tag: "DecisionRequested"; readonly reply: BusMessage; readonly version: number }
+  | { readonly _tag: "ControlApplied"; readonly event: ControlApplied }
+  | { readonly _tag: "Restored"; readonly core: ShardState; readonly schedule: unknown; readonly incarnation: number; readonly from: string }
+  | { readonly _tag: "Tick"; readonly now: number }
+
+export type PsEffect =
+  | { readonly _tag: "Publish"; readonly subject: string; readonly message: object }
+  | { readonly _tag: "Reply"; readonly to: BusMessage; readonly message: object }
+  | { readonly _tag: "ReplyParams"; readonly to: BusMessage }
+  | { readonly _tag: "BroadcastParams" }
+  | { readonly _tag: "RequestLr"; readonly version: number }
+  | { readonly _tag: "RequestDecision"; readonly version: number }
+  | { readonly _tag: "Reject"; readonly rejection: Rejection; readonly replyTo?: BusMessage; readonly ackTo?: string }
+  | { readonly _tag: "Applied"; readonly step: AppliedStep; readonly final: boolean }
+  | { readonly _tag: "Checkpoint"; readonly why: string }
+  | { readonly _tag: "Rollback"; readonly atMost: number; readonly why: string }
+  | { readonly _tag: "Finished" }
+  | { readonly _tag: "Log"; readonly level: "info" | "warn"; readonly message: string }
+
+export const initialState = (cfg: PsConfig, core: ShardState, o: { incarnation: number; schedule?: unknown; now: number }): PsState => ({
+  cfg,
+  core,
+  incarnation: o.incarnation,
+  members: new Set(),
+  barrier: new Set(),
+  started: core.version > 0,
+  paused: false,
+  stopped: false,
+  done: core.version >= cfg.steps,
+  phase: { _tag: "Idle" },
+  heldBy: new Map(),
+  decisions: new Map(),
+  norms: new Map(),
+  ownShares: new Map(),
+  peers: new Map(),
+  schedule: o.schedule,
+  waitingSince: o.now,
+  lastResend: o.now,
+  now: o.now,
+  rollingBack: false
+})
+
+const isSync = (s: PsState) => s.core.consistency.mode === "sync"
+const isLeader = (s: PsState) => s.cfg.shard === 0
+/** sync with several shards: the shards agree on every version through shard 0. */
+const coordinated = (s: PsState) => isSync(s) && s.cfg.shards > 1
+const key = (sender: string, batchId: string) => `${sender}|${batchId}`
+const keepRecent = <V>(m: Map<number, V>, n: number) => {
+  const ks = [...m.keys()].sort((a, b) => a - b)
+  for (const k of ks.slice(0, Math.max(0, ks.length - n))) m.delete(k)
+}
+
+export const step = (s: PsState, e: PsEvent): PsEffect[] => {
+  const out: PsEffect[] = []
+  switch (e._tag) {
+    case "GradientsReceived": {
+      const p = e.push
+      const refuse = (code: Rejection["code"], reason: string) =>
+        out.push({ _tag: "Reject", rejection: { code, reason, subject: e.subject, sender: p.sender, step: p.version }, ackTo: p.sender })
+      if (s.done) refuse("stale", `the job finished at version ${s.core.version}`)
+      else if (s.rollingBack) refuse("stale", `shard ${s.cfg.shard} is rolling back to a checkpoint; push again on the new params`)
+      else if (e.incarnation !== s.incarnation) {
+        refuse("stale", `computed on params of server incarnation ${e.incarnation}; shard ${s.cfg.shard} is now incarnation ${s.incarnation} (it restarted)`)
+      } else {
+        const a = s.core.admit(p)
+        if (!a.ok) refuse(a.code, a.reason)
+        else {
+          out.push({ _tag: "Publish", subject: s.cfg.subjects.psAck(s.cfg.shard, p.sender), message: P.pushAck(s, p, a.already === "applied" ? "applied" : "held") })
+          if (coordinated(s) && !isLeader(s) && a.already === undefined) out.push(heldReport(s))
+        }
+      }
+      break
+    }
+    case "MemberJoined":
+      s.members.add(e.id)
+      // before the first update every live worker is in the barrier; later, a worker that
+      // joins is in the barrier of the next version
+      if (!s.started) s.barrier = new Set(s.members)
+      break
+    case "MemberLeft":
+      s.members.delete(e.id)
+      s.barrier.delete(e.id)
+      out.push({ _tag: "Log", level: "info", message: `worker ${e.id} left (${e.why}); the barrier waits for [${waitingFor(s)}]` })
+      break
+    case "PeerSeen":
+      peerSeen(s, e.shard, e.incarnation, e.version, out)
+      break
+    case "HeldReported":
+      if (isLeader(s) && e.msg.shard !== 0) {
+        peerSeen(s, e.msg.shard, e.msg.incarnation, e.msg.version, out)
+        s.heldBy.set(e.msg.shard, e.msg)
+      }
+      break
+    case "Decided": {
+      if (isLeader(s) || !coordinated(s)) break
+      const d = e.msg
+      peerSeen(s, 0, d.incarnation, d.version - 1, out)
+      if (d.version > s.core.version && d.incarnation === s.peers.get(0)?.incarnation) {
+        s.decisions.set(d.version, d)
+        keepRecent(s.decisions, 4)
+      }
+      break
+    }
+    case "NormShared": {
+      const m = e.msg
+      if (m.shard === s.cfg.shard) break
+      const ph = s.phase
+      if (ph._tag === "AwaitingNorms" && m.version === ph.version) {
+        s.norms.set(m.shard, m.sumSq)
+        completeNorms(s, out)
+      } else if (m.version <= s.core.version && s.ownShares.has(m.version)) {
+        // a peer still waits for a version this shard already applied: it missed our share
+        out.push({ _tag: "Publish", subject: s.cfg.subjects.psNorm(s.cfg.shard), message: P.normShare(s, m.version, s.ownShares.get(m.version)!) })
+      }
+      break
+    }
+    case "LrResolved": {
+      const ph = s.phase
+      if (ph._tag !== "AwaitingLr" || ph.version !== e.version) break
+      if (e.schedule !== undefined && isLeader(s)) s.schedule = e.schedule
+      if (coordinated(s) && isLeader(s)) {
+        const d = P.stepDecided(s, ph.version, ph.pushes, e.lr)
+        s.decisions.set(d.version, d)
+        keepRecent(s.decisions, 8)
+        out.push({ _tag: "Publish", subject: s.cfg.subjects.psDecided, message: d })
+        s.phase = { _tag: "Idle" }
+        break // followed below, like every shard does
+      }
+      s.phase = { _tag: "Idle" }
+      applyOrShare(s, ph.version, ph.pushes, e.lr, out)
+      break
+    }
+    case "PullRequested":
+      out.push({ _tag: "ReplyParams", to: e.reply })
+      break
+    case "LogRequested":
+      out.push({ _tag: "Reply", to: e.reply, message: P.appliedLog(s) })
+      break
+    case "DecisionRequested": {
+      const d = s.decisions.get(e.version)
+      if (d) out.push({ _tag: "Reply", to: e.reply, message: d })
+      else {
+        out.push({
+          _tag: "Reject", replyTo: e.reply,
+          rejection: { code: "unknown-batch", reason: `shard 0 has no decision for version ${e.version} (it is at ${s.core.version})`, subject: e.reply.subject }
+        })
+      }
+      break
+    }
+    case "ControlApplied":
+      control(s, e.event, out)
+      break
+    case "Restored": {
+      s.core = e.core
+      s.incarnation = e.incarnation
+      s.schedule = e.schedule
+      s.rollingBack = false
+      s.phase = { _tag: "Idle" }
+      s.heldBy.clear()
+      s.decisions.clear()
+      s.norms.clear()
+      s.ownShares.clear()
+      s.barrier = new Set(s.members)
+      s.started = true
+      s.done = s.core.version >= s.cfg.steps
+      out.push({ _tag: "Log", level: "warn", message: `shard ${s.cfg.shard} rolled back to version ${s.core.version} (${e.from}); incarnation ${s.incarnation}` })
+      out.push({ _tag: "BroadcastParams" })
+      break
+    }
+    case "Tick":
+      s.now = e.now
+      tick(s, out)
+      break
+  }
+  progress(s, out)
+  return out
+}
+
+/** Who the open sync version still waits for (leader). */
+export const waitingFor = (s: PsState): string[] => [...s.barrier].filter((m) => !s.core.heldList().some((h) => h.sender === m)).sort()
+
+const heldReport = (s: PsState): PsEffect => ({ _tag: "Publish", subject: s.cfg.subjects.psHeld(s.cfg.shard), message: P.gradientsHeld(s) })
+
+const peerSeen = (s: PsState, shard: number, incarnation: number, version: number, out: PsEffect[]) => {
+  if (shard === s.cfg.shard) return
+  const known = s.peers.get(shard)
+  s.peers.set(shard, { incarnation, version: Math.max(version, known?.incarnation === incarnation ? known.version : version) })
+  // A peer came back at a lower version: with sync shards, every shard must be at one
+  // version, so this one rolls back to its own checkpoint at or below the peer's.
+  if (known && known.incarnation !== incarnation && incarnation > known.incarnation && coordinated(s) && version < s.core.version && !s.rollingBack) {
+    s.rollingBack = true
+    s.phase = { _tag: "Idle" }
+    out.push({ _tag: "Rollback", atMost: version, why: `shard ${shard} restarted at version ${version}` })
+  }
+}
+
+/** The gradients a coordinated version may use: held here and, per the followers' reports, everywhere. */
+const heldEverywhere = (s: PsState): Held[] =>
+  s.core.heldList().filter((h) => {
+    for (let k = 1; k < s.cfg.shards; k++) {
+      const r = s.heldBy.get(k)
+      const peer = s.peers.get(k)
+      if (!r || r.version !== s.core.version || r.incarnation !== peer?.incarnation) return false
+      if (!r.held.some((x) => key(x.sender, x.batchId) === key(h.sender, h.batchId))) return false
+    }
+    return true
+  })
+
+/** Start the next update when its inputs are there (called after every event). */
+const progress = (s: PsState, out: PsEffect[]) => {
+  if (s.done || s.paused || s.rollingBack || s.phase._tag !== "Idle") return
+  if (!isSync(s)) {
+    if (!s.started && s.members.size < s.cfg.minWorkers) return
+    const h = s.core.next()
+    if (!h) return
+    s.started = true
+    s.phase = { _tag: "AwaitingLr", version: s.core.version + 1, pushes: [h] }
+    out.push({ _tag: "RequestLr", version: s.core.version })
+    return
+  }
+  if (coordinated(s)) {
+    // every shard: apply the decision for the next version once it holds the chosen gradients
+    const d = s.decisions.get(s.core.version + 1)
+    if (d) {
+      const pushes = d.chosen.map((c) => s.core.heldList().find((h) => h.sender === c.sender && h.batchId === c.batchId))
+      if (pushes.every((p) => p !== undefined)) {
+        applyOrShare(s, d.version, pushes as Held[], d.lr, out)
+        return
+      }
+    }
+    if (!isLeader(s) || s.decisions.has(s.core.version + 1)) return
+  }
+  // the leader (or the only shard) decides
+  if (!s.started && s.members.size < s.cfg.minWorkers) return
+  const candidates = coordinated(s) ? heldEverywhere(s) : [...s.core.heldList()]
+  if (candidates.length === 0) return
+  for (const m of s.barrier) if (!candidates.some((h) => h.sender === m)) return
+  s.started = true
+  const pushes = s.core.choose(candidates.map((h) => h.sender))
+  s.phase = { _tag: "AwaitingLr", version: s.core.version + 1, pushes }
+  out.push({ _tag: "RequestLr", version: s.core.version })
+}
+
+/** Apply now, or (sync, several shards, clipping) share this shard's norm first. */
+const applyOrShare = (s: PsState, version: number, pushes: readonly Held[], lr: number, out: PsEffect[]) => {
+  if (coordinated(s) && s.core.clipNorm > 0) {
+    const { sumSq } = s.core.aggregate(pushes)
+    s.norms.clear()
+    s.norms.set(s.cfg.shard, sumSq)
+    s.ownShares.set(version, sumSq)
+    keepRecent(s.ownShares, 4)
+    s.phase = { _tag: "AwaitingNorms", version, pushes, lr, sumSq, sentAt: s.now }
+    out.push({ _tag: "Publish", subject: s.cfg.subjects.psNorm(s.cfg.shard), message: P.normShare(s, version, sumSq) })
+    return
+  }
+  const single = pushes.length === 1 && s.cfg.shards > 1 && !isSync(s) && (pushes[0].normSq ?? -1) >= 0 ? pushes[0].normSq : undefined
+  finishApply(s, pushes, lr, single, out)
+}
+
+const finishApply = (s: PsState, pushes: readonly Held[], lr: number, globalSumSq: number | undefined, out: PsEffect[]) => {
+  const { step, dropped } = s.core.apply(lr, pushes, globalSumSq)
+  s.phase = { _tag: "Idle" }
+  s.done = step.version >= s.cfg.steps
+  s.barrier = new Set(s.members)
+  s.waitingSince = s.now
+  for (const d of dropped) {
+    out.push({
+      _tag: "Reject", ackTo: d.sender,
+      rejection: { code: "stale", reason: `version ${step.version} was made without this gradient (batch ${d.batchId})`, subject: s.cfg.subjects.psPush(s.cfg.shard), sender: d.sender, step: d.version }
+    })
+  }
+  out.push({ _tag: "BroadcastParams" })
+  out.push({ _tag: "Publish", subject: s.cfg.subjects.psApplied(s.cfg.shard), message: P.stepApplied(s, step, s.done) })
+  out.push({ _tag: "Applied", step, final: s.done })
+  if (s.done) out.push({ _tag: "Checkpoint", why: "final version" }, { _tag: "Finished" })
+  else if (s.cfg.checkpointEvery > 0 && step.version % s.cfg.checkpointEvery === 0) out.push({ _tag: "Checkpoint", why: `every ${s.cfg.checkpointEvery}` })
+}
+
+const tick = (s: PsState, out: PsEffect[]) => {
+  const ph = s.phase
+  if (ph._tag === "AwaitingNorms") {
+    if (s.now - ph.sentAt >= s.cfg.resendMs) {
+      ph.sentAt = s.now
+      out.push({ _tag: "Publish", subject: s.cfg.subjects.psNorm(s.cfg.shard), message: P.normShare(s, ph.version, ph.sumSq) })
+    }
+    return
+  }
+  if (!coordinated(s) || isLeader(s) || s.done || s.core.heldCount === 0) return
+  // a follower holding gradients with no decision yet: say again what it holds, and ask
+  // shard 0 for the decision once it is overdue (the StepDecided may have been lost)
+  if (s.now - s.lastResend >= s.cfg.resendMs) {
+    s.lastResend = s.now
+    out.push(heldReport(s))
+    const leader = s.peers.get(0)
+    if (s.now - s.waitingSince >= s.cfg.decisionWaitMs && leader && leader.version > s.core.version) {
+      out.push({ _tag: "RequestDecision", version: s.core.version + 1 })
+    }
+  }
+}
+
+/** AwaitingNorms completes when the last share is in. */
+const completeNorms = (s: PsState, out: PsEffect[]) => {
+  const ph = s.phase
+  if (ph._tag !== "AwaitingNorms") return
+  let total = 0
+  for (let k = 0; k < s.cfg.shards; k++) total += s.norms.get(k) ?? Number.NaN
+  if (!Number.isNaN(total)) finishApply(s, ph.pushes, ph.lr, total, out)
+}
+
+const control = (s: PsState, ev: ControlApplied, out: PsEffect[]) => {
+  const c = ev.command as Record<string, unknown>
+  switch (ev.verb) {
+    case "pause":
+      s.paused = true
+      break
+    case "resume":
+      s.paused = s.stopped
+      break
+    case "checkpoint":
+      out.push({ _tag: "Checkpoint", why: `ctl checkpoint #${ev.seq}` })
+      break
+    case "stop":
+      s.paused = true
+      if (!s.done && !s.stopped) out.push({ _tag: "Checkpoint", why: `ctl stop #${ev.seq}` })
+      s.stopped = true
+      break
+    case "set-optimizer": {
+      // new hyperparameters, same slots (setHyperparams refuses a change of state layout)
+      const next = setHyperparams(s.core.optimizer.config, c.patch as OptimizerPatch)
+      if (Result.isFailure(next)) out.push({ _tag: "Log", level: "warn", message: `set-optimizer: ${next.failure.message}` })
+      else {
+        s.core.optimizer = makeOptimizer(next.success)
+        out.push({ _tag: "Log", level: "info", message: `optimizer → ${JSON.stringify(next.success)}` })
+      }
+      break
+    }
+    case "set-consistency": {
+      const mode = c.mode as Consistency["mode"]
+      s.core.consistency = mode === "bounded" ? { mode, staleness: Number(c.staleness ?? 0) } : { mode }
+      s.barrier = new Set(s.members)
+      out.push({ _tag: "Log", level: "info", message: `consistency → ${JSON.stringify(s.core.consistency)}` })
+      break
+    }
+  }
+}

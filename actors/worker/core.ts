@@ -1,0 +1,299 @@
+/**
+ * Implements: the training worker's mailbox reducer — what a worker does next, as a pure
+ * function `step(state, event) → effects` over a closed union of events. The shell
+ * (worker.ts) turns lease replies, params bundles, push acknowledgements and refusals,
+ * parameter-server heartbeats, control commands, the end of a computation and a Tick into
+ * events on one queue, and performs the effects (lease, compute, push, pull, release).
+ *
+ * The rules it keeps (docs/RELIABILITY.md):
+ *  - params: per shard, a newer version of the same server incarnation replaces the cache;
+ *    a newer incarnation (the server restarted, or the shards rolled back) replaces it at
+ *    ANY version, drops the batches held and the push in flight (the loader rebuilds its
+ *    table on the same restart), and for LEASE_GRACE_MS leases of an older lease generation
+ *    are dropped too, so a resumed job re-serves exactly the batches after the checkpoint;
+ *  - compute when `accumulate` batches are held, no push is in flight, every shard is
+ *    cached and the params differ from the last ones computed on (sync: all shards at
+ *    one version): a worker never pushes twice on the same params;
+ *  - a push is in flight until every shard acknowledged it (PushAck); unacknowledged
+ *    shards get the same bundle again every ackTimeoutMs (the server's admission is
+ *    idempotent); a refusal ends it (stale: the batches go back to the loader);
+ *  - the watchdog: waiting for params longer than watchdogMs, or a server heartbeat that
+ *    says a version or incarnation the cache lacks, pulls that shard (a lost broadcast
+ *    never stalls a worker).
+ * No I/O, no clocks (time arrives in events).
+ */
+import type { BatchLeased, PushAck, Rejected } from "../../shared/protocol/messages.ts"
+import type { TensorBundle } from "../../shared/wire/tensor.ts"
+
+export interface Batch {
+  readonly meta: BatchLeased
+  readonly tokens: Int32Array
+}
+
+export interface CachedShard {
+  readonly incarnation: number
+  readonly version: number
+  readonly params: ReadonlyMap<string, Float32Array>
+}
+
+export interface WorkerConfig {
+  readonly id: string
+  readonly shards: number
+  readonly steps: number
+  readonly accumulate: number
+  readonly ackTimeoutMs: number
+  readonly watchdogMs: number
+}
+
+/** After seeing a new server incarnation, leases of an older generation are dropped for this long. */
+export const LEASE_GRACE_MS = 3_000
+
+export interface InFlight {
+  /** the cache key the gradient was computed on. */
+  readonly key: string
+  readonly versions: ReadonlyMap<number, number>
+  readonly batchId: string
+  readonly micro: readonly Batch[]
+  readonly bundles: ReadonlyMap<number, TensorBundle>
+  readonly acked: Set<number>
+  sentAt: number
+  attempts: number
+}
+
+export interface WorkerState {
+  readonly cfg: WorkerConfig
+  consistency: "sync" | "bounded" | "async"
+  readonly cache: Map<number, CachedShard>
+  /** the newest server incarnation seen, and when. */
+  newestIncarnation: number
+  incarnationSeenAt: number
+  held: Batch[]
+  leasing: boolean
+  /** no lease request before this time (a NoBatch's retryAfterMs). */
+  leaseAfter: number
+  computing: boolean
+  inflight?: InFlight
+  /** the cache key of the last gradient computed. */
+  lastKey?: string
+  /** since when the worker has been ready but for params. */
+  waitingSince: number
+  readonly pulling: Set<number>
+  finished: boolean
+  now: number
+  readonly stats: { steps: number; stale: number; resent: number; pulls: number }
+}
+
+export type WorkerEvent =
+  | { readonly _tag: "LeaseReplied"; readonly batch?: Batch; readonly noBatch?: { reason: string; retryAfterMs: number }; readonly failed?: string }
+  | { readonly _tag: "ParamsReceived"; readonly shard: number; readonly incarnation: number; readonly version: number; readonly params: ReadonlyMap<string, Float32Array> }
+  | { readonly _tag: "PullEnded"; readonly shard: number }
+  | { readonly _tag: "ServerSeen"; readonly shard: number; readonly incarnation: number; readonly version: number }
+  | { readonly _tag: "PushAcked"; readonly ack: PushAck }
+  | { readonly _tag: "PushRefused"; readonly rejected: Rejected; readonly shard: number }
+  | { readonly _tag: "Computed"; readonly key: string; readonly versions: ReadonlyMap<number, number>; readonly micro: readonly Batch[]; readonly batchId: string; readonly bundles: ReadonlyMap<number, TensorBundle> }
+  | { readonly _tag: "StopRequested" }
+  | { readonly _tag: "ConsistencyChanged"; readonly mode: "sync" | "bounded" | "async" }
+  | { readonly _tag: "Tick"; readonly now: number }
+
+export type WorkerEffect =
+  | { readonly _tag: "Lease" }
+  | { readonly _tag: "Compute"; readonly key: string; readonly versions: ReadonlyMap<number, number>; readonly micro: readonly Batch[] }
+  | { readonly _tag: "Push"; readonly shard: number; readonly bundle: TensorBundle; readonly resend: boolean }
+  | { readonly _tag: "Pushed"; readonly inflight: InFlight }
+  | { readonly _tag: "Pull"; readonly shard: number; readonly minVersion: number }
+  | { readonly _tag: "Release"; readonly batch: Batch; readonly reason: string }
+  | { readonly _tag: "Finish" }
+  | { readonly _tag: "Log"; readonly level: "debug" | "info" | "warn"; readonly message: string }
+
+export const initialWorker = (cfg: WorkerConfig, consistency: WorkerState["consistency"], now: number): WorkerState => ({
+  cfg, consistency, cache: new Map(), newestIncarnation: 0, incarnationSeenAt: -Infinity, held: [], leasing: false, leaseAfter: now,
+  computing: false, waitingSince: now, pulling: new Set(), finished: false, now, stats: { steps: 0, stale: 0, resent: 0, pulls: 0 }
+})
+
+/** The identity of the cached params: every shard's incarnation and version. */
+export const cacheKey = (s: WorkerState): string | undefined => {
+  if (s.cache.size < s.cfg.shards) return undefined
+  const parts: string[] = []
+  for (let k = 0; k < s.cfg.shards; k++) {
+    const c = s.cache.get(k)!
+    parts.push(`${c.incarnation}:${c.version}`)
+  }
+  return parts.join("/")
+}
+
+const versionsOf = (s: WorkerState) => new Map([...s.cache].map(([k, c]) => [k, c.version]))
+const commonVersion = (s: WorkerState): number | undefined => {
+  if (s.cache.size < s.cfg.shards) return undefined
+  const vs = [...s.cache.values()].map((c) => c.version)
+  return vs.every((v) => v === vs[0]) ? vs[0] : undefined
+}
+
+/** Params good to compute on now (not the ones already used). */
+const paramsReady = (s: WorkerState): string | undefined => {
+  const key = cacheKey(s)
+  if (key === undefined || key === s.lastKey) return undefined
+  if (s.consistency === "sync" && commonVersion(s) === undefined) return undefined
+  return key
+}
+
+export const step = (s: WorkerState, e: WorkerEvent): WorkerEffect[] => {
+  const out: WorkerEffect[] = []
+  if (s.finished) return out
+  switch (e._tag) {
+    case "LeaseReplied": {
+      s.leasing = false
+      if (e.batch) {
+        const b = e.batch
+        if (b.meta.gen < s.newestIncarnation && s.now - s.incarnationSeenAt < LEASE_GRACE_MS) {
+          // leased from a table the loader built before the newest server restart: it is
+          // rebuilding (and re-serves this batch if it is still undone)
+          out.push({ _tag: "Log", level: "debug", message: `dropping ${b.meta.batchId}: lease generation ${b.meta.gen} predates server incarnation ${s.newestIncarnation}` })
+          s.leaseAfter = s.now + 100
+        } else s.held.push(b)
+      } else if (e.noBatch) s.leaseAfter = s.now + Math.max(50, e.noBatch.retryAfterMs)
+      else {
+        if (e.failed) out.push({ _tag: "Log", level: "debug", message: `lease: ${e.failed}` })
+        s.leaseAfter = s.now + 200
+      }
+      break
+    }
+    case "ParamsReceived": {
+      s.pulling.delete(e.shard)
+      const cur = s.cache.get(e.shard)
+      const newer = !cur || e.incarnation > cur.incarnation || (e.incarnation === cur.incarnation && e.version > cur.version)
+      if (!newer) break
+      const restarted = cur !== undefined && e.incarnation > cur.incarnation
+      s.cache.set(e.shard, { incarnation: e.incarnation, version: e.version, params: e.params })
+      if (e.incarnation > s.newestIncarnation) {
+        if (s.newestIncarnation > 0) s.incarnationSeenAt = s.now
+        s.newestIncarnation = e.incarnation
+      }
+      if (restarted) {
+        out.push({ _tag: "Log", level: "info", message: `shard ${e.shard} restarted (incarnation ${e.incarnation}, version ${e.version}): dropping ${s.held.length} held batches${s.inflight ? ` and the push of ${s.inflight.batchId}` : ""}` })
+        s.held = []
+        s.inflight = undefined
+        s.lastKey = undefined
+      }
+      s.waitingSince = s.now
+      const v = commonVersion(s)
+      if (v !== undefined && v >= s.cfg.steps) {
+        s.finished = true
+        out.push({ _tag: "Finish" })
+        return out
+      }
+      // sync: every shard moved past the version pushed on → it was applied (or superseded)
+      const f = s.inflight
+      if (f && s.consistency === "sync" && [...f.versions].every(([k, ver]) => (s.cache.get(k)?.version ?? -1) > ver)) s.inflight = undefined
+      break
+    }
+    case "PullEnded":
+      s.pulling.delete(e.shard)
+      break
+    case "ServerSeen": {
+      const c = s.cache.get(e.shard)
+      if ((!c || e.incarnation > c.incarnation || (e.incarnation === c.incarnation && e.version > c.version)) && !s.pulling.has(e.shard)) {
+        s.pulling.add(e.shard)
+        s.stats.pulls++
+        out.push({ _tag: "Pull", shard: e.shard, minVersion: c ? c.version + 1 : 0 })
+      }
+      break
+    }
+    case "PushAcked": {
+      const f = s.inflight
+      if (f && e.ack.batchId === f.batchId && e.ack.sender === s.cfg.id) {
+        f.acked.add(e.ack.shard)
+        if (f.acked.size >= s.cfg.shards) s.inflight = undefined
+      }
+      break
+    }
+    case "PushRefused": {
+      const f = s.inflight
+      const r = e.rejected
+      if (!f || (r.step !== undefined && r.step !== f.versions.get(e.shard))) break
+      if (r.code === "duplicate") {
+        // another copy of a batch was applied: nothing of ours is lost
+        f.acked.add(e.shard)
+        if (f.acked.size >= s.cfg.shards) s.inflight = undefined
+        break
+      }
+      out.push({ _tag: "Log", level: "warn", message: `shard ${e.shard} refused my push of ${f.batchId} (${r.code}): ${r.reason}` })
+      s.inflight = undefined
+      if (r.code === "stale") {
+        s.stats.stale++
+        for (const b of f.micro) out.push({ _tag: "Release", batch: b, reason: `stale: ${r.reason}` })
+      }
+      break
+    }
+    case "Computed": {
+      s.computing = false
+      // sync: a newer version arrived while computing — this gradient would be refused; the
+      // batches go back to the loader so a worker computes them on fresh params
+      if (s.consistency === "sync" && cacheKey(s) !== e.key) {
+        s.stats.stale++
+        for (const b of e.micro) out.push({ _tag: "Release", batch: b, reason: `stale: version ${[...e.versions.values()][0]} was superseded while computing` })
+        break
+      }
+      const f: InFlight = { key: e.key, versions: e.versions, batchId: e.batchId, micro: e.micro, bundles: e.bundles, acked: new Set(), sentAt: s.now, attempts: 1 }
+      s.inflight = f
+      s.stats.steps++
+      for (const [k, b] of e.bundles) out.push({ _tag: "Push", shard: k, bundle: b, resend: false })
+      out.push({ _tag: "Pushed", inflight: f })
+      break
+    }
+    case "StopRequested":
+      s.finished = true
+      out.push({ _tag: "Finish" })
+      return out
+    case "ConsistencyChanged":
+      s.consistency = e.mode
+      break
+    case "Tick": {
+      s.now = e.now
+      const f = s.inflight
+      if (f && s.now - f.sentAt >= s.cfg.ackTimeoutMs) {
+        f.sentAt = s.now
+        f.attempts++
+        for (const [k, b] of f.bundles) {
+          if (f.acked.has(k)) continue
+          s.stats.resent++
+          out.push({ _tag: "Push", shard: k, bundle: b, resend: true })
+        }
+      }
+      // the watchdog: ready to compute but for params, for too long
+      if (!s.computing && s.held.length >= s.cfg.accumulate && paramsReady(s) === undefined && s.now - s.waitingSince >= s.cfg.watchdogMs) {
+        s.waitingSince = s.now
+        for (let k = 0; k < s.cfg.shards; k++) {
+          if (s.pulling.has(k)) continue
+          s.pulling.add(k)
+          s.stats.pulls++
+          out.push({ _tag: "Pull", shard: k, minVersion: (s.cache.get(k)?.version ?? -1) + 1 })
+        }
+      }
+      break
+    }
+  }
+  next(s, out)
+  return out
+}
+
+/** What to start now: a lease (keep one batch ahead), a computation. */
+const next = (s: WorkerState, out: WorkerEffect[]) => {
+  if (s.finished || s.computing) return
+  const key = s.held.length >= s.cfg.accumulate && !s.inflight ? paramsReady(s) : undefined
+  if (key !== undefined) {
+    const micro = s.held.splice(0, s.cfg.accumulate)
+    s.computing = true
+    s.lastKey = key
+    // ask for the next batch before computing: the loader answers while we compute
+    if (!s.leasing && s.held.length < s.cfg.accumulate && s.now >= s.leaseAfter) {
+      s.leasing = true
+      out.push({ _tag: "Lease" })
+    }
+    out.push({ _tag: "Compute", key, versions: versionsOf(s), micro })
+    return
+  }
+  if (!s.leasing && s.held.length < s.cfg.accumulate && s.now >= s.leaseAfter && s.cache.size >= 0) {
+    s.leasing = true
+    out.push({ _tag: "Lease" })
+  }
+}

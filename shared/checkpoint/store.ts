@@ -1,0 +1,528 @@
+/**
+ * Implements: `CheckpointStore` — where parameter-server checkpoints live, as opaque bytes
+ * (the PS encodes and decodes them; this file never parses them), with two layers:
+ *   file       (the default) `<dir>/<job>/ps-<shard>/v<version padded to 8>.ckpt`, written
+ *              to a temp file in the same directory, fsynced, renamed over, then the
+ *              directory fsynced: a crash leaves the old checkpoint or the new, never half;
+ *   jetstream  a JetStream object store (bucket `flotilla-checkpoints`, key
+ *              `<job>/ps-<shard>/v<version>`), so a PS relaunched on another host resumes
+ *              too. nats.js chunks each object and checks its SHA-256 digest on read; an
+ *              object becomes visible only when its metadata is written after every chunk
+ *              is acknowledged, so a crash mid-save leaves no half object. It opens its own
+ *              NATS connection (unlimited reconnects), closed with the layer's scope, and
+ *              retries an operation while the server is unreachable (a restart) for up to
+ *              `retryForMs`.
+ * Plus `loadNewest`: newest first, a corrupt one reported and the previous one used.
+ * Does not own: the checkpoint format (actors/param-server/checkpoint.ts), when to save.
+ *
+ * Semantics both layers keep (test/checkpoint.store.test.ts checks them):
+ *   - `list` is oldest first (by version); a leftover temp file or orphan chunk is ignored;
+ *   - a save is the newest: it keeps the newest `keep` (default 3) of this shard with a
+ *     version ≤ its own and removes the rest, including any higher version (left by a
+ *     timeline that was rolled back, so a later resume cannot pick it);
+ *   - `load` locates by (job, shard, version); `where` is for people to read;
+ *   - jobs and shards are isolated; `clear` removes every checkpoint of one shard.
+ */
+import { randomBytes } from "node:crypto"
+import * as fsp from "node:fs/promises"
+import { join } from "node:path"
+import { connect, StorageType } from "nats"
+import type { JetStreamManager, NatsConnection, ObjectStore } from "nats"
+import * as Context from "effect/Context"
+import * as Data from "effect/Data"
+import * as Effect from "effect/Effect"
+import * as Layer from "effect/Layer"
+import * as Option from "effect/Option"
+import * as Schedule from "effect/Schedule"
+import type * as Scope from "effect/Scope"
+import { isToken } from "../protocol/subjects.ts"
+
+export interface CheckpointRef {
+  readonly job: string
+  readonly shard: number
+  readonly version: number
+  /** A path, or `jetstream://<bucket>/<key>`. */
+  readonly where: string
+  /** ms since the epoch (file mtime, or the object's mtime). */
+  readonly writtenAt: number
+}
+
+export type CheckpointStoreOp = "open" | "save" | "list" | "load" | "clear"
+
+/**
+ * Why an operation failed: `invalid` (a bad job, shard or version), `missing` (no such
+ * checkpoint), `corrupt` (the store's own check failed, e.g. a JetStream digest), `io`
+ * (the disk or the server refused), `unavailable` (NATS unreachable past `retryForMs`).
+ */
+export type CheckpointStoreReason = "invalid" | "missing" | "corrupt" | "io" | "unavailable"
+
+export class CheckpointStoreError extends Data.TaggedError("CheckpointStoreError")<{
+  readonly op: CheckpointStoreOp
+  readonly reason: CheckpointStoreReason
+  readonly where: string
+  readonly message: string
+  readonly cause?: unknown
+}> {}
+
+export interface CheckpointStoreShape {
+  readonly kind: "file" | "jetstream"
+  /** Atomic; keeps the newest `keep` of this shard (see the top of this file). */
+  save(job: string, shard: number, version: number, bytes: Uint8Array): Effect.Effect<CheckpointRef, CheckpointStoreError>
+  /** Oldest first. */
+  list(job: string, shard: number): Effect.Effect<ReadonlyArray<CheckpointRef>, CheckpointStoreError>
+  load(ref: CheckpointRef): Effect.Effect<Uint8Array, CheckpointStoreError>
+  /** Remove every checkpoint of this shard (a fresh run, `--no-resume`). */
+  clear(job: string, shard: number): Effect.Effect<void, CheckpointStoreError>
+}
+
+/** Defaults, in one place. */
+export const DEFAULT_KEEP = 3
+export const DEFAULT_BUCKET = "flotilla-checkpoints"
+/** Object-store chunk size; nats.js clamps it to the server's max_payload (1 MiB default). */
+export const DEFAULT_CHUNK_BYTES = 256 * 1024
+/** How long a JetStream operation keeps retrying while NATS is unreachable. */
+export const DEFAULT_RETRY_FOR_MS = 60_000
+/**
+ * Per JetStream request (the nats.js default). A request written just as the server went
+ * away is lost, so this is also how long a restart can stall one attempt (then it retries).
+ */
+export const DEFAULT_REQUEST_TIMEOUT_MS = 5_000
+/** A save's chunk acks queue behind its bytes: its timeout grows by this per MiB (≥ 4 MiB/s). */
+const SAVE_MS_PER_MIB = 250
+/** One whole attempt (a load streams every chunk) is abandoned and retried after this. */
+const ATTEMPT_TIMEOUT_MS = 120_000
+
+export interface FileStoreOptions {
+  readonly keep?: number
+}
+
+export interface JetStreamStoreOptions {
+  /** One or more server URLs, e.g. "nats://127.0.0.1:4222". */
+  readonly servers: string | ReadonlyArray<string>
+  /** Object-store bucket; created when missing. Default DEFAULT_BUCKET. */
+  readonly bucket?: string
+  readonly keep?: number
+  /** Connection name shown by the server. */
+  readonly name?: string
+  /** Replicas of a bucket this layer creates (3 on a 3-node cluster); default 1. */
+  readonly replicas?: number
+  readonly chunkBytes?: number
+  readonly requestTimeoutMs?: number
+  readonly retryForMs?: number
+  /** Keep trying the first connect instead of failing the layer; default false. */
+  readonly waitOnFirstConnect?: boolean
+  readonly user?: string
+  readonly pass?: string
+  readonly token?: string
+}
+
+export class CheckpointStore extends Context.Service<CheckpointStore, CheckpointStoreShape>()(
+  "flotilla/shared/checkpoint/store/CheckpointStore"
+) {
+  static readonly layerFile = (dir: string, opts?: FileStoreOptions): Layer.Layer<CheckpointStore> =>
+    Layer.sync(CheckpointStore, () => makeFileStore(dir, opts))
+  static readonly layerJetStream = (opts: JetStreamStoreOptions): Layer.Layer<CheckpointStore, CheckpointStoreError> =>
+    Layer.effect(CheckpointStore, makeJetStreamStore(opts))
+}
+
+// ---------------------------------------------------------------------------------------
+// Shared by both layers.
+
+const VERSION_DIGITS = 8
+const textOf = (e: unknown): string => (e instanceof Error ? e.message : String(e))
+
+const checkArgs = (op: CheckpointStoreOp, job: string, shard: number, version?: number) =>
+  Effect.suspend(() => {
+    const bad = !isToken(job)
+      ? `job ${JSON.stringify(job)} is not a valid name: use 1-64 of [A-Za-z0-9_-]`
+      : !Number.isSafeInteger(shard) || shard < 0
+      ? `shard ${shard} is not a non-negative integer`
+      : version !== undefined && (!Number.isSafeInteger(version) || version < 0)
+      ? `version ${version} is not a non-negative integer`
+      : undefined
+    return bad === undefined
+      ? Effect.void
+      : Effect.fail(new CheckpointStoreError({ op, reason: "invalid", where: `${job}/ps-${shard}`, message: `checkpoint store: ${bad}` }))
+  })
+
+/** Given refs oldest first and the version just saved: the ones to remove. */
+const toPrune = <R extends { readonly version: number }>(refs: ReadonlyArray<R>, saved: number, keep: number): R[] => {
+  const newer = refs.filter((r) => r.version > saved)
+  const upTo = refs.filter((r) => r.version <= saved)
+  return [...newer, ...upTo.slice(0, Math.max(0, upTo.length - keep))]
+}
+
+const validKeep = (keep: number | undefined): number => {
+  const k = keep ?? DEFAULT_KEEP
+  if (!Number.isSafeInteger(k) || k < 1) throw new Error(`checkpoint store: keep must be an integer ≥ 1, got ${keep}`)
+  return k
+}
+
+// ---------------------------------------------------------------------------------------
+// File layer.
+
+const CKPT_NAME = /^v(\d+)\.ckpt$/
+const TEMP_NAME = /^v(\d+)\.ckpt\.tmp-/
+
+const fileName = (version: number) => `v${String(version).padStart(VERSION_DIGITS, "0")}.ckpt`
+
+export const makeFileStore = (dir: string, opts?: FileStoreOptions): CheckpointStoreShape => {
+  const keep = validKeep(opts?.keep)
+  const shardDir = (job: string, shard: number) => join(dir, job, `ps-${shard}`)
+  const ioError = (op: CheckpointStoreOp, where: string) => (e: unknown) =>
+    new CheckpointStoreError({
+      op,
+      reason: (e as NodeJS.ErrnoException)?.code === "ENOENT" && op === "load" ? "missing" : "io",
+      where,
+      message: `checkpoint store (file): cannot ${op} ${where}: ${textOf(e)}`,
+      cause: e
+    })
+
+  const list: CheckpointStoreShape["list"] = (job, shard) =>
+    checkArgs("list", job, shard).pipe(
+      Effect.andThen(() => {
+        const d = shardDir(job, shard)
+        return Effect.tryPromise({
+          try: async () => {
+            const names = await fsp.readdir(d).catch((e) => {
+              if ((e as NodeJS.ErrnoException).code === "ENOENT") return [] as string[]
+              throw e
+            })
+            const refs: CheckpointRef[] = []
+            for (const n of names) {
+              const m = CKPT_NAME.exec(n)
+              if (m === null) continue
+              const where = join(d, n)
+              const st = await fsp.stat(where).catch(() => undefined) // removed meanwhile
+              if (st?.isFile() === true) refs.push({ job, shard, version: Number(m[1]), where, writtenAt: st.mtimeMs })
+            }
+            return refs.sort((a, b) => a.version - b.version)
+          },
+          catch: ioError("list", d)
+        })
+      })
+    )
+
+  const save: CheckpointStoreShape["save"] = (job, shard, version, bytes) =>
+    checkArgs("save", job, shard, version).pipe(
+      Effect.andThen(() => {
+        const d = shardDir(job, shard)
+        const where = join(d, fileName(version))
+        const tmp = `${where}.tmp-${process.pid}-${randomBytes(4).toString("hex")}`
+        return Effect.tryPromise({
+          try: async () => {
+            await fsp.mkdir(d, { recursive: true })
+            try {
+              const fh = await fsp.open(tmp, "w")
+              try {
+                await fh.writeFile(bytes)
+                await fh.sync()
+              } finally {
+                await fh.close()
+              }
+              await fsp.rename(tmp, where)
+            } catch (e) {
+              await fsp.rm(tmp, { force: true }).catch(() => {})
+              throw e
+            }
+            await fsyncDir(d)
+            return (await fsp.stat(where)).mtimeMs
+          },
+          catch: ioError("save", where)
+        }).pipe(
+          Effect.map((writtenAt): CheckpointRef => ({ job, shard, version, where, writtenAt })),
+          Effect.tap((ref) => pruneFiles(d, ref.version))
+        )
+      })
+    )
+
+  /** Old checkpoints (see toPrune), and temp files of versions below the oldest kept. */
+  const pruneFiles = (d: string, saved: number) =>
+    Effect.tryPromise({
+      try: async () => {
+        const names = await fsp.readdir(d)
+        const refs = names.flatMap((n) => {
+          const m = CKPT_NAME.exec(n)
+          return m === null ? [] : [{ version: Number(m[1]), where: join(d, n) }]
+        }).sort((a, b) => a.version - b.version)
+        const gone = toPrune(refs, saved, keep)
+        const kept = refs.filter((r) => !gone.includes(r))
+        const oldestKept = kept.length > 0 ? kept[0].version : saved
+        for (const r of gone) await fsp.rm(r.where, { force: true })
+        for (const n of names) {
+          const m = TEMP_NAME.exec(n)
+          if (m !== null && Number(m[1]) < oldestKept) await fsp.rm(join(d, n), { force: true })
+        }
+      },
+      catch: ioError("save", d)
+    })
+
+  const load: CheckpointStoreShape["load"] = (ref) =>
+    checkArgs("load", ref.job, ref.shard, ref.version).pipe(
+      Effect.andThen(() => {
+        const where = join(shardDir(ref.job, ref.shard), fileName(ref.version))
+        return Effect.tryPromise({
+          try: async () => new Uint8Array(await fsp.readFile(where)),
+          catch: ioError("load", where)
+        })
+      })
+    )
+
+  const clear: CheckpointStoreShape["clear"] = (job, shard) =>
+    checkArgs("clear", job, shard).pipe(
+      Effect.andThen(() => {
+        const d = shardDir(job, shard)
+        return Effect.tryPromise({ try: () => fsp.rm(d, { recursive: true, force: true }), catch: ioError("clear", d) })
+      })
+    )
+
+  return { kind: "file", save, list, load, clear }
+}
+
+/** Make a rename durable. Some filesystems refuse fsync on a directory: that is not an error. */
+const fsyncDir = async (d: string): Promise<void> => {
+  let fh: fsp.FileHandle | undefined
+  try {
+    fh = await fsp.open(d, "r")
+    await fh.sync()
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code
+    if (code !== "EISDIR" && code !== "EINVAL" && code !== "EPERM" && code !== "ENOTSUP") throw e
+  } finally {
+    await fh?.close()
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// JetStream layer.
+
+const KEY = /^([A-Za-z0-9_-]{1,64})\/ps-(\d+)\/v(\d+)$/
+const objectKey = (job: string, shard: number, version: number) => `${job}/ps-${shard}/v${version}`
+
+/** nats.js's meta subject token: base64url *with* padding of the (ASCII) object name. */
+const metaToken = (key: string) => Buffer.from(key, "latin1").toString("base64").replace(/\+/g, "-").replace(/\//g, "_")
+const keyOfMetaToken = (token: string) =>
+  Buffer.from(token.replace(/-/g, "+").replace(/_/g, "/"), "base64").toString("latin1")
+
+/** NATS errors worth retrying: the server is restarting, or JetStream is not back yet. */
+const isTransient = (e: unknown): boolean => {
+  const code = String((e as { code?: unknown })?.code ?? "")
+  if (["TIMEOUT", "DISCONNECT", "503", "408", "CONNECTION_REFUSED", "CONNECTION_TIMEOUT", "IDLE_HEARTBEAT"].includes(code)) {
+    return true
+  }
+  return /timeout|temporarily unavailable|no responders|disconnect|reconnect|not ready/i.test(textOf(e))
+}
+
+export const makeJetStreamStore = (
+  opts: JetStreamStoreOptions
+): Effect.Effect<CheckpointStoreShape, CheckpointStoreError, Scope.Scope> =>
+  Effect.gen(function*() {
+    const keep = validKeep(opts.keep)
+    const bucket = opts.bucket ?? DEFAULT_BUCKET
+    const servers = typeof opts.servers === "string" ? [opts.servers] : [...opts.servers]
+    const stream = `OBJ_${bucket}`
+    const timeout = opts.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS
+    const retryForMs = opts.retryForMs ?? DEFAULT_RETRY_FOR_MS
+    const at = (key: string) => `jetstream://${bucket}/${key}`
+    const openError = (e: unknown, hint: string) =>
+      new CheckpointStoreError({
+        op: "open",
+        reason: isTransient(e) ? "unavailable" : "io",
+        where: at(""),
+        message: `checkpoint store (jetstream): cannot open bucket ${bucket} at ${servers.join(", ")}: ${textOf(e)}. ${hint}`,
+        cause: e
+      })
+
+    const nc: NatsConnection = yield* Effect.acquireRelease(
+      Effect.tryPromise({
+        try: () =>
+          connect({
+            servers,
+            name: opts.name ?? "flotilla-checkpoints",
+            maxReconnectAttempts: -1,
+            reconnectTimeWait: 1_000,
+            waitOnFirstConnect: opts.waitOnFirstConnect ?? false,
+            user: opts.user,
+            pass: opts.pass,
+            token: opts.token
+          }),
+        catch: (e) => openError(e, "Is nats-server running there? (`nats-server -js` serves JetStream)")
+      }),
+      (c) =>
+        Effect.promise(() => c.drain().catch(() => c.close())).pipe(
+          Effect.timeoutOption(10_000),
+          Effect.andThen(Effect.promise(() => c.close().catch(() => {})))
+        )
+    )
+    const [jsm, os] = yield* Effect.tryPromise({
+      try: async (): Promise<[JetStreamManager, ObjectStore]> => {
+        const js = nc.jetstream({ timeout })
+        const jsm = await nc.jetstreamManager({ timeout })
+        const os = await js.views.os(bucket, { storage: StorageType.File, replicas: opts.replicas ?? 1 })
+        await os.status() // init() swallows some failures: make sure the bucket is there
+        return [jsm, os]
+      },
+      catch: (e) => openError(e, "Is JetStream enabled on that server (`nats-server -js`, or `jetstream {}` in its config)?")
+    })
+
+    /** One JetStream operation, each attempt bounded, retried while NATS is unreachable. */
+    const attempt = <A>(op: CheckpointStoreOp, where: string, run: () => Promise<A>) =>
+      Effect.tryPromise({
+        try: run,
+        catch: (e) => {
+          const corrupt = /corrupt|digests do not match/i.test(textOf(e))
+          return new CheckpointStoreError({
+            op,
+            reason: corrupt ? "corrupt" : isTransient(e) ? "unavailable" : "io",
+            where,
+            message: `checkpoint store (jetstream): cannot ${op} ${where}: ${textOf(e)}`,
+            cause: e
+          })
+        }
+      }).pipe(
+        Effect.timeoutOrElse({
+          duration: ATTEMPT_TIMEOUT_MS,
+          orElse: () =>
+            Effect.fail(
+              new CheckpointStoreError({
+                op,
+                reason: "unavailable",
+                where,
+                message: `checkpoint store (jetstream): ${op} ${where} got no answer within ${ATTEMPT_TIMEOUT_MS} ms`
+              })
+            )
+        }),
+        Effect.retry({
+          schedule: Schedule.max([Schedule.spaced("500 millis"), Schedule.during(retryForMs)]),
+          while: (e: CheckpointStoreError) => e.reason === "unavailable"
+        })
+      )
+
+    /** Every live object of the bucket whose key belongs to this shard. */
+    const keysOf = (job: string, shard: number) =>
+      attempt("list", at(`${job}/ps-${shard}/`), async () => {
+        const si = await jsm.streams.info(stream, { subjects_filter: `$O.${bucket}.M.>` })
+        const out: Array<{ key: string; version: number }> = []
+        for (const subject of Object.keys(si.state.subjects ?? {})) {
+          const key = keyOfMetaToken(subject.slice(`$O.${bucket}.M.`.length))
+          const m = KEY.exec(key)
+          if (m !== null && m[1] === job && Number(m[2]) === shard) out.push({ key, version: Number(m[3]) })
+        }
+        return out.sort((a, b) => a.version - b.version)
+      })
+
+    const list: CheckpointStoreShape["list"] = (job, shard) =>
+      checkArgs("list", job, shard).pipe(
+        Effect.andThen(() => keysOf(job, shard)),
+        Effect.flatMap((keys) =>
+          Effect.forEach(keys, ({ key, version }) =>
+            attempt("list", at(key), () => os.info(key)).pipe(
+              Effect.map((info) =>
+                info === null || info.deleted
+                  ? []
+                  : [{ job, shard, version, where: at(key), writtenAt: Date.parse(info.mtime) } satisfies CheckpointRef]
+              )
+            ))
+        ),
+        Effect.map((refs) => refs.flat())
+      )
+
+    /** Remove an object and its metadata entirely (nats.js's delete leaves a marker forever). */
+    const remove = (op: CheckpointStoreOp, key: string) =>
+      attempt(op, at(key), async () => {
+        const info = await os.info(key)
+        await jsm.streams.purge(stream, { filter: `$O.${bucket}.M.${metaToken(key)}` })
+        if (info !== null && info.nuid !== "") await jsm.streams.purge(stream, { filter: `$O.${bucket}.C.${info.nuid}` })
+      })
+
+    const save: CheckpointStoreShape["save"] = (job, shard, version, bytes) =>
+      checkArgs("save", job, shard, version).pipe(
+        Effect.andThen(() => {
+          const key = objectKey(job, shard, version)
+          return attempt("save", at(key), () =>
+            os.putBlob(
+              { name: key, options: { max_chunk_size: opts.chunkBytes ?? DEFAULT_CHUNK_BYTES } },
+              bytes,
+              { timeout: timeout + Math.ceil(bytes.byteLength / 2 ** 20) * SAVE_MS_PER_MIB }
+            )).pipe(
+              Effect.map((info): CheckpointRef => ({ job, shard, version, where: at(key), writtenAt: Date.parse(info.mtime) }))
+            )
+        }),
+        Effect.tap((ref) =>
+          keysOf(job, shard).pipe(
+            Effect.flatMap((keys) =>
+              Effect.forEach(
+                toPrune(keys, ref.version, keep),
+                (k) => remove("save", k.key),
+                { discard: true }
+              )
+            )
+          )
+        )
+      )
+
+    const load: CheckpointStoreShape["load"] = (ref) =>
+      checkArgs("load", ref.job, ref.shard, ref.version).pipe(
+        Effect.andThen(() => {
+          const key = objectKey(ref.job, ref.shard, ref.version)
+          return attempt("load", at(key), () => os.getBlob(key)).pipe(
+            Effect.flatMap((bytes) =>
+              bytes === null
+                ? Effect.fail(
+                  new CheckpointStoreError({ op: "load", reason: "missing", where: at(key), message: `checkpoint store (jetstream): no object ${at(key)}` })
+                )
+                : Effect.succeed(bytes)
+            )
+          )
+        })
+      )
+
+    const clear: CheckpointStoreShape["clear"] = (job, shard) =>
+      checkArgs("clear", job, shard).pipe(
+        Effect.andThen(() => keysOf(job, shard)),
+        Effect.flatMap((keys) => Effect.forEach(keys, (k) => remove("clear", k.key), { discard: true }))
+      )
+
+    return { kind: "jetstream", save, list, load, clear } satisfies CheckpointStoreShape
+  })
+
+// ---------------------------------------------------------------------------------------
+// Resume.
+
+/**
+ * The newest checkpoint of a shard that loads and decodes, trying newest first. One that
+ * is corrupt (the store's check, a missing file, or `decode` throwing) is reported
+ * through `onCorrupt` (default: a warning in the log) and the previous one is tried.
+ * None when there is none. Fails only when the store cannot be reached or listed, so an
+ * unreachable store never passes for "no checkpoint, start fresh".
+ */
+export const loadNewest = <T>(
+  store: CheckpointStoreShape,
+  job: string,
+  shard: number,
+  decode: (bytes: Uint8Array, where: string) => T,
+  onCorrupt?: (ref: CheckpointRef, why: string) => void
+): Effect.Effect<Option.Option<{ readonly ref: CheckpointRef; readonly value: T }>, CheckpointStoreError> =>
+  Effect.gen(function*() {
+    const refs = yield* store.list(job, shard)
+    const report = (ref: CheckpointRef, why: string) =>
+      onCorrupt !== undefined
+        ? Effect.sync(() => onCorrupt(ref, why))
+        : Effect.logWarning(`checkpoint ${ref.where} is unusable, trying the previous one: ${why}`)
+    for (const ref of [...refs].reverse()) {
+      const loaded = yield* store.load(ref).pipe(
+        Effect.map(Option.some),
+        Effect.catchTag("CheckpointStoreError", (e) =>
+          e.reason === "unavailable" || e.reason === "invalid"
+            ? Effect.fail(e)
+            : report(ref, e.message).pipe(Effect.as(Option.none<Uint8Array>())))
+      )
+      if (Option.isNone(loaded)) continue
+      const decoded = yield* Effect.try({ try: () => decode(loaded.value, ref.where), catch: (e) => textOf(e) }).pipe(
+        Effect.map(Option.some),
+        Effect.catch((why) => report(ref, why).pipe(Effect.as(Option.none<T>())))
+      )
+      if (Option.isSome(decoded)) return Option.some({ ref, value: decoded.value })
+    }
+    return Option.none()
+  })

@@ -1,0 +1,68 @@
+/**
+ * Implements: the LR scheduler's whole live state as plain JSON — the schedule in force,
+ * reduce-on-plateau counters, the live `set-lr` overrides, the newest step announced — and
+ * the pure transitions the scheduler actor applies to it (an LR query, a validation loss,
+ * set-lr, set-schedule). It travels in every `LrForStep` reply; shard 0 checkpoints the
+ * newest copy, so a restarted scheduler or a rolled-back job resumes with the exact LRs
+ * (plateau reductions and live changes included). `lrFrom(state, step)` is also what a
+ * parameter server computes when no scheduler answers: the same LR, not the job file's.
+ * Does not own: schedule formulas and validation (schedules.ts), plateau's arithmetic (plateau.ts).
+ */
+import { Result } from "effect"
+import { plateauInit, plateauObserve, type PlateauState } from "./plateau.ts"
+import { lrAt, resolveSchedule, type Schedule, type ScheduleInput } from "./schedules.ts"
+
+export interface SchedulerState {
+  readonly schedule: Schedule
+  readonly plateau?: PlateauState
+  /** live `set-lr`s, oldest first: the newest whose fromStep <= step decides (until a set-schedule). */
+  readonly overrides: ReadonlyArray<{ readonly lr: number; readonly fromStep: number }>
+  /** the newest step an LR was asked for. */
+  readonly announced: number
+}
+
+export const initialState = (schedule: Schedule): SchedulerState => ({
+  schedule,
+  plateau: schedule.kind === "plateau" ? plateauInit(schedule, schedule.lr) : undefined,
+  overrides: [],
+  announced: -1
+})
+
+export const lrFrom = (s: SchedulerState, step: number): number => {
+  for (let i = s.overrides.length - 1; i >= 0; i--) if (step >= s.overrides[i].fromStep) return s.overrides[i].lr
+  return s.plateau ? s.plateau.lr : lrAt(s.schedule, step)
+}
+
+/** An LR query for `step`: the state remembers the newest step asked for. */
+export const queried = (s: SchedulerState, step: number): SchedulerState => (step > s.announced ? { ...s, announced: step } : s)
+
+export const observeLoss = (s: SchedulerState, loss: number): { state: SchedulerState; reduced: boolean; lr?: number } => {
+  if (!s.plateau) return { state: s, reduced: false }
+  const next = plateauObserve(s.plateau, loss)
+  return { state: { ...s, plateau: next.state }, reduced: next.reduced, lr: next.lr }
+}
+
+export const setLr = (s: SchedulerState, lr: number, fromStep: number | undefined): SchedulerState => {
+  if (s.plateau && fromStep === undefined) {
+    // later reductions start from it
+    return { ...s, plateau: { ...s.plateau, lr }, overrides: s.overrides.filter((x) => x.fromStep > s.announced) }
+  }
+  const from = fromStep ?? 0
+  return { ...s, overrides: [...s.overrides.filter((x) => x.fromStep < from), { lr, fromStep: from }] }
+}
+
+export const setSchedule = (s: SchedulerState, input: unknown): Result.Result<SchedulerState, string> => {
+  const r = resolveSchedule(input as ScheduleInput)
+  if (Result.isFailure(r)) return Result.fail(r.failure.message)
+  return Result.succeed({ ...initialState(r.success), announced: s.announced })
+}
+
+/** A state that came over the wire or out of a checkpoint: checked by re-resolving its schedule. */
+export const parseState = (x: unknown): SchedulerState | undefined => {
+  if (typeof x !== "object" || x === null) return undefined
+  const o = x as Partial<SchedulerState>
+  const sched = resolveSchedule(o.schedule as ScheduleInput)
+  if (Result.isFailure(sched) || !Array.isArray(o.overrides) || typeof o.announced !== "number") return undefined
+  if (!o.overrides.every((v) => typeof v?.lr === "number" && Number.isFinite(v.lr) && v.lr >= 0 && Number.isInteger(v.fromStep))) return undefined
+  return { schedule: sched.success, plateau: o.plateau, overrides: o.overrides, announced: o.announced }
+}
