@@ -178,7 +178,7 @@ export const runController = (o: ControllerOptions): Effect.Effect<ControllerHan
         const actors = membership
           .all()
           .sort((a, b) => (a.role === b.role ? (a.id < b.id ? -1 : 1) : a.role < b.role ? -1 : 1))
-          .map((m) => ({ role: m.role, id: m.id, host: m.host, pid: m.pid, heartbeatAgeMs: Math.max(0, now - m.lastSeen), state: m.state, info: m.info }))
+          .map((m) => ({ role: m.role, id: m.id, host: m.host, pid: m.pid, heartbeatAgeMs: Math.max(0, now - m.lastSeen), state: m.state, info: m.info, restarts: m.restarts ?? 0 }))
         const reply: JobStatus = {
           _tag: "JobStatus", v: PROTOCOL_VERSION, job: job.job, requestId, by: id, at: now, actors,
           version: v, shards: [...shards].sort(([a], [b]) => a - b).map(([shard, version]) => ({ shard, version })),

@@ -221,6 +221,11 @@ export const step = (s: PsState, e: PsEvent): PsEffect[] => {
       const ph = s.phase
       if (ph._tag !== "AwaitingLr" || ph.version !== e.version) break
       if (e.schedule !== undefined && isLeader(s)) s.schedule = e.schedule
+      if (s.paused || s.done) {
+        // paused (or stopped) while asking: apply nothing; on resume the gradients are still held
+        s.phase = { _tag: "Idle" }
+        break
+      }
       if (coordinated(s) && isLeader(s)) {
         const d = P.stepDecided(s, ph.version, ph.pushes, e.lr)
         s.decisions.set(d.version, d)
@@ -382,6 +387,8 @@ const finishApply = (s: PsState, pushes: readonly Held[], lr: number, globalSumS
 const tick = (s: PsState, out: PsEffect[]) => {
   const ph = s.phase
   if (ph._tag === "AwaitingNorms") {
+    completeNorms(s, out)
+    if (s.phase._tag !== "AwaitingNorms") return
     if (s.now - ph.sentAt >= s.cfg.resendMs) {
       ph.sentAt = s.now
       out.push({ _tag: "Publish", subject: s.cfg.subjects.psNorm(s.cfg.shard), message: P.normShare(s, ph.version, ph.sumSq) })
@@ -404,7 +411,7 @@ const tick = (s: PsState, out: PsEffect[]) => {
 /** AwaitingNorms completes when the last share is in. */
 const completeNorms = (s: PsState, out: PsEffect[]) => {
   const ph = s.phase
-  if (ph._tag !== "AwaitingNorms") return
+  if (ph._tag !== "AwaitingNorms" || s.paused) return
   let total = 0
   for (let k = 0; k < s.cfg.shards; k++) total += s.norms.get(k) ?? Number.NaN
   if (!Number.isNaN(total)) finishApply(s, ph.pushes, ph.lr, total, out)

@@ -12,7 +12,7 @@
  * scheduler it is computed from the scheduler state this shard holds.
  * Run alone: `flotilla launch param-server --job FILE --shard K`.
  */
-import { Deferred, Effect, Queue, Result, Scope } from "effect"
+import { Deferred, Effect, Option, Queue, Result, Scope, type Tracer } from "effect"
 import { Bus } from "../../shared/bus/Bus.ts"
 import { onControl } from "../../shared/actor/control-listener.ts"
 import { runHeartbeat, trackMembership } from "../../shared/actor/membership.ts"
@@ -126,10 +126,17 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
     yield* Effect.logInfo(`ps ${id}: shard ${shard}/${job.topology.psShards} owns ${specs.length} tensors, ${specs.reduce((n, sp) => n + numel(sp.shape), 0)} params, ${state.core.consistency.mode}`)
 
     const finished = yield* Deferred.make<void>()
-    const queue = yield* Queue.unbounded<PsEvent>()
-    const offer = (e: PsEvent) => Effect.sync(() => void Queue.offerUnsafe(queue, e))
+    // each event travels with the span it arrived in (a gradient's receive span, ...), so an
+    // update it causes is in the pushing worker's trace
+    const queue = yield* Queue.unbounded<{ readonly e: PsEvent; readonly span?: Tracer.AnySpan }>()
+    const offer = (e: PsEvent, span?: Tracer.AnySpan) => Effect.sync(() => void Queue.offerUnsafe(queue, { e, span }))
+    const offerTraced = (e: PsEvent) =>
+      Effect.flatMap(Effect.option(Effect.currentSpan), (sp) => offer(e, Option.getOrUndefined(sp)))
     const hb = yield* runHeartbeat(s, "ps", id, job.train.heartbeatMs)
-    const setInfo = () => hb.setInfo({ shard, version: state.core.version, incarnation: state.incarnation })
+    const setInfo = () => {
+      hb.setInfo({ shard, version: state.core.version, incarnation: state.incarnation })
+      hb.setState(state.paused ? "paused" : "running")
+    }
     setInfo()
 
     // ---- effects
@@ -150,7 +157,7 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
       )
 
     let stepMs = 0 // how long the last reducer step took (the update's compute), for StepApplied
-    const perform = (e: PsEffect): Effect.Effect<void> => {
+    const perform = (e: PsEffect, span: Tracer.AnySpan | undefined): Effect.Effect<void> => {
       switch (e._tag) {
         case "Publish": {
           const msg = (e.message as { _tag?: string })._tag === "StepApplied" ? { ...e.message, aggregateMs: stepMs, at: Date.now() } : e.message
@@ -167,7 +174,7 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
             Effect.ignore
           )
         case "RequestLr":
-          return Effect.asVoid(Effect.forkIn(lrFor(e.version).pipe(Effect.flatMap((r) => offer({ _tag: "LrResolved", version: e.version + 1, lr: r.lr, schedule: r.schedule }))), scope))
+          return Effect.asVoid(Effect.forkIn(lrFor(e.version).pipe(Effect.flatMap((r) => offer({ _tag: "LrResolved", version: e.version + 1, lr: r.lr, schedule: r.schedule }, span))), scope))
         case "RequestDecision":
           return Effect.asVoid(
             Effect.forkIn(ParamServerClient.decision(bus, s, e.version).pipe(Effect.flatMap((d) => offer({ _tag: "Decided", msg: d })), Effect.ignore), scope)
@@ -189,7 +196,7 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
           return loadCheckpoint(store, job.job, shard, e.atMost, logCorrupt).pipe(
             Effect.flatMap((f) =>
               fromCheckpoint(f?.checkpoint).pipe(
-                Effect.flatMap((r) => offer({ _tag: "Restored", core: r.core, schedule: r.schedule, incarnation: Date.now(), from: `${e.why}; ${f ? f.path : "no checkpoint at or below it: fresh init"}` }))
+                Effect.flatMap((r) => offer({ _tag: "Restored", core: r.core, schedule: r.schedule, incarnation: Date.now(), from: `${e.why}; ${f ? f.path : "no checkpoint at or below it: fresh init"}` }, span))
               )
             ),
             Effect.catchCause((c) => Effect.logError(`ps ${id}: rollback failed`, c))
@@ -208,11 +215,14 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
     yield* Effect.forkScoped(
       Effect.forever(
         Effect.gen(function* () {
-          const e = yield* Queue.take(queue)
+          const { e, span } = yield* Queue.take(queue)
           const t0 = performance.now()
           const effects = step(state, e)
           stepMs = performance.now() - t0
-          for (const eff of effects) yield* perform(eff)
+          let run: Effect.Effect<void> = Effect.forEach(effects, (eff) => perform(eff, span), { discard: true })
+          const applied = effects.find((x) => x._tag === "Applied")
+          if (applied) run = run.pipe(Effect.withSpan("ps.aggregate_apply", { attributes: { "flotilla.shard": shard, "flotilla.version": applied.step.version, "flotilla.apply_ms": stepMs } }))
+          yield* span ? Effect.withParentSpan(run, span) : run
           setInfo()
         })
       )
@@ -245,7 +255,7 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
         const x = g.success
         const grads = new Map<string, Float32Array>()
         for (const t of bundle.tensors) grads.set(t.name, fromWire(t))
-        yield* offer({
+        yield* offerTraced({
           _tag: "GradientsReceived", subject: info.subject, incarnation: x.incarnation,
           push: { sender: m.sender, version: m.version, batchId: m.batchId ?? x.micro, samples: x.samples, tokens: x.tokens, loss: x.loss, grads, epochBatches: x.epochBatches, normSq: x.normSq }
         })
@@ -257,7 +267,7 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
     const request = <A>(schema: Parameters<typeof decodeBytes>[0], subject: string, toEvent: (m: import("../../shared/bus/Bus.ts").BusMessage, a: A) => PsEvent) =>
       bus.subscribe(subject, (m) => {
         const r = decodeBytes(schema, m.subject, m.data)
-        return Result.isFailure(r) ? reject({ code: "bad-message", reason: r.failure.reason, subject: m.subject }, m).pipe(Effect.asVoid) : offer(toEvent(m, r.success as A))
+        return Result.isFailure(r) ? reject({ code: "bad-message", reason: r.failure.reason, subject: m.subject }, m).pipe(Effect.asVoid) : offerTraced(toEvent(m, r.success as A))
       })
     yield* request(PullParams, s.psPull(shard), (m) => ({ _tag: "PullRequested", reply: m }))
     yield* request(GetAppliedLog, s.psLog(shard), (m) => ({ _tag: "LogRequested", reply: m }))
@@ -265,24 +275,24 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
       yield* request<GetDecision>(GetDecision, s.psDecision, (m, d) => ({ _tag: "DecisionRequested", reply: m, version: d.version }))
       yield* bus.subscribe(s.psHeldAll, (m) => {
         const r = decodeBytes(GradientsHeld, m.subject, m.data)
-        return Result.isSuccess(r) ? offer({ _tag: "HeldReported", msg: r.success }) : Effect.logWarning(r.failure.message)
+        return Result.isSuccess(r) ? offerTraced({ _tag: "HeldReported", msg: r.success }) : Effect.logWarning(r.failure.message)
       })
     } else {
       yield* bus.subscribe(s.psDecided, (m) => {
         const r = decodeBytes(StepDecided, m.subject, m.data)
-        return Result.isSuccess(r) ? offer({ _tag: "Decided", msg: r.success }) : Effect.logWarning(r.failure.message)
+        return Result.isSuccess(r) ? offerTraced({ _tag: "Decided", msg: r.success }) : Effect.logWarning(r.failure.message)
       })
     }
     yield* bus.subscribe(s.psNormAll, (m) => {
       const r = decodeBytes(NormShare, m.subject, m.data)
-      return Result.isSuccess(r) ? offer({ _tag: "NormShared", msg: r.success }) : Effect.logWarning(r.failure.message)
+      return Result.isSuccess(r) ? offerTraced({ _tag: "NormShared", msg: r.success }) : Effect.logWarning(r.failure.message)
     })
     const verbs: ReadonlyArray<CommandVerb> = ["pause", "resume", "checkpoint", "stop", "set-optimizer", "set-consistency"]
     yield* onControl(s, Object.fromEntries(verbs.filter((v) => (CONTROL_VERBS as readonly string[]).includes(v)).map((v) => [v, (_: unknown, ev: never) => offer({ _tag: "ControlApplied", event: ev })])))
     yield* Effect.forkScoped(Effect.forever(Effect.sleep(TICK_MS).pipe(Effect.andThen(offer({ _tag: "Tick", now: Date.now() })))))
 
     // announce this incarnation: workers waiting on the old one pick up these params at once
-    yield* Queue.offer(queue, { _tag: "Tick", now: Date.now() })
+    yield* offer({ _tag: "Tick", now: Date.now() })
     yield* sendBundle(bus, s.psVersion(shard), paramsBundle(state)).pipe(Effect.ignore)
     return {
       get state() {

@@ -64,9 +64,9 @@ export interface WorkerState {
   readonly cfg: WorkerConfig
   consistency: "sync" | "bounded" | "async"
   readonly cache: Map<number, CachedShard>
-  /** the newest server incarnation seen, and when. */
-  newestIncarnation: number
-  incarnationSeenAt: number
+  /** the incarnation a shard last restarted to, and when it was seen. */
+  restartIncarnation: number
+  restartSeenAt: number
   held: Batch[]
   leasing: boolean
   /** no lease request before this time (a NoBatch's retryAfterMs). */
@@ -106,7 +106,7 @@ export type WorkerEffect =
   | { readonly _tag: "Log"; readonly level: "debug" | "info" | "warn"; readonly message: string }
 
 export const initialWorker = (cfg: WorkerConfig, consistency: WorkerState["consistency"], now: number): WorkerState => ({
-  cfg, consistency, cache: new Map(), newestIncarnation: 0, incarnationSeenAt: -Infinity, held: [], leasing: false, leaseAfter: now,
+  cfg, consistency, cache: new Map(), restartIncarnation: 0, restartSeenAt: -Infinity, held: [], leasing: false, leaseAfter: now,
   computing: false, waitingSince: now, pulling: new Set(), finished: false, now, stats: { steps: 0, stale: 0, resent: 0, pulls: 0 }
 })
 
@@ -144,10 +144,11 @@ export const step = (s: WorkerState, e: WorkerEvent): WorkerEffect[] => {
       s.leasing = false
       if (e.batch) {
         const b = e.batch
-        if (b.meta.gen < s.newestIncarnation && s.now - s.incarnationSeenAt < LEASE_GRACE_MS) {
-          // leased from a table the loader built before the newest server restart: it is
-          // rebuilding (and re-serves this batch if it is still undone)
-          out.push({ _tag: "Log", level: "debug", message: `dropping ${b.meta.batchId}: lease generation ${b.meta.gen} predates server incarnation ${s.newestIncarnation}` })
+        if (b.meta.gen < s.restartIncarnation && s.now - s.restartSeenAt < LEASE_GRACE_MS) {
+          // leased from a table the loader built before the latest server restart: it is
+          // rebuilding (and re-serves this batch if it is still undone); handing it back is
+          // ignored by a loader that rebuilt, and re-queues it in one that did not
+          out.push({ _tag: "Release", batch: b, reason: `lease generation ${b.meta.gen} predates server incarnation ${s.restartIncarnation}` })
           s.leaseAfter = s.now + 100
         } else s.held.push(b)
       } else if (e.noBatch) s.leaseAfter = s.now + Math.max(50, e.noBatch.retryAfterMs)
@@ -164,12 +165,11 @@ export const step = (s: WorkerState, e: WorkerEvent): WorkerEffect[] => {
       if (!newer) break
       const restarted = cur !== undefined && e.incarnation > cur.incarnation
       s.cache.set(e.shard, { incarnation: e.incarnation, version: e.version, params: e.params })
-      if (e.incarnation > s.newestIncarnation) {
-        if (s.newestIncarnation > 0) s.incarnationSeenAt = s.now
-        s.newestIncarnation = e.incarnation
-      }
       if (restarted) {
-        out.push({ _tag: "Log", level: "info", message: `shard ${e.shard} restarted (incarnation ${e.incarnation}, version ${e.version}): dropping ${s.held.length} held batches${s.inflight ? ` and the push of ${s.inflight.batchId}` : ""}` })
+        s.restartIncarnation = Math.max(s.restartIncarnation, e.incarnation)
+        s.restartSeenAt = s.now
+        out.push({ _tag: "Log", level: "info", message: `shard ${e.shard} restarted (incarnation ${e.incarnation}, version ${e.version}): handing back ${s.held.length} held batches${s.inflight ? `, dropping the push of ${s.inflight.batchId}` : ""}` })
+        for (const b of s.held) out.push({ _tag: "Release", batch: b, reason: `shard ${e.shard} restarted` })
         s.held = []
         s.inflight = undefined
         s.lastKey = undefined

@@ -169,7 +169,8 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
           bundles.set(k, { tensors, meta: { kind: "grads", job: job.job, version: e.versions.get(k)!, step: e.versions.get(k)!, sender: id, batchId: g.batchId, codec, extra } })
         }
         computeTimes = { waitParams: t2 - waitStart, compute: t3 - t2, loss: g.loss, tokens, version: v, t3 }
-        yield* offer({ _tag: "Computed", key: e.key, versions: e.versions, micro: e.micro, batchId: g.batchId, bundles })
+        // handled at once, in this fiber and span: the pushes belong to the step's trace
+        yield* handle({ _tag: "Computed", key: e.key, versions: e.versions, micro: e.micro, batchId: g.batchId, bundles })
       })
     let computeTimes = { waitParams: 0, compute: 0, loss: 0, tokens: 0, version: 0, t3: 0 }
 
@@ -198,7 +199,7 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
         }
         case "Compute":
           // the short sleep lets the lease request's socket write happen before TensorFlow.js holds the thread
-          return Effect.sleep(1).pipe(Effect.andThen(compute(e)), Effect.withSpan("worker.step", { attributes: { "flotilla.worker": id } }), Effect.orDie)
+          return Effect.sleep(1).pipe(Effect.andThen(compute(e)), Effect.orDie)
         case "Push":
           return sendBundle(bus, s.psPush(e.shard), e.bundle).pipe(
             Effect.tap((sent) => Effect.sync(() => {
@@ -237,15 +238,19 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
       }
     }
 
+    /** One event through the reducer, its effects in order; a step that computes is one `worker.step` span (one trace). */
+    const handle = (e: WorkerEvent): Effect.Effect<void> =>
+      Effect.suspend(() => {
+        state.now = e._tag === "Tick" ? e.now : Date.now()
+        const effects = step(state, e)
+        const run = Effect.forEach(effects, perform, { discard: true })
+        return effects.some((x) => x._tag === "Compute") ? run.pipe(Effect.withSpan("worker.step", { root: true, attributes: { "flotilla.worker": id } })) : run
+      })
+
     // ---- the mailbox
     yield* Effect.forkScoped(
       Effect.gen(function* () {
-        while (!state.finished) {
-          const e = yield* Queue.take(queue)
-          if (e._tag === "Tick") state.now = e.now
-          else state.now = Date.now()
-          for (const eff of step(state, e)) yield* perform(eff)
-        }
+        while (!state.finished) yield* handle(yield* Queue.take(queue))
         stats.stale = state.stats.stale
         stats.pulls = state.stats.pulls
       }).pipe(
