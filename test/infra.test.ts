@@ -53,6 +53,39 @@ describe("infra/nats/nats.conf", () => {
   })
 })
 
+describe("infra/nats/cluster (3 nodes)", () => {
+  const nodes = [1, 2, 3].map((i) => `infra/nats/cluster/nats-${i}.conf`)
+  const accounts = (text: string) => text.slice(text.indexOf("accounts {"))
+
+  it("each node's config is valid for nats-server, with a unique name and routes to all three", () => {
+    const bin = findNatsServerBinary()
+    if (!bin) throw new Error("nats-server not found: apt-get install -y nats-server")
+    const names = new Set<string>()
+    for (const file of nodes) {
+      execFileSync(bin, ["-t", "-c", file], { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] })
+      const text = readFileSync(file, "utf8")
+      names.add(/^server_name:\s*(\S+)/m.exec(text)![1])
+      expect(text).toMatch(/include \.\/common\.conf/)
+      expect(text).toMatch(/name: flotilla/)
+      for (const peer of [1, 2, 3]) expect(text).toMatch(new RegExp(`nats-route://[^\\s]*@nats-${peer}:6222`))
+    }
+    expect([...names].sort()).toEqual(["nats-1", "nats-2", "nats-3"])
+  })
+
+  it("carries the same job accounts as the single-server nats.conf", () => {
+    expect(accounts(readFileSync("infra/nats/cluster/common.conf", "utf8"))).toBe(accounts(readFileSync("infra/nats/nats.conf", "utf8")))
+  })
+
+  it("is wired into docker-compose's `cluster` profile", () => {
+    const compose = parse(readFileSync("infra/docker-compose.yml", "utf8"), { merge: true })
+    for (const i of [1, 2, 3]) {
+      const svc = compose.services[`nats-${i}`]
+      expect(svc.profiles).toEqual(["cluster"])
+      expect(svc.command).toEqual(["-c", `/etc/nats/cluster/nats-${i}.conf`])
+    }
+  })
+})
+
 describe("infra/k8s/flotilla-job.yaml", () => {
   const docs = parseAllDocuments(readFileSync("infra/k8s/flotilla-job.yaml", "utf8")).map((d) => d.toJS())
   it("parses, and its job ConfigMap resolves", () => {

@@ -1,8 +1,11 @@
 // Implements: starting a local `nats-server` child process — for `flotilla up` when no
-// server is given, and for tests (test/support/nats.ts). Writes a config file to a temp
-// dir (host, port, max_payload, JetStream store), waits until the server accepts
-// connections, and can stop or restart it on the same port and store dir.
-// Does not own: connecting to it (shared/bus/nats.ts), clusters or accounts (infra/).
+// server is given, and for tests (test/support/nats.ts, test/faults/). Writes a config
+// file to a temp dir (host, port, max_payload, JetStream store, optional monitoring port
+// and cluster block), waits until the server accepts connections, and can stop, SIGKILL
+// or restart it on the same ports and store dir. `startLocalNatsCluster` starts N such
+// servers clustered over loopback routes and waits until every route is up.
+// Does not own: connecting to it (shared/bus/nats.ts), accounts and real-host cluster
+// configs (infra/nats/).
 //
 // The binary comes from $NATS_SERVER_BIN, PATH, /usr/sbin, /usr/bin or /usr/local/bin
 // (Debian/Ubuntu: `apt-get install -y nats-server`, 2.9.x). Port 0 means "any free port":
@@ -31,16 +34,34 @@ export interface LocalNatsServerOptions {
   readonly binary?: string
   /** How long to wait for the server to accept connections; default 15 s. */
   readonly startTimeoutMs?: number
+  /** Monitoring HTTP port (/varz, /connz, /routez): undefined = none, 0 = a free port. */
+  readonly httpPort?: number
+  /** `server_name` (required by clustered JetStream; shown by /connz). */
+  readonly serverName?: string
+  /** Join a cluster: listen for routes on `port` (on `host`) and dial `routes`. */
+  readonly cluster?: {
+    readonly name: string
+    readonly port: number
+    /** e.g. "nats-route://127.0.0.1:6223" */
+    readonly routes: ReadonlyArray<string>
+  }
 }
 
 export interface LocalNatsServer {
   readonly url: string
   readonly port: number
   readonly host: string
+  /** `http://host:port` of the monitoring endpoint, when `httpPort` was given. */
+  readonly monitorUrl: string | undefined
+  readonly serverName: string | undefined
   /** Stops the server (SIGTERM, then SIGKILL after 5 s) and removes its temp dir. */
   stop(): Promise<void>
-  /** Stops and starts it again on the same port with the same config and store dir. */
+  /** Stops (SIGTERM) if running, then starts it again on the same ports, config and store dir. */
   restart(): Promise<void>
+  /** SIGKILL (a crash: no lame-duck, no goodbye to clients or routes); restart() brings it back. */
+  kill(): Promise<void>
+  /** Whether the server process is up (false after kill() or stop()). */
+  running(): boolean
 }
 
 export class NatsServerNotFoundError extends Error {
@@ -88,6 +109,7 @@ export const startLocalNatsServer = async (options: LocalNatsServerOptions = {})
   const configFile = path.join(dir, "nats-server.conf")
   const timeoutMs = options.startTimeoutMs ?? 15_000
   let port = options.port ?? 0
+  const httpPort = options.httpPort === 0 ? await freePort(host === "0.0.0.0" ? "127.0.0.1" : host) : options.httpPort
   let child: ChildProcess | undefined
 
   const writeConfig = () => {
@@ -95,8 +117,20 @@ export const startLocalNatsServer = async (options: LocalNatsServerOptions = {})
       `host: ${JSON.stringify(host)}`,
       `port: ${port === 0 ? -1 : port}`
     ]
+    if (options.serverName !== undefined) lines.push(`server_name: ${JSON.stringify(options.serverName)}`)
+    if (httpPort !== undefined) lines.push(`http: ${JSON.stringify(`${host}:${httpPort}`)}`)
     if (options.maxPayload !== undefined) lines.push(`max_payload: ${options.maxPayload}`)
     if (options.jetstream === true) lines.push(`jetstream {`, `  store_dir: ${JSON.stringify(storeDir)}`, `}`)
+    if (options.cluster !== undefined) {
+      const c = options.cluster
+      lines.push(
+        `cluster {`,
+        `  name: ${JSON.stringify(c.name)}`,
+        `  listen: ${JSON.stringify(`${host}:${c.port}`)}`,
+        `  routes: [${c.routes.map((r) => JSON.stringify(r)).join(", ")}]`,
+        `}`
+      )
+    }
     fs.writeFileSync(configFile, lines.join("\n") + "\n")
   }
 
@@ -112,11 +146,11 @@ export const startLocalNatsServer = async (options: LocalNatsServerOptions = {})
     process.once("exit", killOnExit)
   }
 
-  const kill = async () => {
+  const kill = async (signal: "SIGTERM" | "SIGKILL" = "SIGTERM") => {
     const c = child
     child = undefined
     process.removeListener("exit", killOnExit)
-    if (c !== undefined) await terminate(c)
+    if (c !== undefined) await terminate(c, signal)
   }
 
   try {
@@ -131,6 +165,8 @@ export const startLocalNatsServer = async (options: LocalNatsServerOptions = {})
     url: `nats://${urlHost}:${fixedPort}`,
     port: fixedPort,
     host,
+    monitorUrl: httpPort === undefined ? undefined : `http://${urlHost}:${httpPort}`,
+    serverName: options.serverName,
     stop: async () => {
       await kill()
       fs.rmSync(dir, { recursive: true, force: true })
@@ -138,9 +174,133 @@ export const startLocalNatsServer = async (options: LocalNatsServerOptions = {})
     restart: async () => {
       await kill()
       await launch()
-    }
+    },
+    kill: () => kill("SIGKILL"),
+    running: () => child !== undefined && child.exitCode === null && child.signalCode === null
   }
 }
+
+// ---------------------------------------------------------------- clusters
+
+export interface LocalNatsClusterOptions {
+  /** Number of servers; default 3. */
+  readonly size?: number
+  /** JetStream on every node (clustered: the meta group needs a majority up). */
+  readonly jetstream?: boolean
+  readonly maxPayload?: number
+  /** Cluster name; default "flotilla-local". */
+  readonly name?: string
+  readonly binary?: string
+  /** Per node start and route wait; default 20 s. */
+  readonly startTimeoutMs?: number
+}
+
+export interface LocalNatsCluster {
+  /** Every node's client URL, node order. */
+  readonly urls: ReadonlyArray<string>
+  /** The nodes (each with a monitoring port), each stop/kill/restart-able on its own. */
+  readonly servers: ReadonlyArray<LocalNatsServer>
+  /** Wait until every running node has a route to every other running node. */
+  waitForRoutes(timeoutMs?: number): Promise<void>
+  /** Stop every node and remove their dirs. */
+  stop(): Promise<void>
+}
+
+/**
+ * N nats-servers on loopback, fully meshed by explicit routes (`cluster { routes }`),
+ * resolved once every node reports a route to every other (monitoring /routez). Each
+ * node's restart() waits for its routes again. Clients should be given every URL.
+ */
+export const startLocalNatsCluster = async (options: LocalNatsClusterOptions = {}): Promise<LocalNatsCluster> => {
+  const size = options.size ?? 3
+  const host = "127.0.0.1"
+  const name = options.name ?? "flotilla-local"
+  const timeoutMs = options.startTimeoutMs ?? 20_000
+  // ports known up front: every node's routes name every other node's cluster port
+  const ports: Array<{ client: number; cluster: number; http: number }> = []
+  const taken = new Set<number>()
+  const fresh = async () => {
+    for (;;) {
+      const p = await freePort(host)
+      if (!taken.has(p)) {
+        taken.add(p)
+        return p
+      }
+    }
+  }
+  for (let i = 0; i < size; i++) ports.push({ client: await fresh(), cluster: await fresh(), http: await fresh() })
+  const raw: Array<LocalNatsServer> = []
+  const stopAll = () => Promise.all(raw.map((s) => s.stop())).then(() => undefined)
+  const started = await Promise.allSettled(
+    ports.map((p, i) =>
+      startLocalNatsServer({
+        host,
+        port: p.client,
+        httpPort: p.http,
+        serverName: `${name}-${i + 1}`,
+        jetstream: options.jetstream,
+        maxPayload: options.maxPayload,
+        binary: options.binary,
+        startTimeoutMs: timeoutMs,
+        cluster: { name, port: p.cluster, routes: ports.filter((_, j) => j !== i).map((q) => `nats-route://${host}:${q.cluster}`) }
+      })
+    )
+  )
+  for (const r of started) if (r.status === "fulfilled") raw.push(r.value)
+  const failed = started.find((r) => r.status === "rejected")
+  if (failed !== undefined) {
+    await stopAll()
+    throw (failed as PromiseRejectedResult).reason
+  }
+  const waitForRoutes = async (waitMs = timeoutMs) => {
+    const deadline = Date.now() + waitMs
+    for (;;) {
+      const live = raw.filter((s) => s.running())
+      const counts = await Promise.all(live.map((s) => routeCount(s.monitorUrl!)))
+      if (counts.every((n) => n >= live.length - 1)) return
+      if (Date.now() > deadline) {
+        throw new Error(`nats cluster: routes not up within ${waitMs} ms (${live.map((s, i) => `${s.serverName}: ${counts[i]}`).join(", ")} of ${live.length - 1})`)
+      }
+      await new Promise((r) => setTimeout(r, 50))
+    }
+  }
+  try {
+    await waitForRoutes()
+  } catch (e) {
+    await stopAll()
+    throw e
+  }
+  const servers = raw.map((s): LocalNatsServer => ({
+    ...s,
+    restart: async () => {
+      await s.restart()
+      await waitForRoutes()
+    }
+  }))
+  return { urls: servers.map((s) => s.url), servers, waitForRoutes, stop: stopAll }
+}
+
+/** The node's number of routes (-1 when its monitoring endpoint does not answer). */
+const routeCount = async (monitorUrl: string): Promise<number> => {
+  try {
+    const res = await fetch(`${monitorUrl}/routez`, { signal: AbortSignal.timeout(2_000) })
+    const j = (await res.json()) as { num_routes?: number }
+    return j.num_routes ?? 0
+  } catch {
+    return -1
+  }
+}
+
+const freePort = (host: string): Promise<number> =>
+  new Promise((resolve, reject) => {
+    const srv = net.createServer()
+    srv.once("error", reject)
+    srv.listen(0, host, () => {
+      const addr = srv.address()
+      const p = typeof addr === "object" && addr !== null ? addr.port : 0
+      srv.close(() => resolve(p))
+    })
+  })
 
 /** The same, as a scoped resource: stopped when the scope closes. */
 export const localNatsServer = (options: LocalNatsServerOptions = {}): Effect.Effect<LocalNatsServer, Error, Scope.Scope> =>
@@ -221,7 +381,7 @@ const waitForTcp = (host: string, port: number, timeoutMs: number): Promise<void
   })
 }
 
-const terminate = (child: ChildProcess): Promise<void> =>
+const terminate = (child: ChildProcess, signal: "SIGTERM" | "SIGKILL"): Promise<void> =>
   new Promise((resolve) => {
     if (child.exitCode !== null || child.signalCode !== null) return resolve()
     const hard = setTimeout(() => child.kill("SIGKILL"), 5_000)
@@ -229,5 +389,5 @@ const terminate = (child: ChildProcess): Promise<void> =>
       clearTimeout(hard)
       resolve()
     })
-    child.kill("SIGTERM")
+    child.kill(signal)
   })

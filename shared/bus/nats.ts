@@ -42,6 +42,12 @@ export interface NatsBusOptions {
   readonly connectTimeoutMs?: number
   /** Pause between reconnect attempts to the same server; default 1000 ms (nats.js: 2000). */
   readonly reconnectTimeWaitMs?: number
+  /**
+   * Client PING interval; default 10 s (nats.js: 2 min). With 3 PINGs unanswered the client
+   * treats the server as gone and moves on to another: a dead host or a partition is noticed
+   * in ~30-40 s (a killed server process closes the socket: noticed at once).
+   */
+  readonly pingIntervalMs?: number
   readonly user?: string
   readonly pass?: string
   readonly token?: string
@@ -65,9 +71,16 @@ const make = (options: NatsBusOptions): Effect.Effect<BusShape, BusConnectionErr
           connect({
             servers,
             name: options.name,
+            // reconnect for as long as the process lives (nats.js gives up after 10 by
+            // default). With -1 no server is ever dropped from the list; with
+            // waitOnFirstConnect the first connect also cycles through every URL forever.
+            // URLs the cluster announces (INFO connect_urls) are added to the list; the
+            // list is tried in random order (noRandomize false) so actors spread out.
             maxReconnectAttempts: -1,
             reconnectTimeWait: options.reconnectTimeWaitMs ?? 1_000,
             waitOnFirstConnect: options.waitOnFirstConnect ?? false,
+            pingInterval: options.pingIntervalMs ?? 10_000,
+            maxPingOut: 3,
             timeout: options.connectTimeoutMs ?? 5_000,
             user: options.user,
             pass: options.pass,

@@ -48,6 +48,10 @@ export interface ActorProcess {
   readonly role: ActorRole
   readonly id: string
   readonly proc: ChildProcess
+  /** the flags given after the common ones (`--job`, `--nats`, `--id`), for a relaunch. */
+  readonly extra: readonly string[]
+  /** the environment added for this process only. */
+  readonly env: NodeJS.ProcessEnv
   /** every line it wrote (stdout and stderr), oldest first. */
   readonly lines: string[]
   readonly exited: Promise<ActorExit>
@@ -64,6 +68,7 @@ export interface Cluster {
   readonly job: JobConfig
   readonly jobFile: string
   readonly dir: string
+  /** the server URL(s) every actor is given (`--nats`; comma-separated for a cluster). */
   readonly url: string
   readonly actors: ActorProcess[]
   /** `env` is added over the cluster's for this process only. */
@@ -91,7 +96,14 @@ export const waitUntil = async (pred: () => boolean, timeoutMs: number, what: ()
 export const testJob = (patch: Record<string, any>, dir: string): JobConfig =>
   resolveJob({ ...patch, train: { checkpointDir: join(dir, "checkpoints"), ...patch.train } }, "test job")
 
-const spawnActor = (role: ActorRole, id: string, args: readonly string[], env: NodeJS.ProcessEnv): ActorProcess => {
+const spawnActor = (
+  role: ActorRole,
+  id: string,
+  args: readonly string[],
+  env: NodeJS.ProcessEnv,
+  extra: readonly string[] = [],
+  own: NodeJS.ProcessEnv = {}
+): ActorProcess => {
   const proc = spawn(process.execPath, [BIN, "launch", role, "--id", id, ...args], {
     env: { ...process.env, FLOTILLA_LOG: "info", ...env },
     stdio: ["ignore", "pipe", "pipe"]
@@ -117,6 +129,8 @@ const spawnActor = (role: ActorRole, id: string, args: readonly string[], env: N
     role,
     id,
     proc,
+    extra,
+    env: own,
     lines,
     exited,
     running,
@@ -167,7 +181,7 @@ export const makeCluster = (
     url,
     actors,
     spawn: (role, id, extra = [], own = {}) => {
-      const a = spawnActor(role, id, [...common, ...extra], { ...env, ...own })
+      const a = spawnActor(role, id, [...common, ...extra], { ...env, ...own }, extra, own)
       actors.push(a)
       return a
     },
@@ -231,12 +245,13 @@ export interface Observer {
   close(): Promise<void>
 }
 
+/** `url` may list several servers, comma-separated (a cluster): any one of them will do. */
 export const observe = async (url: string, job: JobConfig): Promise<Observer> => {
   const s = subjects(job.job)
   const scope = Scope.makeUnsafe()
   const quiet = Layer.succeed(References.MinimumLogLevel, "Warn")
   const ctx = await Effect.runPromise(
-    Layer.buildWithScope(NatsBus.layer({ servers: url, name: `flotilla-${job.job}-test-observer` }), scope).pipe(Effect.provide(quiet))
+    Layer.buildWithScope(NatsBus.layer({ servers: url.split(","), name: `flotilla-${job.job}-test-observer` }), scope).pipe(Effect.provide(quiet))
   )
   const run = <A, E>(eff: Effect.Effect<A, E, Bus | Scope.Scope>): Promise<A> =>
     Effect.runPromise(eff.pipe(Scope.provide(scope), Effect.provideContext(ctx)) as Effect.Effect<A, E>)
