@@ -40,7 +40,7 @@ Sends a control message to a running job's controller (it runs with the schedule
 prints the answer. Exit code 1 when the controller rejects it, with the reason.
 
 verbs:
-  status                         actors (role, id, host, heartbeat age, state), version,
+  status                         actors (role, id, host, heartbeat age, state, restarts), version,
                                  step, LR, losses, consistency, paused
   pause | resume                 stop / continue leasing batches and applying versions
   checkpoint                     every parameter-server shard checkpoints now
@@ -148,10 +148,10 @@ const table = (rows: string[][]): string => {
 }
 
 export const formatStatus = (st: JobStatus): string => {
-  const rows = [["ROLE", "ID", "HOST", "HEARTBEAT", "STATE", "INFO"]]
+  const rows = [["ROLE", "ID", "HOST", "HEARTBEAT", "STATE", "RESTARTS", "INFO"]]
   for (const a of st.actors) {
     const info = a.info ? Object.entries(a.info).map(([k, v]) => `${k}=${v}`).join(" ") : ""
-    rows.push([a.role, a.id, a.host, `${age(a.heartbeatAgeMs)} ago`, a.state, info])
+    rows.push([a.role, a.id, a.host, `${age(a.heartbeatAgeMs)} ago`, a.state, String(a.restarts ?? 0), info])
   }
   const c = st.consistency
   const opt = Object.entries(st.optimizer).map(([k, v]) => (k === "kind" ? String(v) : `${k}=${v}`)).join(" ")

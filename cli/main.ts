@@ -3,6 +3,7 @@
  *
  *   flotilla start  [job file] [--steps N] [--workers N] [--ps-shards N] [--backend B] [--json]
  *   flotilla up     [job file] [--workers N] [--ps-shards N] [--steps N] [--nats URL] [--json]
+ *                   [--max-restarts N] [--restart-window DURATION]
  *   flotilla launch <loader|worker|evaluator|param-server|scheduler> --job NAME|FILE --nats URL
  *   flotilla ctl    <job> <verb> [args] [--nats URL]
  *
@@ -12,6 +13,7 @@ import { parseArgs, type ParseArgsConfig } from "node:util"
 import { DEFAULT_JOB, loadJobFile, resolveJob, type JobConfig } from "../shared/config/job.ts"
 import type { BackendPreference } from "../shared/compute/backend.ts"
 import { runMain } from "./runtime.ts"
+import { DEFAULT_RESTART_POLICY, type RestartPolicy } from "./supervisor.ts"
 
 export class UsageError extends Error {
   readonly _tag = "UsageError"
@@ -64,6 +66,13 @@ options:
   --steps N, --workers N, --ps-shards N, --consistency M, --backend B   as for start
   --codec C          gradient codec on the wire: f32 | int8
   --json             print a machine-readable summary at the end
+  --max-restarts N   restarts allowed per actor within the restart window (default ${DEFAULT_RESTART_POLICY.maxRestarts}; 0 = none)
+  --restart-window D the window of that budget: 300s, 5m, 1500ms (default ${DEFAULT_RESTART_POLICY.windowMs / 60_000}m)
+
+An actor that dies (a crash, a signal) before the job is over is restarted after a
+backoff (${DEFAULT_RESTART_POLICY.backoffMs} ms doubling to ${DEFAULT_RESTART_POLICY.backoffMaxMs / 1000} s; reset once it stayed up ${DEFAULT_RESTART_POLICY.resetAfterMs / 1000} s); a restarted
+parameter server resumes from its checkpoint. up fails only when an actor's budget is
+spent, with its exits and the tail of its log. An actor that exits 0 is done.
 `,
   launch: `usage: flotilla launch <loader|worker|evaluator|param-server|scheduler> --job NAME|FILE --nats URL [options]
 
@@ -93,6 +102,25 @@ const consistency = (v: string | undefined) => {
   const m = /^bounded:(\d+)$/.exec(v)
   if (m) return { mode: "bounded", staleness: Number(m[1]) }
   throw new UsageError(`--consistency must be sync, async or bounded:S, got ${JSON.stringify(v)}`)
+}
+
+/** `--max-restarts N` and `--restart-window D` (D: a number of seconds, or with ms / s / m). */
+export const restartPolicyFromArgs = (v: Record<string, unknown>): Partial<RestartPolicy> => {
+  const out: { maxRestarts?: number; windowMs?: number } = {}
+  const max = v["max-restarts"] as string | undefined
+  if (max !== undefined) {
+    const n = Number(max)
+    if (!Number.isInteger(n) || n < 0 || max.trim() === "") throw new UsageError(`--max-restarts must be an integer >= 0, got ${JSON.stringify(max)}`)
+    out.maxRestarts = n
+  }
+  const w = v["restart-window"] as string | undefined
+  if (w !== undefined) {
+    const m = /^(\d+(?:\.\d+)?)(ms|s|m)?$/.exec(w.trim())
+    const ms = m ? Number(m[1]) * (m[2] === "ms" ? 1 : m[2] === "m" ? 60_000 : 1_000) : Number.NaN
+    if (!(ms > 0)) throw new UsageError(`--restart-window must be a duration like 300s, 5m or 1500ms, got ${JSON.stringify(w)}`)
+    out.windowMs = ms
+  }
+  return out
 }
 
 /** Job from a file (or defaults) with command-line overrides applied. */
@@ -138,12 +166,18 @@ export const main = async (argv: string[]): Promise<void> => {
         return
       }
       case "up": {
-        const { values: v, positionals } = parse(rest, { nats: { type: "string" }, codec: { type: "string" } })
+        const { values: v, positionals } = parse(rest, {
+          nats: { type: "string" },
+          codec: { type: "string" },
+          "max-restarts": { type: "string" },
+          "restart-window": { type: "string" }
+        })
         if (v.help) return void process.stdout.write(HELP.up)
         const job = jobFromArgs(positionals[0], v)
+        const restarts = restartPolicyFromArgs(v)
         const { up } = await import("./up.ts")
         const sample = v.sample === undefined ? 200 : Number(v.sample)
-        runMain(up({ job, jobFile: positionals[0], nats: v.nats, json: v.json === true, codec: v.codec, backend: v.backend, sample }), "Warn")
+        runMain(up({ job, jobFile: positionals[0], nats: v.nats, json: v.json === true, codec: v.codec, backend: v.backend, sample, restarts }), "Warn")
         return
       }
       case "launch": {

@@ -2,20 +2,17 @@
  * Implements: `flotilla start` (= `npm start`) — every actor of a job in one process on
  * the in-process bus: loader, scheduler, parameter-server shards, workers and an
  * evaluator. Same actor code as `flotilla up`; only the Bus layer differs.
+ * Which actors, and how each runs: cli/topology.ts.
  * At the end: a summary, a text sample from the final params, the loss curve (SVG +
- * a terminal chart) and the checkpoint path.
+ * a terminal chart) and the path of the checkpoint THIS run wrote (an earlier run of the
+ * same job name may have left files with newer versions: they are not this run's).
  */
 import { mkdirSync, writeFileSync } from "node:fs"
 import { join } from "node:path"
 import { Deferred, Effect, Layer } from "effect"
-import { runController } from "../actors/controller/controller.ts"
-import { runLoader } from "../actors/loader/loader.ts"
-import { runParamServer } from "../actors/param-server/server.ts"
-import { listCheckpoints } from "../actors/param-server/checkpoint.ts"
-import { runScheduler } from "../actors/scheduler/scheduler.ts"
-import { runWorker } from "../actors/worker/worker.ts"
 import { stopRequested } from "../shared/actor/control-listener.ts"
 import { Bus } from "../shared/bus/Bus.ts"
+import { makeFileStore, type CheckpointRef, type CheckpointStoreShape } from "../shared/checkpoint/store.ts"
 import { InProcessBus } from "../shared/bus/inprocess.ts"
 import { Metrics } from "../shared/telemetry/metrics.ts"
 import { Telemetry } from "../shared/telemetry/otel.ts"
@@ -31,6 +28,7 @@ import { PROTOCOL_VERSION, subjects } from "../shared/protocol/subjects.ts"
 import { asciiChart, writeLossCurveSvg } from "../shared/ui/plot.ts"
 import { requestBundle } from "../shared/wire/transport.ts"
 import { observeJob, type RunSummary } from "./driver.ts"
+import { jobActors, runActor } from "./topology.ts"
 
 export interface StartOptions {
   readonly job: JobConfig
@@ -39,6 +37,47 @@ export interface StartOptions {
   readonly sample?: number
   readonly runsDir?: string
 }
+
+/**
+ * This run's newest checkpoint of each shard: ones written at or after `since` (the
+ * run's start, ms), as the store lists them (default: the files under checkpointDir).
+ * An earlier run of the same job name may have left checkpoints with higher versions;
+ * they are not this run's. undefined for a shard that has written none yet.
+ */
+export const runCheckpoints = (
+  job: JobConfig,
+  since: number,
+  store: CheckpointStoreShape = makeFileStore(job.train.checkpointDir)
+): Effect.Effect<Array<CheckpointRef | undefined>> =>
+  Effect.forEach(Array.from({ length: job.topology.psShards }, (_, k) => k), (k) =>
+    store.list(job.job, k).pipe(
+      Effect.map((refs) => {
+        let best: CheckpointRef | undefined
+        for (const r of refs) {
+          if (r.writtenAt < since) continue
+          // the newest write is the shard's state now (a restarted shard may rewrite a lower version)
+          if (!best || r.writtenAt > best.writtenAt || (r.writtenAt === best.writtenAt && r.version > best.version)) best = r
+        }
+        return best
+      }),
+      Effect.orElseSucceed(() => undefined)
+    )
+  )
+
+/**
+ * Wait (at most `timeoutMs`) until every shard has a checkpoint of at least `version`
+ * from this run: the last one is saved just after the final step is announced. Returns
+ * what there is by then.
+ */
+export const awaitRunCheckpoints = (job: JobConfig, since: number, version: number, timeoutMs = 5_000, store?: CheckpointStoreShape) =>
+  Effect.gen(function* () {
+    const deadline = Date.now() + timeoutMs
+    for (;;) {
+      const found = yield* runCheckpoints(job, since, store)
+      if (found.every((c) => c !== undefined && c.version >= version) || Date.now() >= deadline) return found
+      yield* Effect.sleep(100)
+    }
+  })
 
 /** Pull the final params of every shard (over whatever bus is provided). */
 export const pullParams = (job: JobConfig, who: string) =>
@@ -53,9 +92,18 @@ export const pullParams = (job: JobConfig, who: string) =>
     return params
   })
 
-/** What every run prints at its end (start and up). */
-export const report = (job: JobConfig, summary: RunSummary, params: Map<string, Float32Array> | undefined, o: { json?: boolean; sample?: number; runsDir?: string }) =>
-  Effect.sync(() => {
+/**
+ * What every run prints at its end (start and up). `startedAt` (ms) is when the run
+ * began: only checkpoints written since then are this run's.
+ */
+export const report = (
+  job: JobConfig,
+  summary: RunSummary,
+  params: Map<string, Float32Array> | undefined,
+  o: { json?: boolean; sample?: number; runsDir?: string; startedAt: number }
+) =>
+  Effect.gen(function* () {
+    const ckpts = yield* awaitRunCheckpoints(job, o.startedAt, summary.steps)
     const dir = join(o.runsDir ?? "runs", job.job)
     mkdirSync(dir, { recursive: true })
     const svg = writeLossCurveSvg(join(dir, "loss.svg"), { ...summary.curves, title: `${job.job}: loss and learning rate` })
@@ -67,11 +115,19 @@ export const report = (job: JobConfig, summary: RunSummary, params: Map<string, 
       sample = decodeTokens(generate(model, params, prompt, o.sample ?? 200, { temperature: 0.8, topK: 40, seed: job.train.seed }))
       sample = "Call me " + sample
     }
-    const ckpt = listCheckpoints(job.train.checkpointDir, job.job, 0).pop()
+    const ckpt = ckpts[0]?.where
     if (o.json) {
-      process.stdout.write(JSON.stringify({ ...summary, curves: undefined, svg, checkpoint: ckpt ?? null, sample }) + "\n")
+      const checkpoints = ckpts.map((c) => c?.where ?? null)
+      process.stdout.write(JSON.stringify({ ...summary, curves: undefined, svg, checkpoint: ckpt ?? null, checkpoints, sample }) + "\n")
       return
     }
+    const written = ckpts.filter((c) => c !== undefined)
+    const ckptLine =
+      written.length === 0
+        ? "checkpoint: (none written by this run)"
+        : ckpts.length === 1
+          ? `checkpoint: ${ckpt}`
+          : `checkpoints:${ckpts.map((c, k) => `\n  shard ${k}: ${c?.where ?? "(none written by this run)"}`).join("")}`
     const f = (x: number | null) => (x === null || !Number.isFinite(x) ? "n/a" : x.toFixed(4))
     const lines = [
       "",
@@ -82,7 +138,7 @@ export const report = (job: JobConfig, summary: RunSummary, params: Map<string, 
       asciiChart(summary.curves.train.map(([, l]) => l), 64, 8),
       "",
       `loss curve: ${svg}`,
-      ckpt ? `checkpoint: ${ckpt}` : "checkpoint: (none written)"
+      ckptLine
     ]
     if (sample) lines.push("", "sample:", "  " + sample.replace(/\n/g, "\n  "))
     process.stdout.write(lines.join("\n") + "\n")
@@ -91,6 +147,7 @@ export const report = (job: JobConfig, summary: RunSummary, params: Map<string, 
 export const startEmbedded = (o: StartOptions) =>
   Effect.gen(function* () {
     const { job } = o
+    const startedAt = Date.now()
     const compute = yield* Compute
     const model = makeModel(job.model)
     if (!o.json) {
@@ -98,18 +155,14 @@ export const startEmbedded = (o: StartOptions) =>
       process.stderr.write(`model ${job.model.kind}: ${countParams(model).toLocaleString("en")} params; resolved job:\n${JSON.stringify(job)}\n`)
     }
     const observer = yield* observeJob(job, { progress: !o.json })
-    yield* runLoader({ job, id: "loader-0" })
-    yield* runScheduler({ job, id: "scheduler-0" })
-    yield* runController({ job, id: "controller-0" })
     const stop = yield* stopRequested(subjects(job.job))
-    const servers = []
-    for (let k = 0; k < job.topology.psShards; k++) servers.push(yield* runParamServer({ job, shard: k, id: `ps-${k}`, resume: false }))
-    if (job.train.evalEvery > 0 && job.data.valBatches > 0 && job.data.valFraction > 0) yield* runWorker({ job, id: "evaluator-0", mode: "eval" })
-    for (let w = 0; w < job.topology.workers; w++) yield* runWorker({ job, id: `worker-${w}` })
+    // every actor shares this process's one backend; a fresh run (no resume)
+    const shared = Layer.succeed(Compute, compute)
+    for (const spec of jobActors(job)) yield* runActor(spec, { job, compute: shared, resume: false })
     // a `stop` ends the run early: report what was trained so far
     const summary = yield* Effect.raceFirst(Deferred.await(observer.done), Deferred.await(stop).pipe(Effect.map(() => observer.summary())))
     const params = yield* pullParams(job, "driver")
-    yield* report(job, summary, params, o)
+    yield* report(job, summary, params, { ...o, startedAt })
   }).pipe(
     Effect.scoped,
     Effect.provide(

@@ -179,6 +179,23 @@ describe("parameter-server mailbox reducer", () => {
     expect(f.core.params.get("w")![0]).toBeCloseTo(1 - 4 / norm, 5)
   })
 
+  it("a relaunched worker's new batch replaces what its old process left half-pushed", () => {
+    const [l, f] = [actor(0, 2), actor(1, 2)]
+    for (const s of [l, f]) step(s, { _tag: "MemberJoined", id: "w0" })
+    step(l, { _tag: "PeerSeen", shard: 1, incarnation: 1001, version: 0 })
+    step(l, grads("w0", "e0-b0", 1)) // the old process reached shard 0 only, then died
+    step(l, { _tag: "MemberLeft", id: "w0", why: "restarted (pid 1 → 2)" })
+    step(l, { _tag: "MemberJoined", id: "w0" })
+    const again = step(l, grads("w0", "e0-b5", 2))
+    expect(published(again, "PushAck")).toMatchObject([{ batchId: "e0-b5", status: "held" }])
+    expect(l.core.heldList().map((h) => h.batchId)).toEqual(["e0-b5"])
+    const held = published(step(f, grads("w0", "e0-b5", 2, 0, 1001)), "GradientsHeld")
+    expect(tags(step(l, { _tag: "HeldReported", msg: held[0] }))).toContain("RequestLr")
+    // once chosen, a held gradient is not replaced: the sender is told, with a reason
+    const late = step(l, grads("w0", "e0-b6", 2))
+    expect(late.find((e) => e._tag === "Reject")).toMatchObject({ rejection: { code: "conflict" } })
+  })
+
   it("rolls back when a peer shard comes back at a lower version", () => {
     const f = actor(1, 2)
     f.core.version = 40
@@ -229,7 +246,7 @@ describe("checkpoints", () => {
   })
 
   it("reports a corrupt newest checkpoint and falls back to the previous one", async () => {
-    const newest = (await run(store.list("j", 0))).pop()!.where
+    const newest = (await run(store.list("j", 0))).at(-1)!.where
     const bytes = readFileSync(newest)
     bytes[bytes.length - 3] ^= 0xff
     writeFileSync(newest, bytes)

@@ -111,8 +111,12 @@ export class ShardState {
     return this.held.length
   }
 
-  /** Validate and hold a gradient (or acknowledge a resend of one held or applied). */
-  admit(p: GradientPush): Admission {
+  /**
+   * Validate and hold a gradient (or acknowledge a resend of one held or applied). Sync: a
+   * sender's new batch for the open version replaces its held one (its process restarted,
+   * or it gave that batch up) unless `locked` says the held one is already chosen.
+   */
+  admit(p: GradientPush, locked: (h: Held) => boolean = () => false): Admission {
     const micro: BatchRef[] = []
     for (const id of p.batchId.split("+")) {
       const r = parseBatchId(id)
@@ -149,9 +153,11 @@ export class ShardState {
     }
     const bad = findNonFinite(p.grads)
     if (bad) return { ok: false, code: "non-finite", reason: `gradient ${bad.name}[${bad.index}] is ${bad.value}` }
-    if (c.mode === "sync" && this.held.some((h) => h.sender === p.sender)) {
-      return { ok: false, code: "duplicate", reason: `${p.sender} already pushed a gradient for version ${this.version}` }
+    const mine = c.mode === "sync" ? this.held.find((h) => h.sender === p.sender) : undefined
+    if (mine && locked(mine)) {
+      return { ok: false, code: "conflict", reason: `${p.sender}'s gradient of ${mine.batchId} is already chosen for version ${this.version + 1}` }
     }
+    if (mine) this.held = this.held.filter((h) => h !== mine)
     if (this.held.length >= MAX_HELD) return { ok: false, code: "conflict", reason: `over budget: ${this.held.length} gradients held; resend later` }
     this.held.push({ ...p, staleness, micro })
     return { ok: true, staleness }

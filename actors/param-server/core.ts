@@ -165,7 +165,7 @@ export const step = (s: PsState, e: PsEvent): PsEffect[] => {
       else if (e.incarnation !== s.incarnation) {
         refuse("stale", `computed on params of server incarnation ${e.incarnation}; shard ${s.cfg.shard} is now incarnation ${s.incarnation} (it restarted)`)
       } else {
-        const a = s.core.admit(p)
+        const a = s.core.admit(p, (h) => isChosen(s, h))
         if (!a.ok) refuse(a.code, a.reason)
         else {
           out.push({ _tag: "Publish", subject: s.cfg.subjects.psAck(s.cfg.shard, p.sender), message: P.pushAck(s, p, a.already === "applied" ? "applied" : "held") })
@@ -284,6 +284,14 @@ export const step = (s: PsState, e: PsEvent): PsEffect[] => {
   return out
 }
 
+/** A held gradient already chosen for the next version (in the update under way, or shard 0's decision). */
+const isChosen = (s: PsState, h: Held): boolean => {
+  const ph = s.phase
+  if (ph._tag !== "Idle" && ph.pushes.includes(h)) return true
+  const d = s.decisions.get(s.core.version + 1)
+  return d !== undefined && d.chosen.some((c) => c.sender === h.sender && c.batchId === h.batchId)
+}
+
 /** Who the open sync version still waits for (leader). */
 export const waitingFor = (s: PsState): string[] => [...s.barrier].filter((m) => !s.core.heldList().some((h) => h.sender === m)).sort()
 
@@ -378,6 +386,9 @@ const finishApply = (s: PsState, pushes: readonly Held[], lr: number, globalSumS
     })
   }
   out.push({ _tag: "BroadcastParams" })
+  // bounded/async: tell each sender its gradient is applied — it computes its next one only
+  // then (worker core.ts pushDone), so the held queue stays at most one gradient per worker
+  if (!isSync(s)) for (const p of pushes) out.push({ _tag: "Publish", subject: s.cfg.subjects.psAck(s.cfg.shard, p.sender), message: P.pushAck(s, p, "applied") })
   out.push({ _tag: "Publish", subject: s.cfg.subjects.psApplied(s.cfg.shard), message: P.stepApplied(s, step, s.done) })
   out.push({ _tag: "Applied", step, final: s.done })
   if (s.done) out.push({ _tag: "Checkpoint", why: "final version" }, { _tag: "Finished" })

@@ -145,7 +145,12 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
         job: job.job, shard, version: state.core.version, updates: state.core.updates, optimizer: state.core.optimizer.config,
         consistency: state.core.consistency, log: state.core.log.toJSON(), schedule: state.schedule,
         params: state.core.params, shapes: new Map(specs.map((sp) => [sp.name, sp.shape])), slots: state.core.slots
-      }).pipe(Effect.flatMap((r) => Effect.logInfo(`ps ${id}: checkpoint ${r.where} (${why})`)))
+      }).pipe(
+        Effect.tap((r) => Effect.sync(() => void (savedVersion = r.version))),
+        Effect.flatMap((r) => Effect.logInfo(`ps ${id}: checkpoint ${r.where} (${why})`))
+      )
+    /** the version of the newest checkpoint this process wrote (or resumed from). */
+    let savedVersion = found ? state.core.version : -1
 
     const lrFor = (version: number) =>
       bus.request(s.lr, encodeMessage({ _tag: "GetLr", v: PROTOCOL_VERSION, step: version, incarnation: state.incarnation, state: shard === 0 ? state.schedule : undefined }), { timeoutMs: 1_000 }).pipe(
@@ -208,8 +213,9 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
       }
     }
 
-    // a clean stop checkpoints what the mailbox reached (added before the mailbox fiber, so it runs after it ends)
-    yield* Effect.addFinalizer(() => (state.done || state.stopped ? Effect.void : checkpoint("shutting down").pipe(Effect.ignore)))
+    // a clean stop checkpoints what the mailbox reached, unless that version is saved already
+    // (added before the mailbox fiber, so it runs after the fiber ends, even mid-effect)
+    yield* Effect.addFinalizer(() => (savedVersion === state.core.version ? Effect.void : checkpoint("shutting down").pipe(Effect.ignore)))
 
     // ---- the mailbox: one fiber, one queue, the reducer, the effects in order
     yield* Effect.forkScoped(

@@ -55,7 +55,10 @@ export interface InFlight {
   readonly batchId: string
   readonly micro: readonly Batch[]
   readonly bundles: ReadonlyMap<number, TensorBundle>
+  /** shards that admitted it (PushAck held or applied). */
   readonly acked: Set<number>
+  /** bounded/async: shards that applied it (PushAck applied). */
+  readonly applied: Set<number>
   sentAt: number
   attempts: number
 }
@@ -127,6 +130,16 @@ const commonVersion = (s: WorkerState): number | undefined => {
   const vs = [...s.cache.values()].map((c) => c.version)
   return vs.every((v) => v === vs[0]) ? vs[0] : undefined
 }
+
+/**
+ * A push ends (the next gradient may be computed) when every shard acknowledged it — sync:
+ * admitted (the barrier then waits for the next version); bounded/async: APPLIED. A worker
+ * has at most one gradient held at the servers, so their queue holds at most one per worker
+ * and a gradient is at most about `workers` versions stale. Ending it at "held" let every
+ * new version start a computation on every worker while a version consumes one gradient:
+ * the queue grew to MAX_HELD and gradients were applied 64 versions stale (the loss diverged).
+ */
+const pushDone = (s: WorkerState, f: InFlight) => (s.consistency === "sync" ? f.acked : f.applied).size >= s.cfg.shards
 
 /** Params good to compute on now (not the ones already used). */
 const paramsReady = (s: WorkerState): string | undefined => {
@@ -201,8 +214,10 @@ export const step = (s: WorkerState, e: WorkerEvent): WorkerEffect[] => {
     case "PushAcked": {
       const f = s.inflight
       if (f && e.ack.batchId === f.batchId && e.ack.sender === s.cfg.id) {
+        if (!f.acked.has(e.ack.shard)) f.sentAt = s.now // held: the resend clock now waits for the apply
         f.acked.add(e.ack.shard)
-        if (f.acked.size >= s.cfg.shards) s.inflight = undefined
+        if (e.ack.status === "applied") f.applied.add(e.ack.shard)
+        if (pushDone(s, f)) s.inflight = undefined
       }
       break
     }
@@ -213,12 +228,13 @@ export const step = (s: WorkerState, e: WorkerEvent): WorkerEffect[] => {
       if (r.code === "duplicate") {
         // another copy of a batch was applied: nothing of ours is lost
         f.acked.add(e.shard)
-        if (f.acked.size >= s.cfg.shards) s.inflight = undefined
+        f.applied.add(e.shard)
+        if (pushDone(s, f)) s.inflight = undefined
         break
       }
       out.push({ _tag: "Log", level: "warn", message: `shard ${e.shard} refused my push of ${f.batchId} (${r.code}): ${r.reason}` })
       s.inflight = undefined
-      if (r.code === "stale") {
+      if (r.code === "stale" || r.code === "conflict") {
         s.stats.stale++
         for (const b of f.micro) out.push({ _tag: "Release", batch: b, reason: `stale: ${r.reason}` })
       }
@@ -233,7 +249,7 @@ export const step = (s: WorkerState, e: WorkerEvent): WorkerEffect[] => {
         for (const b of e.micro) out.push({ _tag: "Release", batch: b, reason: `stale: version ${[...e.versions.values()][0]} was superseded while computing` })
         break
       }
-      const f: InFlight = { key: e.key, versions: e.versions, batchId: e.batchId, micro: e.micro, bundles: e.bundles, acked: new Set(), sentAt: s.now, attempts: 1 }
+      const f: InFlight = { key: e.key, versions: e.versions, batchId: e.batchId, micro: e.micro, bundles: e.bundles, acked: new Set(), applied: new Set(), sentAt: s.now, attempts: 1 }
       s.inflight = f
       s.stats.steps++
       for (const [k, b] of e.bundles) out.push({ _tag: "Push", shard: k, bundle: b, resend: false })
@@ -254,7 +270,7 @@ export const step = (s: WorkerState, e: WorkerEvent): WorkerEffect[] => {
         f.sentAt = s.now
         f.attempts++
         for (const [k, b] of f.bundles) {
-          if (f.acked.has(k)) continue
+          if ((s.consistency === "sync" ? f.acked : f.applied).has(k)) continue
           s.stats.resent++
           out.push({ _tag: "Push", shard: k, bundle: b, resend: true })
         }

@@ -16,6 +16,7 @@
 import { Deferred, Effect, Queue, Result, Schedule, Scope } from "effect"
 import { Bus } from "../../shared/bus/Bus.ts"
 import { onControl } from "../../shared/actor/control-listener.ts"
+import { failpoint, isArmed } from "../../shared/actor/failpoint.ts"
 import { runHeartbeat } from "../../shared/actor/membership.ts"
 import type { JobConfig } from "../../shared/config/job.ts"
 import { Compute } from "../../shared/compute/backend.ts"
@@ -207,6 +208,8 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
               metrics.addBytes("sent", sent.bytes, "grads")
               if (e.resend) stats.resent++
             })),
+            // drills: die with shard 0 holding this gradient and shard 1 not (shared/actor/failpoint.ts)
+            Effect.tap(() => (e.shard === 0 && shards > 1 && !e.resend && isArmed("worker.between-pushes") ? bus.flush().pipe(Effect.andThen(Effect.sync(() => failpoint("worker.between-pushes")))) : Effect.void)),
             Effect.catch((err) => Effect.logWarning(`worker ${id}: push to shard ${e.shard} failed (${err.message}); it is resent`))
           )
         case "Pushed": {

@@ -23,6 +23,8 @@ export interface Member {
   readonly lastSeen: number
   readonly state: Heartbeat["state"]
   readonly info?: Heartbeat["info"]
+  /** times its supervisor restarted it (0 when its heartbeats do not say). */
+  readonly restarts?: number
 }
 
 export type MembershipEvent = { readonly kind: "joined" | "left"; readonly member: Member; readonly why: string }
@@ -37,17 +39,26 @@ export class Membership {
 
   private key = (role: string, id: string) => `${role}/${id}`
 
-  observe(hb: Heartbeat, now: number): MembershipEvent | undefined {
+  /**
+   * A heartbeat in: a new member joins; one whose process changed (same id, another
+   * `startedAt` or pid: it crashed and was relaunched faster than `livenessMs`) leaves and
+   * joins again, so whatever its old process held is let go at once.
+   */
+  observe(hb: Heartbeat, now: number): MembershipEvent[] {
     const k = this.key(hb.role, hb.id)
     const known = this.members.get(k)
     if (hb.state === "leaving") {
-      if (!known) return undefined
+      if (!known || known.startedAt !== hb.startedAt) return []
       this.members.delete(k)
-      return { kind: "left", member: known, why: "left cleanly" }
+      return [{ kind: "left", member: known, why: "left cleanly" }]
     }
     const m: Member = { ...hb, lastSeen: now }
     this.members.set(k, m)
-    return known ? undefined : { kind: "joined", member: m, why: "first heartbeat" }
+    if (!known) return [{ kind: "joined", member: m, why: "first heartbeat" }]
+    if (known.startedAt !== hb.startedAt || known.pid !== hb.pid) {
+      return [{ kind: "left", member: known, why: `restarted (pid ${known.pid} → ${hb.pid})` }, { kind: "joined", member: m, why: "restarted" }]
+    }
+    return []
   }
 
   sweep(now: number): MembershipEvent[] {
@@ -83,8 +94,7 @@ export const trackMembership = (
       .subscribe(s.hbAll, (m) => {
         const hb = decodeBytes(Heartbeat, m.subject, m.data)
         if (Result.isFailure(hb)) return Effect.logWarning(hb.failure.message)
-        const e = membership.observe(hb.success, Date.now())
-        return e ? onChange(e) : Effect.void
+        return Effect.forEach(membership.observe(hb.success, Date.now()), onChange, { discard: true })
       })
       .pipe(Effect.orDie)
     yield* Effect.forkScoped(
@@ -100,7 +110,13 @@ export interface HeartbeatHandle {
   setInfo(info: Record<string, string | number>): void
 }
 
-/** Publish heartbeats until the scope closes, then one `leaving`. */
+/** How many times a supervisor restarted this process: $FLOTILLA_RESTARTS (set by `flotilla up`), 0 when absent. */
+export const restartsFromEnv = (env: NodeJS.ProcessEnv = process.env): number => {
+  const n = Number(env.FLOTILLA_RESTARTS ?? 0)
+  return Number.isInteger(n) && n >= 0 ? n : 0
+}
+
+/** Publish heartbeats until the scope closes, then one `leaving`. The count of restarts goes in each. */
 export const runHeartbeat = (
   s: Subjects,
   role: Role,
@@ -110,6 +126,7 @@ export const runHeartbeat = (
   Effect.gen(function* () {
     const bus = yield* Bus
     const startedAt = Date.now()
+    const restarts = restartsFromEnv()
     let seq = 0
     let state: "running" | "paused" | "leaving" = "running"
     let info: Record<string, string | number> = {}
@@ -126,7 +143,8 @@ export const runHeartbeat = (
           startedAt,
           seq: seq++,
           state,
-          info
+          info,
+          restarts
         } satisfies Heartbeat)
       )
     ).pipe(Effect.ignore)

@@ -179,7 +179,8 @@ export interface Drill {
   actor(id: string): ActorProcess
   kill(id: string): Promise<ActorExit>
   /** SIGKILL (if running) and launch again: same id and flags, a PS without --no-resume. */
-  relaunch(id: string): Promise<ActorProcess>
+  /** `env` is added over the process's own (e.g. a FLOTILLA_FAILPOINT for the new process). */
+  relaunch(id: string, env?: NodeJS.ProcessEnv): Promise<ActorProcess>
   /** Every frame a worker sends to `ps.<k>.push` (a claim or a frame), as it is seen. */
   onPushFrame(f: (p: PushFrame) => void): void
   /** The next frame `sender` sends to shard `shard` (any shard when undefined). */
@@ -385,13 +386,13 @@ const startDrill = async (nats: DrillNats, spec: DrillSpec): Promise<Drill & { c
     },
     actor,
     kill: (id) => actor(id).kill(),
-    relaunch: async (id) => {
+    relaunch: async (id, env) => {
       const a = actor(id)
       const shard = a.role === "param-server" ? Number(a.extra[a.extra.indexOf("--shard") + 1]) : -1
       const before = latestInc.get(shard) ?? 0
       await a.kill()
       restarts[id] = (restarts[id] ?? 0) + 1
-      const b = cluster.spawn(a.role, a.id, a.extra.filter((f) => f !== "--no-resume"), a.env)
+      const b = cluster.spawn(a.role, a.id, a.extra.filter((f) => f !== "--no-resume"), { ...a.env, FLOTILLA_FAILPOINT: undefined, ...env })
       // a parameter server is back once its new incarnation speaks (heartbeat info)
       if (shard >= 0) {
         await waitUntil(() => (latestInc.get(shard) ?? 0) > before, 60_000, () => `a new incarnation of ${id} (heartbeat info {shard, version, incarnation})${why()}`)

@@ -1,0 +1,121 @@
+/**
+ * Implements: a job's topology, in one place — which actors a job runs, with their ids
+ * and roles (`jobActors`), and how to run ONE of them in this process given its role
+ * (`runActor`). `flotilla start` runs every actor of `jobActors` in one process,
+ * `flotilla up` spawns one `flotilla launch` process per actor (and supervises them),
+ * `flotilla launch` runs one.
+ *
+ *   loader-0                       the data loader
+ *   scheduler-0                    the LR scheduler, with the job's controller in the same process
+ *   ps-0 … ps-<K-1>                parameter-server shards
+ *   evaluator-0                    when evalEvery > 0, valBatches > 0 and valFraction > 0
+ *   worker-0 … worker-<N-1>        data-parallel workers
+ *
+ * Does not own: the actors (actors/*), the bus layer (each command picks its own),
+ * processes and restarts (cli/up.ts, cli/supervisor.ts).
+ */
+import { Deferred, Effect, Layer, type Scope } from "effect"
+import { runController } from "../actors/controller/controller.ts"
+import { runLoader } from "../actors/loader/loader.ts"
+import { runParamServer } from "../actors/param-server/server.ts"
+import { runScheduler } from "../actors/scheduler/scheduler.ts"
+import { runWorker } from "../actors/worker/worker.ts"
+import type { Bus } from "../shared/bus/Bus.ts"
+import type { BackendUnavailableError, Compute } from "../shared/compute/backend.ts"
+import type { JobConfig } from "../shared/config/job.ts"
+import type { Role } from "../shared/protocol/subjects.ts"
+import type { Codec } from "../shared/wire/tensor.ts"
+
+/** The roles `flotilla launch` runs (the parameter server's wire role is `ps`). */
+export const ACTOR_ROLES = ["loader", "worker", "evaluator", "param-server", "scheduler"] as const
+export type ActorRole = (typeof ACTOR_ROLES)[number]
+export const isActorRole = (r: string): r is ActorRole => (ACTOR_ROLES as readonly string[]).includes(r)
+
+/** The role an actor has on the wire (heartbeats, telemetry). */
+export const wireRole = (r: ActorRole): Role => (r === "param-server" ? "ps" : r)
+
+export interface ActorSpec {
+  readonly role: ActorRole
+  readonly id: string
+  /** param-server: which shard (0 for the other roles). */
+  readonly shard: number
+}
+
+/** Workers and evaluators are done at the job's final version; the other roles run until stopped. */
+export const finishesOnItsOwn = (role: ActorRole): boolean => role === "worker" || role === "evaluator"
+
+/** Whether the job runs an evaluator: it needs a validation split and an interval. */
+export const hasEvaluator = (job: JobConfig): boolean => job.train.evalEvery > 0 && job.data.valBatches > 0 && job.data.valFraction > 0
+
+/** Every actor of a job, in start order (services first, so workers find them up). */
+export const jobActors = (job: JobConfig): ActorSpec[] => [
+  { role: "loader", id: "loader-0", shard: 0 },
+  { role: "scheduler", id: "scheduler-0", shard: 0 },
+  ...Array.from({ length: job.topology.psShards }, (_, k): ActorSpec => ({ role: "param-server", id: `ps-${k}`, shard: k })),
+  ...(hasEvaluator(job) ? [{ role: "evaluator", id: "evaluator-0", shard: 0 } satisfies ActorSpec] : []),
+  ...Array.from({ length: job.topology.workers }, (_, w): ActorSpec => ({ role: "worker", id: `worker-${w}`, shard: 0 }))
+]
+
+/** The controller that runs beside scheduler `id`. */
+export const controllerIdOf = (schedulerId: string): string => `${schedulerId}-controller`
+
+export interface RunActorOptions {
+  readonly job: JobConfig
+  /** where workers and evaluators compute: `start` shares its one backend, `launch` builds one. */
+  readonly compute: Layer.Layer<Compute, BackendUnavailableError>
+  /** param-server: resume from the newest checkpoint (default true). */
+  readonly resume?: boolean
+  /** param-server: the first step waits for this many live workers (default topology.workers). */
+  readonly minWorkers?: number
+  /** worker: the gradient codec on the wire (default f32). */
+  readonly codec?: Codec
+  /** scheduler: NATS servers, to keep the control history in JetStream (memory when absent). */
+  readonly nats?: readonly string[]
+}
+
+export interface RunningActor {
+  readonly spec: ActorSpec
+  /**
+   * Completes when the actor's part of the job is done: a worker or evaluator at the
+   * final version (or told to stop), a parameter server when its last step is applied
+   * and checkpointed. Never, for the loader and the scheduler.
+   */
+  readonly finished: Effect.Effect<void>
+  /** One line for the log once it is done. */
+  readonly describe: () => string
+}
+
+/** Run one actor in the current scope (its subscriptions and fibers live as long as the scope). */
+export const runActor = (
+  spec: ActorSpec,
+  o: RunActorOptions
+): Effect.Effect<RunningActor, Error | BackendUnavailableError, Bus | Scope.Scope> =>
+  Effect.gen(function* () {
+    const { job } = o
+    const { id } = spec
+    switch (spec.role) {
+      case "loader": {
+        yield* runLoader({ job, id })
+        return { spec, finished: Effect.never, describe: () => `${id}: stopped` }
+      }
+      case "scheduler": {
+        yield* runScheduler({ job, id })
+        yield* runController({ job, id: controllerIdOf(id), nats: o.nats })
+        return { spec, finished: Effect.never, describe: () => `${id}: stopped` }
+      }
+      case "param-server": {
+        const h = yield* runParamServer({ job, shard: spec.shard, id, resume: o.resume ?? true, minWorkers: o.minWorkers })
+        return { spec, finished: Deferred.await(h.finished), describe: () => `${id}: shard ${spec.shard} at version ${h.state.version}` }
+      }
+      case "worker":
+      case "evaluator": {
+        const h = yield* runWorker({ job, id, mode: spec.role === "evaluator" ? "eval" : "train", codec: o.codec }).pipe(Effect.provide(o.compute))
+        const st = h.stats
+        return {
+          spec,
+          finished: Deferred.await(h.finished),
+          describe: () => `${id}: done (${st.steps} steps, ${st.stale} stale, ${st.bytesSent} bytes sent)`
+        }
+      }
+    }
+  })
