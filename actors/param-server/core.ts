@@ -29,7 +29,7 @@ import type { BusMessage } from "../../shared/bus/Bus.ts"
 import type { Consistency } from "../../shared/config/job.ts"
 import { makeOptimizer, setHyperparams, type OptimizerPatch } from "../../shared/optim/optimizers.ts"
 import type { ControlApplied } from "../../shared/protocol/control.ts"
-import type { GradientsHeld, NormShare, StepApplied, StepDecided } from "../../shared/protocol/messages.ts"
+import { rejected, type GradientsHeld, type NormShare, type StepDecided } from "../../shared/protocol/messages.ts"
 import type { Rejection } from "../../shared/actor/report.ts"
 import { Result } from "effect"
 import type { AppliedStep, GradientPush, Held, ShardState } from "./aggregate.ts"
@@ -86,6 +86,8 @@ export interface PsState {
   /** follower: when it began waiting for the decision of the open version; when it last re-sent. */
   waitingSince: number
   lastResend: number
+  /** when the last update was applied (or the last "waiting" report made). */
+  lastProgress: number
   now: number
   rollingBack: boolean
 }
@@ -139,6 +141,7 @@ export const initialState = (cfg: PsConfig, core: ShardState, o: { incarnation: 
   schedule: o.schedule,
   waitingSince: o.now,
   lastResend: o.now,
+  lastProgress: o.now,
   now: o.now,
   rollingBack: false
 })
@@ -169,7 +172,10 @@ export const step = (s: PsState, e: PsEvent): PsEffect[] => {
         if (!a.ok) refuse(a.code, a.reason)
         else {
           out.push({ _tag: "Publish", subject: s.cfg.subjects.psAck(s.cfg.shard, p.sender), message: P.pushAck(s, p, a.already === "applied" ? "applied" : "held") })
-          if (coordinated(s) && !isLeader(s) && a.already === undefined) out.push(heldReport(s))
+          if (coordinated(s) && !isLeader(s) && a.already === undefined) {
+            if (s.core.heldCount === 1) s.waitingSince = s.now // the decision of the open version is awaited from now
+            out.push(heldReport(s))
+          }
         }
       }
       break
@@ -211,6 +217,9 @@ export const step = (s: PsState, e: PsEvent): PsEffect[] => {
       if (ph._tag === "AwaitingNorms" && m.version === ph.version) {
         s.norms.set(m.shard, m.sumSq)
         completeNorms(s, out)
+      } else if (m.version === s.core.version + 1 && !s.decisions.has(m.version) && !isLeader(s) && coordinated(s)) {
+        // peers already share norms for a version this follower has no decision for: it missed the StepDecided
+        out.push({ _tag: "RequestDecision", version: m.version })
       } else if (m.version <= s.core.version && s.ownShares.has(m.version)) {
         // a peer still waits for a version this shard already applied: it missed our share
         out.push({ _tag: "Publish", subject: s.cfg.subjects.psNorm(s.cfg.shard), message: P.normShare(s, m.version, s.ownShares.get(m.version)!) })
@@ -247,12 +256,8 @@ export const step = (s: PsState, e: PsEvent): PsEffect[] => {
     case "DecisionRequested": {
       const d = s.decisions.get(e.version)
       if (d) out.push({ _tag: "Reply", to: e.reply, message: d })
-      else {
-        out.push({
-          _tag: "Reject", replyTo: e.reply,
-          rejection: { code: "unknown-batch", reason: `shard 0 has no decision for version ${e.version} (it is at ${s.core.version})`, subject: e.reply.subject }
-        })
-      }
+      // not decided yet: said to the asker only (it asks again), not a fault for the errors feed
+      else out.push({ _tag: "Reply", to: e.reply, message: rejected({ code: "unknown-batch", reason: `shard 0 has no decision for version ${e.version} (it is at ${s.core.version})`, subject: e.reply.subject, by: s.cfg.id }) })
       break
     }
     case "ControlApplied":
@@ -379,6 +384,7 @@ const finishApply = (s: PsState, pushes: readonly Held[], lr: number, globalSumS
   s.done = step.version >= s.cfg.steps
   s.barrier = new Set(s.members)
   s.waitingSince = s.now
+  s.lastProgress = s.now
   for (const d of dropped) {
     out.push({
       _tag: "Reject", ackTo: d.sender,
@@ -395,7 +401,22 @@ const finishApply = (s: PsState, pushes: readonly Held[], lr: number, globalSumS
   else if (s.cfg.checkpointEvery > 0 && step.version % s.cfg.checkpointEvery === 0) out.push({ _tag: "Checkpoint", why: `every ${s.cfg.checkpointEvery}` })
 }
 
+/** What an update waits for, in words (logged when nothing moved for a while). */
+export const describeWait = (s: PsState): string => {
+  const held = s.core.heldList().map((h) => `${h.sender}:${h.batchId}@v${h.version}`).join(" ") || "none"
+  const reports = [...s.heldBy.values()].map((r) => `shard ${r.shard} v${r.version} holds [${r.held.map((x) => `${x.sender}:${x.batchId}`).join(" ")}]`).join("; ")
+  return `version ${s.core.version}, phase ${s.phase._tag}${s.paused ? " (paused)" : ""}, held ${held}, barrier [${[...s.barrier].sort()}], members [${[...s.members].sort()}]` +
+    (coordinated(s) ? `, decision ${s.decisions.has(s.core.version + 1) ? "known" : "not yet"}${isLeader(s) ? `, reports: ${reports || "none"}` : ""}` : "")
+}
+
+/** Nothing applied for this long (and not paused): say what the shard waits for. */
+const STALL_REPORT_MS = 10_000
+
 const tick = (s: PsState, out: PsEffect[]) => {
+  if (!s.done && !s.paused && s.now - s.lastProgress >= STALL_REPORT_MS) {
+    s.lastProgress = s.now
+    out.push({ _tag: "Log", level: "warn", message: `no update for ${STALL_REPORT_MS / 1000} s: ${describeWait(s)}` })
+  }
   const ph = s.phase
   if (ph._tag === "AwaitingNorms") {
     completeNorms(s, out)
@@ -403,6 +424,9 @@ const tick = (s: PsState, out: PsEffect[]) => {
     if (s.now - ph.sentAt >= s.cfg.resendMs) {
       ph.sentAt = s.now
       out.push({ _tag: "Publish", subject: s.cfg.subjects.psNorm(s.cfg.shard), message: P.normShare(s, ph.version, ph.sumSq) })
+      // the leader says its decision again too: a follower that missed it cannot share its norm
+      const d = isLeader(s) ? s.decisions.get(ph.version) : undefined
+      if (d) out.push({ _tag: "Publish", subject: s.cfg.subjects.psDecided, message: d })
     }
     return
   }
@@ -412,10 +436,7 @@ const tick = (s: PsState, out: PsEffect[]) => {
   if (s.now - s.lastResend >= s.cfg.resendMs) {
     s.lastResend = s.now
     out.push(heldReport(s))
-    const leader = s.peers.get(0)
-    if (s.now - s.waitingSince >= s.cfg.decisionWaitMs && leader && leader.version > s.core.version) {
-      out.push({ _tag: "RequestDecision", version: s.core.version + 1 })
-    }
+    if (s.now - s.waitingSince >= s.cfg.decisionWaitMs) out.push({ _tag: "RequestDecision", version: s.core.version + 1 })
   }
 }
 

@@ -83,6 +83,8 @@ export interface WorkerState {
   readonly pulling: Set<number>
   finished: boolean
   now: number
+  /** when the worker last computed or logged its state (after 10 s without a step it says why). */
+  lastReport: number
   readonly stats: { steps: number; stale: number; resent: number; pulls: number }
 }
 
@@ -110,7 +112,7 @@ export type WorkerEffect =
 
 export const initialWorker = (cfg: WorkerConfig, consistency: WorkerState["consistency"], now: number): WorkerState => ({
   cfg, consistency, cache: new Map(), restartIncarnation: 0, restartSeenAt: -Infinity, held: [], leasing: false, leaseAfter: now,
-  computing: false, waitingSince: now, pulling: new Set(), finished: false, now, stats: { steps: 0, stale: 0, resent: 0, pulls: 0 }
+  computing: false, waitingSince: now, pulling: new Set(), finished: false, now, lastReport: now, stats: { steps: 0, stale: 0, resent: 0, pulls: 0 }
 })
 
 /** The identity of the cached params: every shard's incarnation and version. */
@@ -252,6 +254,7 @@ export const step = (s: WorkerState, e: WorkerEvent): WorkerEffect[] => {
       const f: InFlight = { key: e.key, versions: e.versions, batchId: e.batchId, micro: e.micro, bundles: e.bundles, acked: new Set(), applied: new Set(), sentAt: s.now, attempts: 1 }
       s.inflight = f
       s.stats.steps++
+      s.lastReport = s.now
       for (const [k, b] of e.bundles) out.push({ _tag: "Push", shard: k, bundle: b, resend: false })
       out.push({ _tag: "Pushed", inflight: f })
       break
@@ -274,6 +277,11 @@ export const step = (s: WorkerState, e: WorkerEvent): WorkerEffect[] => {
           s.stats.resent++
           out.push({ _tag: "Push", shard: k, bundle: b, resend: true })
         }
+      }
+      if (s.now - s.lastReport >= 10_000) {
+        // nothing computed for 10 s: say what the worker waits for
+        s.lastReport = s.now
+        out.push({ _tag: "Log", level: "info", message: `state: cache ${cacheKey(s) ?? `${s.cache.size}/${s.cfg.shards} shards`}, last computed on ${s.lastKey ?? "-"}, held ${s.held.map((b) => b.meta.batchId).join(" ") || "none"}, leasing ${s.leasing}, in flight ${s.inflight ? `${s.inflight.batchId} acked by [${[...s.inflight.acked]}]` : "none"}, steps ${s.stats.steps}` })
       }
       // the watchdog: ready to compute but for params, for too long
       if (!s.computing && s.held.length >= s.cfg.accumulate && paramsReady(s) === undefined && s.now - s.waitingSince >= s.cfg.watchdogMs) {
