@@ -100,10 +100,10 @@ export const report = (
   job: JobConfig,
   summary: RunSummary,
   params: Map<string, Float32Array> | undefined,
-  o: { json?: boolean; sample?: number; runsDir?: string; startedAt: number }
+  o: { json?: boolean; sample?: number; runsDir?: string; startedAt: number; store?: CheckpointStoreShape }
 ) =>
   Effect.gen(function* () {
-    const ckpts = yield* awaitRunCheckpoints(job, o.startedAt, summary.steps)
+    const ckpts = yield* awaitRunCheckpoints(job, o.startedAt, summary.steps, 5_000, o.store)
     const dir = join(o.runsDir ?? "runs", job.job)
     mkdirSync(dir, { recursive: true })
     const svg = writeLossCurveSvg(join(dir, "loss.svg"), { ...summary.curves, title: `${job.job}: loss and learning rate` })

@@ -25,6 +25,19 @@ import type { BackendUnavailableError, Compute } from "../shared/compute/backend
 import type { JobConfig } from "../shared/config/job.ts"
 import type { Role } from "../shared/protocol/subjects.ts"
 import type { Codec } from "../shared/wire/tensor.ts"
+import { makeFileStore, makeJetStreamStore, type CheckpointStoreShape } from "../shared/checkpoint/store.ts"
+
+/**
+ * The checkpoint store a job's parameter servers use (train.checkpointStore): files under
+ * checkpointDir, or the JetStream object store on the job's NATS servers (its connection
+ * lives as long as the scope).
+ */
+export const checkpointStoreFor = (job: JobConfig, nats: readonly string[] | undefined): Effect.Effect<CheckpointStoreShape, Error, Scope.Scope> =>
+  job.train.checkpointStore === "file"
+    ? Effect.succeed(makeFileStore(job.train.checkpointDir))
+    : nats === undefined || nats.length === 0
+      ? Effect.fail(new Error("train.checkpointStore is jetstream, which needs NATS: use `flotilla up` or `flotilla launch --nats URL` (the embedded `flotilla start` has no NATS server)"))
+      : makeJetStreamStore({ servers: nats, name: `flotilla-${job.job}-checkpoints` }).pipe(Effect.mapError((e) => new Error(e.message)))
 
 /** The roles `flotilla launch` runs (the parameter server's wire role is `ps`). */
 export const ACTOR_ROLES = ["loader", "worker", "evaluator", "param-server", "scheduler"] as const
@@ -69,7 +82,7 @@ export interface RunActorOptions {
   readonly minWorkers?: number
   /** worker: the gradient codec on the wire (default f32). */
   readonly codec?: Codec
-  /** scheduler: NATS servers, to keep the control history in JetStream (memory when absent). */
+  /** scheduler: NATS servers, to keep the control history in JetStream (memory when absent); param-server: for a jetstream checkpoint store. */
   readonly nats?: readonly string[]
 }
 
@@ -104,7 +117,8 @@ export const runActor = (
         return { spec, finished: Effect.never, describe: () => `${id}: stopped` }
       }
       case "param-server": {
-        const h = yield* runParamServer({ job, shard: spec.shard, id, resume: o.resume ?? true, minWorkers: o.minWorkers })
+        const store = yield* checkpointStoreFor(job, o.nats)
+        const h = yield* runParamServer({ job, shard: spec.shard, id, resume: o.resume ?? true, minWorkers: o.minWorkers, store })
         return { spec, finished: Deferred.await(h.finished), describe: () => `${id}: shard ${spec.shard} at version ${h.state.version}` }
       }
       case "worker":

@@ -27,7 +27,7 @@ import { subjects } from "../shared/protocol/subjects.ts"
 import { observeJob } from "./driver.ts"
 import { pullParams, report } from "./start.ts"
 import { DEFAULT_RESTART_POLICY, supervise, type RestartPolicy } from "./supervisor.ts"
-import { jobActors, type ActorSpec } from "./topology.ts"
+import { checkpointStoreFor, jobActors, type ActorSpec } from "./topology.ts"
 
 const BIN = resolve(dirname(fileURLToPath(import.meta.url)), "..", "bin", "flotilla.ts")
 
@@ -138,7 +138,8 @@ export const up = (o: UpOptions) =>
           Effect.provide(NatsBus.layer({ servers: url, name: `flotilla-${job.job}-driver-pull` })),
           Effect.orDie
         )
-    yield* report(job, result.summary, params, { json: o.json, runsDir: o.runsDir, sample: o.sample, startedAt }).pipe(
+    const store = yield* checkpointStoreFor(job, [url]).pipe(Effect.orDie)
+    yield* report(job, result.summary, params, { json: o.json, runsDir: o.runsDir, sample: o.sample, startedAt, store }).pipe(
       Effect.provide(Compute.layer(o.backend as BackendPreference | undefined)),
       Effect.orDie
     )

@@ -73,6 +73,8 @@ export const JobConfig = Schema.Struct({
     /** checkpoint every N versions (0 = only on stop). */
     checkpointEvery: NonNegInt,
     checkpointDir: Schema.String,
+    /** where parameter servers keep checkpoints: "file" (checkpointDir) or "jetstream" (a JetStream object store on the job's NATS, so a server relaunched on another host finds them). */
+    checkpointStore: Schema.Literals(["file", "jetstream"]),
     /** global-norm gradient clipping (0 = off). */
     clipNorm: Schema.Finite.check(Schema.isGreaterThanOrEqualTo(0)),
     /** a leased batch not applied within this time is re-issued. */
@@ -100,6 +102,7 @@ export const DEFAULT_JOB: JobConfig = {
     evalEvery: 100,
     checkpointEvery: 250,
     checkpointDir: "checkpoints",
+    checkpointStore: "file",
     clipNorm: 1,
     leaseTimeoutMs: 30_000,
     heartbeatMs: 500,

@@ -126,9 +126,9 @@ const connz = async (s: LocalNatsServer): Promise<string[]> => {
   }
 }
 
-const startNats = async (nodes: number, maxPayload?: number): Promise<DrillNats> => {
+const startNats = async (nodes: number, maxPayload?: number, jetstream = false): Promise<DrillNats> => {
   if (nodes <= 1) {
-    const s = await startLocalNatsServer({ port: 0, httpPort: 0, maxPayload })
+    const s = await startLocalNatsServer({ port: 0, httpPort: 0, maxPayload, jetstream })
     return {
       url: s.url,
       servers: [s],
@@ -259,11 +259,11 @@ export const sameParams = (a: Map<string, Float32Array>, b: Map<string, Float32A
  * `maxPayload` small to cut each push into several frames),
  * `start(spec)` for each run; every run and the servers are stopped after the file.
  */
-export const useDrill = (o: { nodes?: number; maxPayload?: number } = {}) => {
+export const useDrill = (o: { nodes?: number; maxPayload?: number; jetstream?: boolean } = {}) => {
   let nats: DrillNats | undefined
   const runs: Array<{ cluster: Cluster; obs: Observer; close: () => Promise<void> }> = []
   beforeAll(async () => {
-    nats = await startNats(o.nodes ?? 1, o.maxPayload)
+    nats = await startNats(o.nodes ?? 1, o.maxPayload, o.jetstream)
   })
   afterAll(async () => {
     for (const r of runs) {
