@@ -104,7 +104,7 @@ describe("parameter-server shard arithmetic", () => {
 
 const job = "j"
 const cfg = (shard: number, shards: number) => ({
-  subjects: subjects(job), job, id: `ps-${shard}`, shard, shards, steps: 100, checkpointEvery: 0, minWorkers: 1, decisionWaitMs: 1_000, resendMs: 500
+  subjects: subjects(job), job, id: `ps-${shard}`, shard, shards, steps: 100, checkpointEvery: 0, minWorkers: 1, decisionWaitMs: 1_000, resendMs: 500, joinGraceMs: 2_000
 })
 const actor = (shard: number, shards: number, mode: "sync" | "async" = "sync", clip = 0): PsState =>
   initialState(cfg(shard, shards), fresh(mode, clip), { incarnation: 1000 + shard, now: 0 })

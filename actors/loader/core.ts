@@ -2,7 +2,7 @@
  * Implements: the loader's pure core — its state and `step(state, event) → [state, effects]`.
  *
  * The lease table of this loader's shard of batch indices, the parameter servers' applied
- * logs it is built from, and every rule of the loader contract (docs in /tmp/heal/BRIEF.md,
+ * logs it is built from, and every rule of the loader contract (docs/PROTOCOL.md "Data",
  * "Loader contract"): done = applied on every PS shard (the intersection of their logs);
  * a build (start, or a PS incarnation not built on) takes a new `gen`, revokes every lease,
  * and serves, from the lowest open epoch, the undone indices in index order; re-issued

@@ -50,6 +50,8 @@ export interface PsConfig {
   readonly decisionWaitMs: number
   /** how often a waiting shard re-sends what its peers may have missed. */
   readonly resendMs: number
+  /** a resumed (or rolled-back) shard's first version waits this long at most for workers to show up (livenessMs). */
+  readonly joinGraceMs: number
 }
 
 type Phase =
@@ -68,6 +70,8 @@ export interface PsState {
   /** sync leader: who the open version waits for. */
   barrier: Set<string>
   started: boolean
+  /** when this shard resumed from a checkpoint (its first version waits for the workers to be heard). */
+  resumedAt?: number
   paused: boolean
   stopped: boolean
   done: boolean
@@ -128,7 +132,8 @@ export const initialState = (cfg: PsConfig, core: ShardState, o: { incarnation: 
   incarnation: o.incarnation,
   members: new Set(),
   barrier: new Set(),
-  started: core.version > 0,
+  started: false,
+  resumedAt: core.version > 0 ? o.now : undefined,
   paused: false,
   stopped: false,
   done: core.version >= cfg.steps,
@@ -274,7 +279,8 @@ export const step = (s: PsState, e: PsEvent): PsEffect[] => {
       s.norms.clear()
       s.ownShares.clear()
       s.barrier = new Set(s.members)
-      s.started = true
+      s.started = false
+      s.resumedAt = s.now
       s.done = s.core.version >= s.cfg.steps
       out.push({ _tag: "Log", level: "warn", message: `shard ${s.cfg.shard} rolled back to version ${s.core.version} (${e.from}); incarnation ${s.incarnation}` })
       out.push({ _tag: "BroadcastParams" })
@@ -327,11 +333,19 @@ const heldEverywhere = (s: PsState): Held[] =>
     return true
   })
 
+/**
+ * The first version waits for the workers: all `minWorkers` of them on a fresh start; after
+ * a resume or rollback, those heard within `joinGraceMs` (some may be gone for good), so
+ * the first version after a restart is not made of whoever pushed first.
+ */
+const canStart = (s: PsState): boolean =>
+  s.started || s.members.size >= s.cfg.minWorkers || (s.resumedAt !== undefined && s.now - s.resumedAt >= s.cfg.joinGraceMs)
+
 /** Start the next update when its inputs are there (called after every event). */
 const progress = (s: PsState, out: PsEffect[]) => {
   if (s.done || s.paused || s.rollingBack || s.phase._tag !== "Idle") return
   if (!isSync(s)) {
-    if (!s.started && s.members.size < s.cfg.minWorkers) return
+    if (!canStart(s)) return
     const h = s.core.next()
     if (!h) return
     s.started = true
@@ -352,7 +366,7 @@ const progress = (s: PsState, out: PsEffect[]) => {
     if (!isLeader(s) || s.decisions.has(s.core.version + 1)) return
   }
   // the leader (or the only shard) decides
-  if (!s.started && s.members.size < s.cfg.minWorkers) return
+  if (!canStart(s)) return
   const candidates = coordinated(s) ? heldEverywhere(s) : [...s.core.heldList()]
   if (candidates.length === 0) return
   for (const m of s.barrier) if (!candidates.some((h) => h.sender === m)) return

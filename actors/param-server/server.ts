@@ -113,7 +113,8 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
     const state = initialState(
       {
         subjects: s, job: job.job, id, shard, shards: job.topology.psShards, steps: job.train.steps, checkpointEvery: job.train.checkpointEvery,
-        minWorkers: o.minWorkers ?? job.topology.workers, decisionWaitMs: Math.max(1_000, 4 * job.train.heartbeatMs), resendMs: 500
+        minWorkers: o.minWorkers ?? job.topology.workers, decisionWaitMs: Math.max(1_000, 4 * job.train.heartbeatMs), resendMs: 500,
+        joinGraceMs: job.train.livenessMs
       },
       init.core,
       { incarnation, schedule: init.schedule, now: Date.now() }

@@ -76,6 +76,8 @@ export interface WorkerState {
   leaseAfter: number
   computing: boolean
   inflight?: InFlight
+  /** the last pushes that ended (at most 2): a refusal that comes after their ack still finds them. */
+  recent: InFlight[]
   /** the cache key of the last gradient computed. */
   lastKey?: string
   /** since when the worker has been ready but for params. */
@@ -112,7 +114,7 @@ export type WorkerEffect =
 
 export const initialWorker = (cfg: WorkerConfig, consistency: WorkerState["consistency"], now: number): WorkerState => ({
   cfg, consistency, cache: new Map(), restartIncarnation: 0, restartSeenAt: -Infinity, held: [], leasing: false, leaseAfter: now,
-  computing: false, waitingSince: now, pulling: new Set(), finished: false, now, lastReport: now, stats: { steps: 0, stale: 0, resent: 0, pulls: 0 }
+  computing: false, recent: [], waitingSince: now, pulling: new Set(), finished: false, now, lastReport: now, stats: { steps: 0, stale: 0, resent: 0, pulls: 0 }
 })
 
 /** The identity of the cached params: every shard's incarnation and version. */
@@ -142,6 +144,12 @@ const commonVersion = (s: WorkerState): number | undefined => {
  * the queue grew to MAX_HELD and gradients were applied 64 versions stale (the loss diverged).
  */
 const pushDone = (s: WorkerState, f: InFlight) => (s.consistency === "sync" ? f.acked : f.applied).size >= s.cfg.shards
+
+/** A push is over (acknowledged, or overtaken): the next may start; it stays matchable by a late refusal. */
+const settle = (s: WorkerState, f: InFlight) => {
+  if (s.inflight === f) s.inflight = undefined
+  s.recent = [f, ...s.recent.filter((x) => x !== f)].slice(0, 2)
+}
 
 /** Params good to compute on now (not the ones already used). */
 const paramsReady = (s: WorkerState): string | undefined => {
@@ -187,6 +195,7 @@ export const step = (s: WorkerState, e: WorkerEvent): WorkerEffect[] => {
         for (const b of s.held) out.push({ _tag: "Release", batch: b, reason: `shard ${e.shard} restarted` })
         s.held = []
         s.inflight = undefined
+        s.recent = []
         s.lastKey = undefined
       }
       s.waitingSince = s.now
@@ -198,7 +207,7 @@ export const step = (s: WorkerState, e: WorkerEvent): WorkerEffect[] => {
       }
       // sync: every shard moved past the version pushed on → it was applied (or superseded)
       const f = s.inflight
-      if (f && s.consistency === "sync" && [...f.versions].every(([k, ver]) => (s.cache.get(k)?.version ?? -1) > ver)) s.inflight = undefined
+      if (f && s.consistency === "sync" && [...f.versions].every(([k, ver]) => (s.cache.get(k)?.version ?? -1) > ver)) settle(s, f)
       break
     }
     case "PullEnded":
@@ -219,23 +228,27 @@ export const step = (s: WorkerState, e: WorkerEvent): WorkerEffect[] => {
         if (!f.acked.has(e.ack.shard)) f.sentAt = s.now // held: the resend clock now waits for the apply
         f.acked.add(e.ack.shard)
         if (e.ack.status === "applied") f.applied.add(e.ack.shard)
-        if (pushDone(s, f)) s.inflight = undefined
+        if (pushDone(s, f)) settle(s, f)
       }
       break
     }
     case "PushRefused": {
-      const f = s.inflight
       const r = e.rejected
-      if (!f || (r.step !== undefined && r.step !== f.versions.get(e.shard))) break
+      const matches = (f: InFlight | undefined) => f !== undefined && (r.step === undefined || r.step === f.versions.get(e.shard))
+      // a push acknowledged as held can still be dropped (sync: the version was made without
+      // it): the refusal then names a recent push, whose batches must go back to the loader
+      const f = matches(s.inflight) ? s.inflight : s.recent.find(matches)
+      if (!f) break
       if (r.code === "duplicate") {
         // another copy of a batch was applied: nothing of ours is lost
         f.acked.add(e.shard)
         f.applied.add(e.shard)
-        if (pushDone(s, f)) s.inflight = undefined
+        if (f === s.inflight && pushDone(s, f)) settle(s, f)
         break
       }
       out.push({ _tag: "Log", level: "warn", message: `shard ${e.shard} refused my push of ${f.batchId} (${r.code}): ${r.reason}` })
-      s.inflight = undefined
+      if (f === s.inflight) s.inflight = undefined
+      s.recent = s.recent.filter((x) => x !== f)
       if (r.code === "stale" || r.code === "conflict") {
         s.stats.stale++
         for (const b of f.micro) out.push({ _tag: "Release", batch: b, reason: `stale: ${r.reason}` })
