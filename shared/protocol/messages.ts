@@ -9,6 +9,7 @@
  */
 import { Schema } from "effect"
 import { AppliedLogJson } from "./applied-log.ts"
+import { HEADERS } from "./headers.ts"
 import { PROTOCOL_VERSION, ROLES, TOKEN_PATTERN } from "./subjects.ts"
 
 const V = Schema.Literal(PROTOCOL_VERSION)
@@ -342,4 +343,4 @@ export const LeaseReply = Schema.Union([NoBatch, Rejected])
 export type LeaseReply = typeof LeaseReply.Type
 
 /** Header names used outside the tensor wire format. */
-export const HEADER_BATCH = "Flotilla-Batch"
+export const HEADER_BATCH = HEADERS.batch

@@ -15,12 +15,13 @@ import * as Option from "effect/Option"
 import * as Tracer from "effect/Tracer"
 import { externalSpanFromContext, spanContextOf } from "./effect-tracer.ts"
 import { tracingEnabled } from "./otel.ts"
+import { HEADERS } from "../protocol/headers.ts"
 
 /** NATS headers as this project passes them around. */
 export type Headers = Readonly<Record<string, string>>
 
-export const TRACEPARENT = "traceparent"
-export const TRACESTATE = "tracestate"
+export const TRACEPARENT = HEADERS.traceparent
+export const TRACESTATE = HEADERS.tracestate
 
 const TRACEPARENT_RE = /^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$/
 

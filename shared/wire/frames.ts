@@ -24,21 +24,22 @@
 
 import { Data, Result } from "effect"
 import type { Headers } from "../bus/Bus.ts"
+import { HEADERS } from "../protocol/headers.ts"
 import { crc32, crc32Combine } from "./crc32.ts"
 import { allocBytes } from "./tensor.ts"
 
 export const FRAME_PROTOCOL_VERSION = "1"
 
 export const H = {
-  wire: "Flotilla-Wire",
-  id: "Flotilla-Id",
-  chunk: "Flotilla-Chunk",
-  chunks: "Flotilla-Chunks",
-  offset: "Flotilla-Offset",
-  chunkCrc: "Flotilla-Chunk-Crc",
-  total: "Flotilla-Total",
-  crc: "Flotilla-Crc",
-  manifest: "Flotilla-Manifest"
+  wire: HEADERS.wire,
+  id: HEADERS.id,
+  chunk: HEADERS.chunk,
+  chunks: HEADERS.chunks,
+  offset: HEADERS.offset,
+  chunkCrc: HEADERS.chunkCrc,
+  total: HEADERS.total,
+  crc: HEADERS.crc,
+  manifest: HEADERS.manifest
 } as const
 
 /** Bytes kept free under maxPayload for headers other than the manifest. */

@@ -40,15 +40,16 @@
 import { Clock, Data, Deferred, Effect, Exit, Result, Scope } from "effect"
 import type { BusError, BusMessage, BusShape, Headers, Subscription } from "../bus/Bus.ts"
 import { decodeUtf8 } from "../bus/Bus.ts"
+import { HEADERS } from "../protocol/headers.ts"
 import { BufferPool, FRAME_PROTOCOL_VERSION, frameMessage, H, newMessageId, Reassembler, WireFrameError } from "./frames.ts"
 import type { Frame, ReassembledMessage, ReassemblerOptions } from "./frames.ts"
 import { decodeBundle, encodeBundle, manifestToJson, WireDecodeError } from "./tensor.ts"
 import type { TensorBundle, WireEncodeError } from "./tensor.ts"
 
 export const T = {
-  claim: "Flotilla-Claim",
-  inbox: "Flotilla-Inbox",
-  error: "Flotilla-Error"
+  claim: HEADERS.claim,
+  inbox: HEADERS.inbox,
+  error: HEADERS.error
 } as const
 
 export const DEFAULT_INBOX_PREFIX = "_INBOX.flotilla"
