@@ -297,7 +297,7 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
     const verbs: ReadonlyArray<CommandVerb> = ["pause", "resume", "checkpoint", "stop", "set-optimizer", "set-consistency"]
     yield* onControl(s, Object.fromEntries(verbs.filter((v) => (CONTROL_VERBS as readonly string[]).includes(v)).map((v) => [v, (_: unknown, ev: never) => offer({ _tag: "ControlApplied", event: ev })])))
     // (suspended: each Tick reads the clock when it is sent)
-    yield* Effect.forkScoped(Effect.forever(Effect.sleep(TICK_MS).pipe(Effect.andThen(Effect.suspend(() => offer({ _tag: "Tick", now: Date.now() })))))))
+    yield* Effect.forkScoped(Effect.forever(Effect.sleep(TICK_MS).pipe(Effect.andThen(Effect.suspend(() => offer({ _tag: "Tick", now: Date.now() }))))))
 
     // announce this incarnation: workers waiting on the old one pick up these params at once
     yield* offer({ _tag: "Tick", now: Date.now() })
