@@ -6,12 +6,7 @@
  *              directory fsynced: a crash leaves the old checkpoint or the new, never half;
  *   jetstream  a JetStream object store (bucket `flotilla-checkpoints`, key
  *              `<job>/ps-<shard>/v<version>`), so a PS relaunched on another host resumes
- *              too. nats.js chunks each object and checks its SHA-256 digest on read; an
- *              object becomes visible only when its metadata is written after every chunk
- *              is acknowledged, so a crash mid-save leaves no half object. It opens its own
- *              NATS connection (unlimited reconnects), closed with the layer's scope, and
- *              retries an operation while the server is unreachable (a restart) for up to
- *              `retryForMs`.
+ *              too: shared/checkpoint/jetstream.ts.
  * Plus `loadNewest`: newest first, a corrupt one reported and the previous one used.
  * Does not own: the checkpoint format (actors/param-server/checkpoint.ts), when to save.
  *
@@ -36,6 +31,8 @@ import * as Option from "effect/Option"
 import * as Schedule from "effect/Schedule"
 import type * as Scope from "effect/Scope"
 import { isToken } from "../protocol/subjects.ts"
+import { makeJetStreamStore } from "./jetstream.ts"
+export { makeJetStreamStore }
 
 export interface CheckpointRef {
   readonly job: string
@@ -88,9 +85,9 @@ export const DEFAULT_RETRY_FOR_MS = 60_000
  */
 export const DEFAULT_REQUEST_TIMEOUT_MS = 5_000
 /** A save's chunk acks queue behind its bytes: its timeout grows by this per MiB (≥ 4 MiB/s). */
-const SAVE_MS_PER_MIB = 250
+export const SAVE_MS_PER_MIB = 250
 /** One whole attempt (a load streams every chunk) is abandoned and retried after this. */
-const ATTEMPT_TIMEOUT_MS = 120_000
+export const ATTEMPT_TIMEOUT_MS = 120_000
 
 export interface FileStoreOptions {
   readonly keep?: number
@@ -129,9 +126,9 @@ export class CheckpointStore extends Context.Service<CheckpointStore, Checkpoint
 // Shared by both layers.
 
 const VERSION_DIGITS = 8
-const textOf = (e: unknown): string => (e instanceof Error ? e.message : String(e))
+export const textOf = (e: unknown): string => (e instanceof Error ? e.message : String(e))
 
-const checkArgs = (op: CheckpointStoreOp, job: string, shard: number, version?: number) =>
+export const checkArgs = (op: CheckpointStoreOp, job: string, shard: number, version?: number) =>
   Effect.suspend(() => {
     const bad = !isToken(job)
       ? `job ${JSON.stringify(job)} is not a valid name: use 1-64 of [A-Za-z0-9_-]`
@@ -146,13 +143,13 @@ const checkArgs = (op: CheckpointStoreOp, job: string, shard: number, version?: 
   })
 
 /** Given refs oldest first and the version just saved: the ones to remove. */
-const toPrune = <R extends { readonly version: number }>(refs: ReadonlyArray<R>, saved: number, keep: number): R[] => {
+export const toPrune = <R extends { readonly version: number }>(refs: ReadonlyArray<R>, saved: number, keep: number): R[] => {
   const newer = refs.filter((r) => r.version > saved)
   const upTo = refs.filter((r) => r.version <= saved)
   return [...newer, ...upTo.slice(0, Math.max(0, upTo.length - keep))]
 }
 
-const validKeep = (keep: number | undefined): number => {
+export const validKeep = (keep: number | undefined): number => {
   const k = keep ?? DEFAULT_KEEP
   if (!Number.isSafeInteger(k) || k < 1) throw new Error(`checkpoint store: keep must be an integer ≥ 1, got ${keep}`)
   return k
@@ -292,199 +289,6 @@ const fsyncDir = async (d: string): Promise<void> => {
     await fh?.close()
   }
 }
-
-// ---------------------------------------------------------------------------------------
-// JetStream layer.
-
-const KEY = /^([A-Za-z0-9_-]{1,64})\/ps-(\d+)\/v(\d+)$/
-const objectKey = (job: string, shard: number, version: number) => `${job}/ps-${shard}/v${version}`
-
-/** nats.js's meta subject token: base64url *with* padding of the (ASCII) object name. */
-const metaToken = (key: string) => Buffer.from(key, "latin1").toString("base64").replace(/\+/g, "-").replace(/\//g, "_")
-const keyOfMetaToken = (token: string) =>
-  Buffer.from(token.replace(/-/g, "+").replace(/_/g, "/"), "base64").toString("latin1")
-
-/** NATS errors worth retrying: the server is restarting, or JetStream is not back yet. */
-const isTransient = (e: unknown): boolean => {
-  const code = String((e as { code?: unknown })?.code ?? "")
-  if (["TIMEOUT", "DISCONNECT", "503", "408", "CONNECTION_REFUSED", "CONNECTION_TIMEOUT", "IDLE_HEARTBEAT"].includes(code)) {
-    return true
-  }
-  return /timeout|temporarily unavailable|no responders|disconnect|reconnect|not ready/i.test(textOf(e))
-}
-
-export const makeJetStreamStore = (
-  opts: JetStreamStoreOptions
-): Effect.Effect<CheckpointStoreShape, CheckpointStoreError, Scope.Scope> =>
-  Effect.gen(function*() {
-    const keep = validKeep(opts.keep)
-    const bucket = opts.bucket ?? DEFAULT_BUCKET
-    const servers = typeof opts.servers === "string" ? [opts.servers] : [...opts.servers]
-    const stream = `OBJ_${bucket}`
-    const timeout = opts.requestTimeoutMs ?? DEFAULT_REQUEST_TIMEOUT_MS
-    const retryForMs = opts.retryForMs ?? DEFAULT_RETRY_FOR_MS
-    const at = (key: string) => `jetstream://${bucket}/${key}`
-    const openError = (e: unknown, hint: string) =>
-      new CheckpointStoreError({
-        op: "open",
-        reason: isTransient(e) ? "unavailable" : "io",
-        where: at(""),
-        message: `checkpoint store (jetstream): cannot open bucket ${bucket} at ${servers.join(", ")}: ${textOf(e)}. ${hint}`,
-        cause: e
-      })
-
-    const nc: NatsConnection = yield* Effect.acquireRelease(
-      Effect.tryPromise({
-        try: () =>
-          connect({
-            servers,
-            name: opts.name ?? "flotilla-checkpoints",
-            maxReconnectAttempts: -1,
-            reconnectTimeWait: 1_000,
-            waitOnFirstConnect: opts.waitOnFirstConnect ?? false,
-            user: opts.user,
-            pass: opts.pass,
-            token: opts.token
-          }),
-        catch: (e) => openError(e, "Is nats-server running there? (`nats-server -js` serves JetStream)")
-      }),
-      (c) =>
-        Effect.promise(() => c.drain().catch(() => c.close())).pipe(
-          Effect.timeoutOption(10_000),
-          Effect.andThen(Effect.promise(() => c.close().catch(() => {})))
-        )
-    )
-    const [jsm, os] = yield* Effect.tryPromise({
-      try: async (): Promise<[JetStreamManager, ObjectStore]> => {
-        const js = nc.jetstream({ timeout })
-        const jsm = await nc.jetstreamManager({ timeout })
-        const os = await js.views.os(bucket, { storage: StorageType.File, replicas: opts.replicas ?? 1 })
-        await os.status() // init() swallows some failures: make sure the bucket is there
-        return [jsm, os]
-      },
-      catch: (e) => openError(e, "Is JetStream enabled on that server (`nats-server -js`, or `jetstream {}` in its config)?")
-    })
-
-    /** One JetStream operation, each attempt bounded, retried while NATS is unreachable. */
-    const attempt = <A>(op: CheckpointStoreOp, where: string, run: () => Promise<A>) =>
-      Effect.tryPromise({
-        try: run,
-        catch: (e) => {
-          const corrupt = /corrupt|digests do not match/i.test(textOf(e))
-          return new CheckpointStoreError({
-            op,
-            reason: corrupt ? "corrupt" : isTransient(e) ? "unavailable" : "io",
-            where,
-            message: `checkpoint store (jetstream): cannot ${op} ${where}: ${textOf(e)}`,
-            cause: e
-          })
-        }
-      }).pipe(
-        Effect.timeoutOrElse({
-          duration: ATTEMPT_TIMEOUT_MS,
-          orElse: () =>
-            Effect.fail(
-              new CheckpointStoreError({
-                op,
-                reason: "unavailable",
-                where,
-                message: `checkpoint store (jetstream): ${op} ${where} got no answer within ${ATTEMPT_TIMEOUT_MS} ms`
-              })
-            )
-        }),
-        Effect.retry({
-          schedule: Schedule.max([Schedule.spaced("500 millis"), Schedule.during(retryForMs)]),
-          while: (e: CheckpointStoreError) => e.reason === "unavailable"
-        })
-      )
-
-    /** Every live object of the bucket whose key belongs to this shard. */
-    const keysOf = (job: string, shard: number) =>
-      attempt("list", at(`${job}/ps-${shard}/`), async () => {
-        const si = await jsm.streams.info(stream, { subjects_filter: `$O.${bucket}.M.>` })
-        const out: Array<{ key: string; version: number }> = []
-        for (const subject of Object.keys(si.state.subjects ?? {})) {
-          const key = keyOfMetaToken(subject.slice(`$O.${bucket}.M.`.length))
-          const m = KEY.exec(key)
-          if (m !== null && m[1] === job && Number(m[2]) === shard) out.push({ key, version: Number(m[3]) })
-        }
-        return out.sort((a, b) => a.version - b.version)
-      })
-
-    const list: CheckpointStoreShape["list"] = (job, shard) =>
-      checkArgs("list", job, shard).pipe(
-        Effect.andThen(() => keysOf(job, shard)),
-        Effect.flatMap((keys) =>
-          Effect.forEach(keys, ({ key, version }) =>
-            attempt("list", at(key), () => os.info(key)).pipe(
-              Effect.map((info) =>
-                info === null || info.deleted
-                  ? []
-                  : [{ job, shard, version, where: at(key), writtenAt: Date.parse(info.mtime) } satisfies CheckpointRef]
-              )
-            ))
-        ),
-        Effect.map((refs) => refs.flat())
-      )
-
-    /** Remove an object and its metadata entirely (nats.js's delete leaves a marker forever). */
-    const remove = (op: CheckpointStoreOp, key: string) =>
-      attempt(op, at(key), async () => {
-        const info = await os.info(key)
-        await jsm.streams.purge(stream, { filter: `$O.${bucket}.M.${metaToken(key)}` })
-        if (info !== null && info.nuid !== "") await jsm.streams.purge(stream, { filter: `$O.${bucket}.C.${info.nuid}` })
-      })
-
-    const save: CheckpointStoreShape["save"] = (job, shard, version, bytes) =>
-      checkArgs("save", job, shard, version).pipe(
-        Effect.andThen(() => {
-          const key = objectKey(job, shard, version)
-          return attempt("save", at(key), () =>
-            os.putBlob(
-              { name: key, options: { max_chunk_size: opts.chunkBytes ?? DEFAULT_CHUNK_BYTES } },
-              bytes,
-              { timeout: timeout + Math.ceil(bytes.byteLength / 2 ** 20) * SAVE_MS_PER_MIB }
-            )).pipe(
-              Effect.map((info): CheckpointRef => ({ job, shard, version, where: at(key), writtenAt: Date.parse(info.mtime) }))
-            )
-        }),
-        Effect.tap((ref) =>
-          keysOf(job, shard).pipe(
-            Effect.flatMap((keys) =>
-              Effect.forEach(
-                toPrune(keys, ref.version, keep),
-                (k) => remove("save", k.key),
-                { discard: true }
-              )
-            )
-          )
-        )
-      )
-
-    const load: CheckpointStoreShape["load"] = (ref) =>
-      checkArgs("load", ref.job, ref.shard, ref.version).pipe(
-        Effect.andThen(() => {
-          const key = objectKey(ref.job, ref.shard, ref.version)
-          return attempt("load", at(key), () => os.getBlob(key)).pipe(
-            Effect.flatMap((bytes) =>
-              bytes === null
-                ? Effect.fail(
-                  new CheckpointStoreError({ op: "load", reason: "missing", where: at(key), message: `checkpoint store (jetstream): no object ${at(key)}` })
-                )
-                : Effect.succeed(bytes)
-            )
-          )
-        })
-      )
-
-    const clear: CheckpointStoreShape["clear"] = (job, shard) =>
-      checkArgs("clear", job, shard).pipe(
-        Effect.andThen(() => keysOf(job, shard)),
-        Effect.flatMap((keys) => Effect.forEach(keys, (k) => remove("clear", k.key), { discard: true }))
-      )
-
-    return { kind: "jetstream", save, list, load, clear } satisfies CheckpointStoreShape
-  })
 
 // ---------------------------------------------------------------------------------------
 // Resume.
