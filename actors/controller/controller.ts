@@ -42,6 +42,10 @@ import { PROTOCOL_VERSION, queues, subjects } from "../../shared/protocol/subjec
 import { resolveSchedule, type Schedule, type ScheduleInput } from "../../shared/schedule/schedules.ts"
 import { jetstreamHistory, memoryHistory, type HistoryStore } from "./history.ts"
 
+/** Control events are at-most-once: the newest REPLAY_KEEP accepted commands go out again every REPLAY_MS. */
+export const REPLAY_MS = 2_000
+export const REPLAY_KEEP = 16
+
 export interface ControllerOptions {
   readonly job: JobConfig
   readonly id: string
@@ -125,6 +129,23 @@ export const runController = (o: ControllerOptions): Effect.Effect<ControllerHan
         )
       : memoryHistory()
     yield* Effect.logInfo(`controller ${id}: serving ${s.controlAll} (history: ${history.kind})`)
+    const epoch = history.kind === "jetstream" ? 0 : Date.now()
+    /** the newest accepted commands (this controller's and its peers'), re-broadcast every REPLAY_MS. */
+    let recent: ControlApplied[] = []
+    const remember = (e: ControlApplied) => {
+      if (recent.some((r) => r.seq === e.seq && (r.epoch ?? 0) === (e.epoch ?? 0))) return
+      recent = [...recent, e].sort((a, b) => a.seq - b.seq).slice(-REPLAY_KEEP)
+    }
+    yield* Effect.forkScoped(
+      Effect.forever(
+        Effect.sleep(REPLAY_MS).pipe(
+          Effect.andThen(Effect.suspend(() => {
+            const latest = recent.at(-1)?.seq ?? 0
+            return Effect.forEach(recent, (e) => bus.publish(s.controlApplied, encodeMessage({ ...e, replayed: true, latest })).pipe(Effect.ignore), { discard: true })
+          }))
+        )
+      )
+    )
 
     // ---- what status reports: membership, applied versions, scheduler and evaluator metrics
     const membership = yield* trackMembership(s, job.train.livenessMs)
@@ -155,9 +176,10 @@ export const runController = (o: ControllerOptions): Effect.Effect<ControllerHan
     // other controllers of this job (queue group members) keep our view current
     yield* bus.subscribe(s.controlApplied, (m) => {
       const r = decodeBytes(ControlApplied, m.subject, m.data)
-      if (Result.isSuccess(r) && r.success.by !== id) {
+      if (Result.isSuccess(r) && r.success.by !== id && r.success.replayed !== true) {
         const next = validateCommand(view, r.success.command)
         if (Result.isSuccess(next)) Object.assign(view, next.success)
+        remember(r.success)
       }
       return Effect.void
     })
@@ -202,8 +224,9 @@ export const runController = (o: ControllerOptions): Effect.Effect<ControllerHan
       Effect.gen(function* () {
         if (!isCommandVerb(verb)) return
         const at = Date.now()
-        const entry = yield* history.append({ _tag: "ControlApplied", v: PROTOCOL_VERSION, job: job.job, verb, command: c, sender: c.sender, requestId: c.requestId, by: id, at })
+        const entry = yield* history.append({ _tag: "ControlApplied", v: PROTOCOL_VERSION, job: job.job, verb, command: c, sender: c.sender, requestId: c.requestId, by: id, at, epoch })
         Object.assign(view, next)
+        remember(entry)
         yield* bus.publish(s.controlApplied, encodeMessage(entry))
         yield* Effect.logInfo(`controller ${id}: #${entry.seq} ${verb} from ${c.sender} accepted`)
         const reply: ControlAccepted = { _tag: "ControlAccepted", v: PROTOCOL_VERSION, job: job.job, requestId: c.requestId, verb, seq: entry.seq, by: id, at }

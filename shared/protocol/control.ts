@@ -123,7 +123,15 @@ export const ControlApplied = Schema.Struct({
   requestId: RequestId,
   /** the controller that accepted it. */
   by: Schema.String,
-  at: NonNeg
+  at: NonNeg,
+  /**
+   * Which history `seq` counts in: 0 for a JetStream history (it outlives controllers), the
+   * controller's start time for an in-memory one (a restarted controller counts from 1 again).
+   */
+  epoch: Schema.optional(NonNeg),
+  /** a repeat (the controller re-broadcasts its recent commands so a lost one is not lost), with its newest seq. */
+  replayed: Schema.optional(Schema.Boolean),
+  latest: Schema.optional(NonNegInt)
 })
 export type ControlApplied = typeof ControlApplied.Type
 
