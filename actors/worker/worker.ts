@@ -136,9 +136,10 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
     )
 
     // ---- effects
+    // step phases (WorkerStep): from the end of the last push, the wait until the batch was
+    // here (0 when the prefetched one already was), then until the params were, then compute
     let lastPushAt = performance.now()
-    let waitStart = performance.now()
-    let leaseWait = 0
+    const batchArrived = new Map<string, number>()
     let bytesAtLastPush = 0
     const compute = (e: Extract<WorkerEffect, { _tag: "Compute" }>) =>
       Effect.gen(function* () {
@@ -169,21 +170,25 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
           }
           bundles.set(k, { tensors, meta: { kind: "grads", job: job.job, version: e.versions.get(k)!, step: e.versions.get(k)!, sender: id, batchId: g.batchId, codec, extra } })
         }
-        computeTimes = { waitParams: t2 - waitStart, compute: t3 - t2, loss: g.loss, tokens, version: v, t3 }
+        const batchAt = Math.max(lastPushAt, ...e.micro.map((b) => batchArrived.get(b.meta.batchId) ?? lastPushAt))
+        for (const b of e.micro) batchArrived.delete(b.meta.batchId)
+        computeTimes = { waitBatch: batchAt - lastPushAt, waitParams: Math.max(0, t2 - batchAt), compute: t3 - t2, loss: g.loss, tokens, version: v, t3 }
         // handled at once, in this fiber and span: the pushes belong to the step's trace
         yield* handle({ _tag: "Computed", key: e.key, versions: e.versions, micro: e.micro, batchId: g.batchId, bundles })
       })
-    let computeTimes = { waitParams: 0, compute: 0, loss: 0, tokens: 0, version: 0, t3: 0 }
+    let computeTimes = { waitBatch: 0, waitParams: 0, compute: 0, loss: 0, tokens: 0, version: 0, t3: 0 }
 
     const perform = (e: WorkerEffect): Effect.Effect<void> => {
       switch (e._tag) {
         case "Lease": {
-          const t = performance.now()
           return Effect.asVoid(
             Effect.forkIn(
               LoaderClient.lease(bus, s, id, "train").pipe(
                 Effect.flatMap((r) => {
-                  leaseWait = performance.now() - t
+                  if (r._tag === "Batch") {
+                    if (batchArrived.size > 16) batchArrived.clear()
+                    batchArrived.set(r.meta.batchId, performance.now())
+                  }
                   return offer(
                     r._tag === "Batch"
                       ? { _tag: "LeaseReplied", batch: { meta: r.meta, tokens: r.tokens } satisfies Batch }
@@ -220,14 +225,13 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
           hb.setInfo({ version: c.version, steps: stats.steps })
           const metric: WorkerStep = {
             _tag: "WorkerStep", v: PROTOCOL_VERSION, worker: id, version: c.version, batchId: e.inflight.batchId, loss: c.loss, tokens: c.tokens,
-            waitBatchMs: leaseWait, waitParamsMs: c.waitParams, computeMs: c.compute, pushMs: t4 - c.t3, bytesSent: stats.bytesSent - bytesAtLastPush
+            waitBatchMs: c.waitBatch, waitParamsMs: c.waitParams, computeMs: c.compute, pushMs: t4 - c.t3, bytesSent: stats.bytesSent - bytesAtLastPush
           }
           bytesAtLastPush = stats.bytesSent
           metrics.recordLoss("train", c.loss)
           metrics.recordStepTimes({ wait_batch: metric.waitBatchMs, wait_params: metric.waitParamsMs, compute: metric.computeMs, push: metric.pushMs, total: t4 - lastPushAt })
           if (t4 > lastPushAt) metrics.recordTokensPerSec((c.tokens * 1000) / (t4 - lastPushAt))
           lastPushAt = t4
-          waitStart = t4
           return bus.publish(s.metrics("worker"), encodeMessage(metric)).pipe(Effect.ignore)
         }
         case "Pull":
