@@ -92,6 +92,10 @@ export const observeJob = (
         if (t0 === undefined) t0 = now
         else tokens += a.tokens
         tLast = now
+        // a server that restarted (or rolled back) recomputes the versions after its
+        // checkpoint: the curve keeps the surviving history
+        while (train.length > 0 && train[train.length - 1][0] >= a.version) train.pop()
+        while (lr.length > 0 && lr[lr.length - 1][0] >= a.version - 1) lr.pop()
         train.push([a.version, a.loss])
         lr.push([a.version - 1, a.lr])
         const secs = (tLast - t0) / 1000
