@@ -19,6 +19,7 @@ import { decodeBytes } from "../shared/protocol/decode.ts"
 import { StepApplied } from "../shared/protocol/messages.ts"
 import { subjects } from "../shared/protocol/subjects.ts"
 import { jobLayers, uniqueJob, waitUntil } from "./support/control-job.ts"
+import { drillCorpus } from "./support/faults.ts"
 import { acquireNats, type AcquiredNats } from "./support/nats.ts"
 
 const EPOCH = 25
@@ -39,8 +40,8 @@ describe("bounded memory", () => {
     Effect.gen(function* () {
       const dir = mkdtempSync(join(tmpdir(), "flotilla-bounded-"))
       const corpus = join(dir, "corpus.txt")
-      // 25 batches of 4 windows of 16 bytes, plus one byte for the last target
-      writeFileSync(corpus, Array.from({ length: 1601 }, (_, i) => "the whale sea ship "[(i * 7) % 19]).join(""))
+      writeFileSync(corpus, drillCorpus()) // 25 batches of 4 windows of 16 bytes
+
       const job = resolveJob({
         job: uniqueJob("bounded"),
         model: { kind: "gpt", vocabSize: 256, contextLength: 16, layers: 1, heads: 2, width: 16 },

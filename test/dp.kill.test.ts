@@ -12,20 +12,12 @@ import { describe, expect, it } from "vitest"
 import { makePlanForJob } from "../actors/loader/loader.ts"
 import { batchId } from "../actors/loader/plan.ts"
 import { useCluster, type LeaseSeen } from "./support/cluster.ts"
+import { drillCorpus } from "./support/faults.ts"
 
 const STEPS = 35
 
-/** ~1.6 kB of text: 100 windows of 16 tokens, 25 batches of 4 per epoch. */
-const corpusText = (): string => {
-  const words = ["the", "whale", "sea", "ship", "captain", "harpoon", "deck", "wind", "sail", "white", "line", "boat"]
-  let x = 12345
-  let out = ""
-  while (out.length < 1_601) {
-    x = (x * 1103515245 + 12345) >>> 0
-    out += words[x % words.length] + ((x >>> 8) % 9 === 0 ? ".\n" : " ")
-  }
-  return out.slice(0, 1_601)
-}
+/** ~1.6 kB of text: 100 windows of 16 tokens, 25 batches of 4 per epoch (the drills' corpus). */
+const corpusText = drillCorpus
 
 describe("a worker killed while holding a lease (separate processes over NATS)", () => {
   const suite = useCluster()

@@ -38,6 +38,7 @@ import { launchArgs } from "../cli/up.ts"
 import { jobActors } from "../cli/topology.ts"
 import { acquireNats, type AcquiredNats } from "./support/nats.ts"
 import { observe, waitUntil, type Observer } from "./support/cluster.ts"
+import { drillCorpus } from "./support/faults.ts"
 
 const BIN = resolve(dirname(fileURLToPath(import.meta.url)), "..", "bin", "flotilla.ts")
 
@@ -253,17 +254,8 @@ describe("the summary's checkpoint", () => {
 
 // ---------------------------------------------------------------- a real `flotilla up`
 
-/** ~1.6 kB of text: 100 windows of 16 tokens, 25 batches of 4 per epoch (as test/dp.kill.test.ts). */
-const corpusText = (): string => {
-  const words = ["the", "whale", "sea", "ship", "captain", "harpoon", "deck", "wind", "sail", "white", "line", "boat"]
-  let x = 12345
-  let out = ""
-  while (out.length < 1_601) {
-    x = (x * 1103515245 + 12345) >>> 0
-    out += words[x % words.length] + ((x >>> 8) % 9 === 0 ? ".\n" : " ")
-  }
-  return out.slice(0, 1_601)
-}
+/** ~1.6 kB of text: 100 windows of 16 tokens, 25 batches of 4 per epoch (the drills' corpus). */
+const corpusText = drillCorpus
 
 /** The pid of `parent`'s child running `flotilla launch <role> --id <id>`, if any. */
 const childPid = (parent: number, role: string, id: string): number | undefined => {

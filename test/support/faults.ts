@@ -29,21 +29,13 @@ import { AppliedLog, Heartbeat, type StepApplied } from "../../shared/protocol/m
 import { PROTOCOL_VERSION, subjects } from "../../shared/protocol/subjects.ts"
 import { H } from "../../shared/wire/frames.ts"
 import { T as WT } from "../../shared/wire/transport.ts"
+import { mulberry32 } from "../../actors/loader/plan.ts"
 import { makeCluster, observe, waitUntil, type ActorExit, type ActorProcess, type Cluster, type Observer } from "./cluster.ts"
 
 export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms))
 
-/** A seeded PRNG (mulberry32) for kill points: a failing drill can be rerun as it ran. */
-export const seeded = (seed: number) => {
-  let a = seed >>> 0
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0
-    let t = a
-    t = Math.imul(t ^ (t >>> 15), t | 1)
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
-  }
-}
+/** A seeded PRNG (the loader's mulberry32) for kill points: a failing drill can be rerun as it ran. */
+export const seeded = mulberry32
 
 // ---------------------------------------------------------------- the job
 
