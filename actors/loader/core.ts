@@ -53,6 +53,13 @@ export interface Pending {
   readonly index: number
   /** attempts so far (0 for a batch never leased under this gen). */
   readonly attempt: number
+  /**
+   * releases that may be the batch's own fault (its lease expired with its owner alive, or
+   * a refusal of its gradient); a batch is given up after `maxAttempts` of them. A release
+   * because its worker died or restarted, or its gradient was merely stale, is not one:
+   * under kills a healthy batch must never be given up (none skipped).
+   */
+  readonly faults?: number
 }
 
 export interface Lease extends Pending {
@@ -344,8 +351,11 @@ const onLease = (st: LoaderState, e: Extract<LoaderEvent, { _tag: "LeaseRequeste
   return [{ ...next, leases: new Map(next.leases).set(l.id, l) }, [{ _tag: "ReplyBatch", to: e.replyTo, meta }]]
 }
 
-/** Put leased batches back at the front (first of `ls` first), or give them up. */
-const release = (st: LoaderState, ls: readonly Lease[], why: string): Step => {
+/** A worker's BatchFailed reason that is not the batch's fault (worker/worker.ts Release reasons). */
+const NOT_A_FAULT = /^(stale|lease generation|shard \d+ restarted)/
+
+/** Put leased batches back at the front (first of `ls` first), or give them up (`fault`: see Pending.faults). */
+const release = (st: LoaderState, ls: readonly Lease[], why: string, fault: boolean): Step => {
   if (ls.length === 0) return [st, []]
   const leases = new Map(st.leases)
   const back: Pending[] = []
@@ -353,11 +363,12 @@ const release = (st: LoaderState, ls: readonly Lease[], why: string): Step => {
   let givenUp = st.givenUp
   for (const l of ls) {
     leases.delete(l.id)
-    if (l.attempt >= st.cfg.maxAttempts) {
+    const faults = (l.faults ?? 0) + (fault ? 1 : 0)
+    if (faults >= st.cfg.maxAttempts) {
       givenUp++
       fx.push({ _tag: "Reject", rejection: { code: "internal", reason: `batch ${l.id} given up after repeated failures (${why})`, subject: st.cfg.leaseSubject, sender: l.worker } })
     } else {
-      back.push({ epoch: l.epoch, index: l.index, attempt: l.attempt })
+      back.push({ epoch: l.epoch, index: l.index, attempt: l.attempt, faults })
       fx.push(log("info", `re-issuing ${l.id} (was leased to ${l.worker}): ${why}`))
     }
   }
@@ -371,7 +382,7 @@ const onFailed = (st: LoaderState, f: BatchFailed): Step => {
     return l !== undefined && l.worker === f.worker ? [l] : []
   })
   if (mine.length === 0) return [st, [log("debug", `loader ${st.cfg.id}: ignoring BatchFailed of ${f.batchId} from ${f.worker}: not its lease`)]]
-  return release(st, mine, `worker ${f.worker}: ${f.reason}`)
+  return release(st, mine, `worker ${f.worker}: ${f.reason}`, !NOT_A_FAULT.test(f.reason))
 }
 
 const onAck = (st0: LoaderState, e: Extract<LoaderEvent, { _tag: "PushAckReceived" }>): Step => {
@@ -395,7 +406,7 @@ const isPushed = (st: LoaderState, l: Lease) => l.acked.length >= st.cfg.psShard
 const onTick = (st0: LoaderState, now: number): Step => {
   // released in lease order, all before older re-issues: the oldest is served first
   const expired = [...st0.leases.values()].filter((l) => l.deadline <= now)
-  let [st, fx] = release(st0, expired, "lease expired")
+  let [st, fx] = release(st0, expired, "lease expired", true)
   const out = [...fx]
   for (let k = 0; k < st.shards.length; k++) {
     const v = st.shards[k]
@@ -439,7 +450,7 @@ export const step = (st: LoaderState, e: LoaderEvent): Step => {
     case "MemberLeft": {
       if (e.role !== "worker") return [st, []]
       const orphans = [...st.leases.values()].filter((l) => l.worker === e.id && !isPushed(st, l))
-      return release(st, orphans, `worker ${e.id} ${e.why}`)
+      return release(st, orphans, `worker ${e.id} ${e.why}`, false)
     }
     case "ServerSeen":
       return seen(st, e.shard, e.incarnation, e.now)

@@ -252,6 +252,10 @@ export const step = (s: WorkerState, e: WorkerEvent): WorkerEffect[] => {
       if (r.code === "stale" || r.code === "conflict") {
         s.stats.stale++
         for (const b of f.micro) out.push({ _tag: "Release", batch: b, reason: `stale: ${r.reason}` })
+      } else {
+        // refused for what it holds (non-finite, bad tensor, ...): the loader counts it
+        // against the batch, and gives a batch that keeps failing up
+        for (const b of f.micro) out.push({ _tag: "Release", batch: b, reason: `refused (${r.code}): ${r.reason}` })
       }
       break
     }
