@@ -7,6 +7,7 @@
 // Tests use the live clock (`excludeTestServices`): NATS timeouts are real time. Every
 // test uses its own random subject prefix, so a shared server ($NATS_URL) is fine.
 import { describe, expect, layer } from "@effect/vitest"
+import * as Deferred from "effect/Deferred"
 import * as Context from "effect/Context"
 import * as Effect from "effect/Effect"
 import * as Fiber from "effect/Fiber"
@@ -306,6 +307,30 @@ const contract = (name: string, busLayer: Layer.Layer<Bus, unknown>) =>
         const got = yield* takeN(q, n)
         const ids = got.map((m) => new DataView(m.data.buffer, m.data.byteOffset, 4).getUint32(0, true))
         expect(ids).toEqual(Array.from({ length: n }, (_, i) => i))
+      }))
+
+    it.effect("a subscription's queue is bounded: past its limit, new messages are dropped, the handler goes on", () =>
+      Effect.gen(function*() {
+        const bus = yield* Bus
+        const s = `${uniq()}.bounded`
+        const gate = yield* Deferred.make<void>()
+        const got: number[] = []
+        yield* bus.subscribe(s, (m) => Deferred.await(gate).pipe(Effect.andThen(Effect.sync(() => void got.push(m.data[0])))), { limits: { messages: 5, bytes: 1 << 20 } })
+        yield* bus.flush()
+        for (let i = 0; i < 20; i++) yield* bus.publish(s, Uint8Array.of(i))
+        yield* bus.flush()
+        yield* Effect.sleep(200) // every message has reached the subscription (the handler is held)
+        yield* Deferred.succeed(gate, undefined)
+        yield* Effect.sleep(200)
+        // the first is in the handler, 5 wait in the queue; the rest were dropped
+        expect(got.length).toBeLessThanOrEqual(6)
+        expect(got.length).toBeGreaterThanOrEqual(5)
+        expect(got).toEqual(Array.from({ length: got.length }, (_, i) => i))
+        // and it keeps delivering once it has room
+        yield* bus.publish(s, Uint8Array.of(99))
+        yield* bus.flush()
+        yield* Effect.sleep(100)
+        expect(got.at(-1)).toBe(99)
       }))
   })
 

@@ -97,6 +97,13 @@ export interface PublishOptions {
 export interface SubscribeOptions {
   /** Queue group: each message goes to exactly one member of the group. */
   readonly queue?: string
+  /**
+   * Most messages and bytes waiting for the handler (default SUBSCRIPTION_LIMITS). Past
+   * either, new messages are dropped (and counted in one warning a second), as nats-server
+   * drops a slow consumer's: delivery is at most once anyway, and the protocol recovers a
+   * lost message (docs/PROTOCOL.md); memory never grows without bound.
+   */
+  readonly limits?: { readonly messages: number; readonly bytes: number }
 }
 
 export interface RequestOptions {
@@ -131,6 +138,9 @@ export class Bus extends Context.Service<Bus, BusShape>()("flotilla/shared/bus/B
 /** Defaults, in one place. */
 export const DEFAULT_REQUEST_TIMEOUT_MS = 5_000
 export const DEFAULT_IN_PROCESS_MAX_PAYLOAD = 1024 * 1024 // nats-server's default
+/** Default bound of one subscription's queue (see SubscribeOptions.limits). */
+export const SUBSCRIPTION_LIMITS = { messages: 65_536, bytes: 512 * 1024 * 1024 } as const
+
 /** How long closing a subscription waits for its handlers to drain before interrupting them. */
 export const DRAIN_TIMEOUT_MS = 30_000
 
@@ -157,14 +167,25 @@ export const decodeUtf8 = (bytes: Uint8Array): string => textDecoder.decode(byte
 export const runSubscription = <E>(
   subject: string,
   handler: (m: BusMessage) => Effect.Effect<void, unknown>,
-  attach: (deliver: (m: BusMessage) => void) => Effect.Effect<Effect.Effect<void>, E>
+  attach: (deliver: (m: BusMessage) => void) => Effect.Effect<Effect.Effect<void>, E>,
+  limits: { readonly messages: number; readonly bytes: number } = SUBSCRIPTION_LIMITS
 ): Effect.Effect<Subscription, E, Scope.Scope> =>
   Effect.gen(function*() {
     const parent = yield* Effect.scope
     const scope = yield* Scope.fork(parent)
     const queue = yield* Queue.make<BusMessage, Cause.Done>()
+    // the queue's bound: counted where messages enter (the transport's callback) and leave
+    let queued = 0
+    let queuedBytes = 0
+    let dropped = 0
+    let warnedAt = 0
+    const services = yield* Effect.context<never>()
     const handleOne = (m: BusMessage) =>
-      Effect.suspend(() => handler(m)).pipe(
+      Effect.suspend(() => {
+        queued--
+        queuedBytes -= m.data.byteLength
+        return handler(m)
+      }).pipe(
         Effect.catchCause((cause) =>
           Effect.logError("bus handler failed; subscription continues", cause).pipe(
             Effect.annotateLogs({ subject: m.subject, subscription: subject })
@@ -179,6 +200,21 @@ export const runSubscription = <E>(
     }).pipe(Effect.catchCause(() => Effect.void)) // Done: the queue ended and is empty
     const fiber = yield* Effect.forkIn(loop, scope)
     const detach = yield* attach((m) => {
+      if (queued >= limits.messages || queuedBytes + m.data.byteLength > limits.bytes) {
+        dropped++
+        const now = Date.now()
+        if (now - warnedAt >= 1_000) {
+          warnedAt = now
+          Effect.runForkWith(services)(
+            Effect.logWarning(`bus subscription is behind: ${queued} messages / ${queuedBytes} bytes waiting; dropped ${dropped} so far`).pipe(
+              Effect.annotateLogs({ subscription: subject })
+            )
+          )
+        }
+        return
+      }
+      queued++
+      queuedBytes += m.data.byteLength
       Queue.offerUnsafe(queue, m)
     }).pipe(Effect.onError(() => Scope.close(scope, Exit.void)))
     // Added after forkIn's finalizer, so it runs first: detach, drain, then interrupt.

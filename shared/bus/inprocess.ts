@@ -174,7 +174,7 @@ const make = (options: InProcessBusOptions = {}): Effect.Effect<BusShape, never,
               subs.delete(s)
               routes.clear()
             })
-          }))
+          }), opts?.limits)
       })
 
     const request: BusShape["request"] = (subject, data, opts) =>

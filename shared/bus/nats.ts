@@ -163,7 +163,7 @@ const make = (options: NatsBusOptions): Effect.Effect<BusShape, BusConnectionErr
               )
             },
             catch: (e) => mapError(pattern, e, {})
-          }))
+          }), opts?.limits)
       })
 
     const request: BusShape["request"] = (subject, data, opts) =>
