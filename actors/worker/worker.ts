@@ -33,6 +33,7 @@ import { receiveBundles, sendBundle } from "../../shared/wire/transport.ts"
 import { LoaderClient } from "../loader/protocol.ts"
 import { ParamServerClient, paramsMeta } from "../param-server/protocol.ts"
 import { accumulateGrads } from "./accumulate.ts"
+import { evalStep, initialEval, isEvalEvent, type EvalEffect, type EvalEvent } from "./eval-core.ts"
 import { initialWorker, step, type Batch, type WorkerEffect, type WorkerEvent, type WorkerState } from "./core.ts"
 
 export interface WorkerOptions {
@@ -67,8 +68,9 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
     const stats = { steps: 0, stale: 0, tokens: 0, bytesSent: 0, resent: 0, pulls: 0 }
     const finished = yield* Deferred.make<void>()
     const metrics = yield* currentMetrics
-    const queue = yield* Queue.unbounded<WorkerEvent>()
-    const offer = (e: WorkerEvent) => Effect.sync(() => void Queue.offerUnsafe(queue, e))
+    // one mailbox: the trainer's events, or (mode eval) the evaluator's; both carry the params
+    const queue = yield* Queue.unbounded<WorkerEvent | EvalEvent>()
+    const offer = (e: WorkerEvent | EvalEvent) => Effect.sync(() => void Queue.offerUnsafe(queue, e))
 
     // ---- params: broadcasts and pulls become ParamsReceived (receiveBundles gives each bundle its own buffer: ours to keep)
     const paramsEvent = (b: TensorBundle): WorkerEvent | undefined => {
@@ -106,7 +108,7 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
 
     if (mode === "eval") {
       yield* Effect.forEach(Array.from({ length: shards }, (_, k) => k), joinPull, { discard: true })
-      yield* evalLoop({ job, id, offerless: queue, pull, metrics, bus, s, model, scope }).pipe(
+      yield* evalLoop({ job, id, queue, pull, metrics, bus, s, model, scope }).pipe(
         Effect.catchCause((c) => Effect.logError(`evaluator ${id} loop ended`, c)),
         Effect.ensuring(Deferred.succeed(finished, undefined)),
         Effect.forkScoped
@@ -246,8 +248,9 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
     }
 
     /** One event through the reducer, its effects in order; a step that computes is one `worker.step` span (one trace). */
-    const handle = (e: WorkerEvent): Effect.Effect<void> =>
+    const handle = (e: WorkerEvent | EvalEvent): Effect.Effect<void> =>
       Effect.suspend(() => {
+        if (e._tag === "ValReady") return Effect.void
         state.now = e._tag === "Tick" ? e.now : Date.now()
         const effects = step(state, e)
         const run = Effect.forEach(effects, perform, { discard: true })
@@ -276,7 +279,7 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
 interface EvalContext {
   readonly job: JobConfig
   readonly id: string
-  readonly offerless: Queue.Queue<WorkerEvent>
+  readonly queue: Queue.Queue<WorkerEvent | EvalEvent>
   readonly pull: (k: number, minVersion: number) => Effect.Effect<void>
   readonly scope: Scope.Scope
   readonly metrics: Effect.Success<typeof currentMetrics>
@@ -286,59 +289,46 @@ interface EvalContext {
 }
 
 /**
- * The evaluator: validation loss every evalEvery versions and at the end. Its one queue
- * carries the params events; it evaluates each due version it sees, pulling every shard
- * when nothing new arrived for a while (a lost broadcast, or a server that restarted).
+ * The evaluator's shell: its mailbox (the params and heartbeat events of the worker's queue,
+ * and a Tick) through `evalStep` (eval-core.ts); effects: pull, evaluate + publish
+ * `ValidationLoss`, finish. The validation batches are leased in a fiber of this scope.
  */
 const evalLoop = (c: EvalContext): Effect.Effect<void, Error> =>
   Effect.gen(function* () {
     const { job, id, bus, s, model, metrics } = c
-    const shards = job.topology.psShards
     const val: Batch[] = []
-    for (let i = 0; i < job.data.valBatches; i++) {
-      let b = yield* LoaderClient.lease(bus, s, id, "val", i)
-      for (let tries = 0; b._tag !== "Batch" && tries < 50; tries++) {
-        yield* Effect.sleep(200)
-        b = yield* LoaderClient.lease(bus, s, id, "val", i)
-      }
-      if (b._tag !== "Batch") return yield* Effect.fail(new Error(`evaluator ${id}: val batch ${i}: ${b.reason}`))
-      val.push({ meta: b.meta, tokens: b.tokens })
-    }
-    const cache = new Map<number, { incarnation: number; version: number; params: ReadonlyMap<string, Float32Array> }>()
-    const every = Math.max(1, job.train.evalEvery)
-    let lastEval = ""
-    let quietSince = Date.now()
-    while (true) {
-      const e = yield* Queue.take(c.offerless).pipe(Effect.timeoutOption(1_000))
-      if (e._tag === "Some" && e.value._tag === "ParamsReceived") {
-        const p = e.value
-        const cur = cache.get(p.shard)
-        if (!cur || p.incarnation > cur.incarnation || (p.incarnation === cur.incarnation && p.version > cur.version)) {
-          cache.set(p.shard, p)
-          quietSince = Date.now()
+    const leaseVal = Effect.gen(function* () {
+      for (let i = 0; i < job.data.valBatches; i++) {
+        let b = yield* LoaderClient.lease(bus, s, id, "val", i)
+        for (let tries = 0; b._tag !== "Batch" && tries < 50; tries++) {
+          yield* Effect.sleep(200)
+          b = yield* LoaderClient.lease(bus, s, id, "val", i)
         }
-      } else if (e._tag === "Some" && e.value._tag === "ServerSeen") {
-        const h = e.value
-        const cur = cache.get(h.shard)
-        if (!cur || h.incarnation > cur.incarnation || h.version > cur.version) yield* Effect.forkIn(c.pull(h.shard, 0), c.scope)
+        if (b._tag !== "Batch") return yield* Effect.die(new Error(`evaluator ${id}: val batch ${i}: ${b.reason}`))
+        val.push({ meta: b.meta, tokens: b.tokens })
       }
-      if (Date.now() - quietSince > 5_000) {
-        quietSince = Date.now()
-        for (let k = 0; k < shards; k++) yield* Effect.forkIn(c.pull(k, 0), c.scope)
+      yield* Queue.offer(c.queue, { _tag: "ValReady" })
+    })
+    yield* Effect.forkIn(leaseVal, c.scope)
+    yield* Effect.forkIn(Effect.forever(Effect.sleep(250).pipe(Effect.andThen(Effect.suspend(() => Queue.offer(c.queue, { _tag: "Tick", now: Date.now() }))))), c.scope)
+    const state = initialEval({ shards: job.topology.psShards, steps: job.train.steps, every: Math.max(1, job.train.evalEvery) }, Date.now())
+    const perform = (e: EvalEffect): Effect.Effect<void> => {
+      switch (e._tag) {
+        case "Pull":
+          return Effect.asVoid(Effect.forkIn(c.pull(e.shard, 0), c.scope))
+        case "Evaluate": {
+          const losses = val.map((b) => evalLoss(model, e.params, { tokens: b.tokens, batchSize: b.meta.B, seqLen: b.meta.T }))
+          const loss = losses.reduce((a, b) => a + b, 0) / losses.length
+          metrics.recordLoss("val", loss)
+          const msg: ValidationLoss = { _tag: "ValidationLoss", v: PROTOCOL_VERSION, evaluator: id, version: e.version, loss, batches: losses.length }
+          return bus.publish(s.metrics("evaluator"), encodeMessage(msg)).pipe(Effect.ignore)
+        }
+        case "Finish":
+          return Effect.void
       }
-      if (cache.size < shards) continue
-      const vs = [...cache.values()].map((x) => x.version)
-      const v = vs[0]
-      const key = [...cache.values()].map((x) => `${x.incarnation}:${x.version}`).join("/")
-      if (!vs.every((x) => x === v) || key === lastEval || !(v % every === 0 || v >= job.train.steps)) continue
-      const params = new Map<string, Float32Array>()
-      for (const x of cache.values()) for (const [k, t] of x.params) params.set(k, t)
-      const losses = val.map((b) => evalLoss(model, params, { tokens: b.tokens, batchSize: b.meta.B, seqLen: b.meta.T }))
-      const loss = losses.reduce((a, b) => a + b, 0) / losses.length
-      lastEval = key
-      const msg: ValidationLoss = { _tag: "ValidationLoss", v: PROTOCOL_VERSION, evaluator: id, version: v, loss, batches: losses.length }
-      yield* bus.publish(s.metrics("evaluator"), encodeMessage(msg)).pipe(Effect.ignore)
-      metrics.recordLoss("val", loss)
-      if (v >= job.train.steps) return
+    }
+    while (!state.done) {
+      const e = yield* Queue.take(c.queue)
+      if (isEvalEvent(e)) for (const eff of evalStep(state, e)) yield* perform(eff)
     }
   })

@@ -1,0 +1,92 @@
+/**
+ * Implements: the evaluator's mailbox reducer (the worker in `mode: "eval"`): which params
+ * to evaluate, as a pure function `evalStep(state, event) → effects`. It keeps the newest
+ * params of each shard (the same acceptance rule as a training worker: a newer version of
+ * one incarnation, or any version of a newer incarnation), and asks for an evaluation of
+ * every version that is due (a multiple of evalEvery, and the final one) once every shard is
+ * at it — each params identity once, so a server that restarts and recomputes a version
+ * gets it evaluated again. A heartbeat showing params it lacks, or QUIET_MS without any,
+ * makes it pull. The shell (worker.ts) leases the validation batches, computes the losses
+ * and publishes them. No I/O, no clocks.
+ */
+import type { CachedShard } from "./core.ts"
+
+export interface EvalConfig {
+  readonly shards: number
+  readonly steps: number
+  readonly every: number
+}
+
+/** No params for this long: pull every shard (a lost broadcast, a restarted server). */
+export const QUIET_MS = 5_000
+
+export interface EvalState {
+  readonly cfg: EvalConfig
+  readonly cache: Map<number, CachedShard>
+  /** the validation batches are leased: evaluations can run. */
+  ready: boolean
+  lastKey: string
+  quietSince: number
+  now: number
+  done: boolean
+}
+
+export type EvalEvent =
+  | { readonly _tag: "ParamsReceived"; readonly shard: number; readonly incarnation: number; readonly version: number; readonly params: ReadonlyMap<string, Float32Array> }
+  | { readonly _tag: "ServerSeen"; readonly shard: number; readonly incarnation: number; readonly version: number }
+  | { readonly _tag: "ValReady" }
+  | { readonly _tag: "Tick"; readonly now: number }
+
+const EVAL_TAGS: ReadonlySet<string> = new Set(["ParamsReceived", "ServerSeen", "ValReady", "Tick"])
+/** The evaluator's events among what the worker's mailbox carries. */
+export const isEvalEvent = (e: { readonly _tag: string }): e is EvalEvent => EVAL_TAGS.has(e._tag)
+
+export type EvalEffect =
+  | { readonly _tag: "Pull"; readonly shard: number }
+  | { readonly _tag: "Evaluate"; readonly version: number; readonly params: ReadonlyMap<string, Float32Array> }
+  | { readonly _tag: "Finish" }
+
+export const initialEval = (cfg: EvalConfig, now: number): EvalState => ({ cfg, cache: new Map(), ready: false, lastKey: "", quietSince: now, now, done: false })
+
+const newer = (cur: { incarnation: number; version: number } | undefined, inc: number, ver: number) =>
+  !cur || inc > cur.incarnation || (inc === cur.incarnation && ver > cur.version)
+
+export const evalStep = (s: EvalState, e: EvalEvent): EvalEffect[] => {
+  const out: EvalEffect[] = []
+  if (s.done) return out
+  switch (e._tag) {
+    case "ParamsReceived":
+      if (newer(s.cache.get(e.shard), e.incarnation, e.version)) {
+        s.cache.set(e.shard, { incarnation: e.incarnation, version: e.version, params: e.params })
+        s.quietSince = s.now
+      }
+      break
+    case "ServerSeen":
+      if (newer(s.cache.get(e.shard), e.incarnation, e.version)) out.push({ _tag: "Pull", shard: e.shard })
+      break
+    case "ValReady":
+      s.ready = true
+      break
+    case "Tick":
+      s.now = e.now
+      if (s.now - s.quietSince >= QUIET_MS) {
+        s.quietSince = s.now
+        for (let k = 0; k < s.cfg.shards; k++) out.push({ _tag: "Pull", shard: k })
+      }
+      break
+  }
+  if (!s.ready || s.cache.size < s.cfg.shards) return out
+  const cached = [...s.cache.values()]
+  const v = cached[0].version
+  const key = cached.map((x) => `${x.incarnation}:${x.version}`).join("/")
+  if (!cached.every((x) => x.version === v) || key === s.lastKey || !(v % s.cfg.every === 0 || v >= s.cfg.steps)) return out
+  s.lastKey = key
+  const params = new Map<string, Float32Array>()
+  for (const x of cached) for (const [k, t] of x.params) params.set(k, t)
+  out.push({ _tag: "Evaluate", version: v, params })
+  if (v >= s.cfg.steps) {
+    s.done = true
+    out.push({ _tag: "Finish" })
+  }
+  return out
+}
