@@ -12,11 +12,14 @@
  * is recorded in the history (actors/controller/history.ts: JetStream on NATS, memory
  * embedded), broadcast as `ControlApplied` on `events.control` (the actors act on it:
  * shared/actor/control-listener.ts), and answered with `ControlAccepted`.
- * `status` is assembled from heartbeats, `ps.*.applied`, the scheduler's metrics and an
- * LR request for the next step; `history` lists the store.
+ * `status` is assembled from heartbeats, `ps.*.applied` (a shard's newest incarnation
+ * counts, so a restarted server's lower version shows), the scheduler's metrics and an LR
+ * request for the next step; `history` lists the store. Its recent commands go out again
+ * every REPLAY_MS (events are at most once; listeners apply each once, in order). One
+ * mailbox: subscriptions only enqueue, one fiber handles requests and observations in turn.
  * Does not own: applying commands (each actor does), the ctl command line (cli/ctl.ts).
  */
-import { Effect, Result, Scope } from "effect"
+import { Effect, Queue, Result, Scope } from "effect"
 import { Bus, type BusMessage } from "../../shared/bus/Bus.ts"
 import { trackMembership } from "../../shared/actor/membership.ts"
 import { makeReporter } from "../../shared/actor/report.ts"
@@ -136,55 +139,49 @@ export const runController = (o: ControllerOptions): Effect.Effect<ControllerHan
       if (recent.some((r) => r.seq === e.seq && (r.epoch ?? 0) === (e.epoch ?? 0))) return
       recent = [...recent, e].sort((a, b) => a.seq - b.seq).slice(-REPLAY_KEEP)
     }
-    yield* Effect.forkScoped(
-      Effect.forever(
-        Effect.sleep(REPLAY_MS).pipe(
-          Effect.andThen(Effect.suspend(() => {
-            const latest = recent.at(-1)?.seq ?? 0
-            return Effect.forEach(recent, (e) => bus.publish(s.controlApplied, encodeMessage({ ...e, replayed: true, latest })).pipe(Effect.ignore), { discard: true })
-          }))
-        )
-      )
-    )
+    const replay = Effect.suspend(() => {
+      const latest = recent.at(-1)?.seq ?? 0
+      return Effect.forEach(recent, (e) => bus.publish(s.controlApplied, encodeMessage({ ...e, replayed: true, latest })).pipe(Effect.ignore), { discard: true })
+    })
 
     // ---- what status reports: membership, applied versions, scheduler and evaluator metrics
     const membership = yield* trackMembership(s, job.train.livenessMs)
-    const shards = new Map<number, number>()
+    const shards = new Map<number, { incarnation: number; version: number }>()
     let lastLoss: number | null = null
     let lastLr: number | null = null
     let lastStep: number | null = null
     let lastValLoss: number | null = null
     let finished = false
-    yield* bus.subscribe(s.psAppliedAll, (m) => {
+    const onApplied = (m: BusMessage) => {
       const r = decodeBytes(StepApplied, m.subject, m.data)
-      if (Result.isSuccess(r)) {
-        const a = r.success
-        shards.set(a.shard, Math.max(a.version, shards.get(a.shard) ?? 0))
-        lastLoss = Number.isFinite(a.loss) ? a.loss : null
-        lastLr = a.lr
-        if (a.final) finished = true
+      if (Result.isFailure(r)) return
+      const a = r.success
+      const cur = shards.get(a.shard)
+      // a newer incarnation (a restart, a rollback) counts from its own version, lower or not
+      if (!cur || a.incarnation > cur.incarnation || (a.incarnation === cur.incarnation && a.version > cur.version)) {
+        shards.set(a.shard, { incarnation: a.incarnation, version: a.version })
       }
-      return Effect.void
-    })
-    yield* bus.subscribe(s.metricsAll, (m) => {
+      lastLoss = Number.isFinite(a.loss) ? a.loss : null
+      lastLr = a.lr
+      if (a.final) finished = true
+    }
+    const onMetrics = (m: BusMessage) => {
       const lr = decodeBytes(LrForStep, m.subject, m.data)
-      if (Result.isSuccess(lr)) lastStep = Math.max(lr.success.step, lastStep ?? 0)
+      if (Result.isSuccess(lr)) lastStep = lr.success.step
       const val = decodeBytes(ValidationLoss, m.subject, m.data)
       if (Result.isSuccess(val)) lastValLoss = Number.isFinite(val.success.loss) ? val.success.loss : null
-      return Effect.void
-    })
+    }
     // other controllers of this job (queue group members) keep our view current
-    yield* bus.subscribe(s.controlApplied, (m) => {
+    const onPeer = (m: BusMessage) => {
       const r = decodeBytes(ControlApplied, m.subject, m.data)
       if (Result.isSuccess(r) && r.success.by !== id && r.success.replayed !== true) {
         const next = validateCommand(view, r.success.command)
         if (Result.isSuccess(next)) Object.assign(view, next.success)
         remember(r.success)
       }
-      return Effect.void
-    })
+    }
 
-    const version = () => (shards.size < job.topology.psShards ? null : Math.min(...shards.values()))
+    const version = () => (shards.size < job.topology.psShards ? null : Math.min(...[...shards.values()].map((x) => x.version)))
 
     const status = (requestId: string) =>
       Effect.gen(function* () {
@@ -203,7 +200,7 @@ export const runController = (o: ControllerOptions): Effect.Effect<ControllerHan
           .map((m) => ({ role: m.role, id: m.id, host: m.host, pid: m.pid, heartbeatAgeMs: Math.max(0, now - m.lastSeen), state: m.state, info: m.info, restarts: m.restarts ?? 0 }))
         const reply: JobStatus = {
           _tag: "JobStatus", v: PROTOCOL_VERSION, job: job.job, requestId, by: id, at: now, actors,
-          version: v, shards: [...shards].sort(([a], [b]) => a - b).map(([shard, version]) => ({ shard, version })),
+          version: v, shards: [...shards].sort(([a], [b]) => a - b).map(([shard, x]) => ({ shard, version: x.version })),
           step: lastStep, lr: next, schedule: view.schedule.kind, lastLoss, lastValLoss,
           consistency: view.consistency, optimizer: { ...view.optimizer }, paused: view.paused, stopped: view.stopped, finished
         }
@@ -267,6 +264,26 @@ export const runController = (o: ControllerOptions): Effect.Effect<ControllerHan
       )
     })
 
-    yield* bus.subscribe(s.controlAll, serve, { queue: queues.control })
+    // ---- one mailbox: every subscription only enqueues; this one fiber owns the view and the figures
+    type Input = { readonly kind: "request" | "applied" | "metrics" | "peer"; readonly m: BusMessage } | { readonly kind: "replay" }
+    const inbox = yield* Queue.unbounded<Input>()
+    const enqueue = (kind: Input["kind"]) => (m: BusMessage) => Effect.sync(() => void Queue.offerUnsafe(inbox, { kind, m }))
+    yield* Effect.forkScoped(
+      Effect.forever(
+        Queue.take(inbox).pipe(
+          Effect.flatMap((i) =>
+            i.kind === "replay" ? replay
+            : i.kind === "request" ? serve(i.m)
+            : Effect.sync(() => (i.kind === "applied" ? onApplied(i.m) : i.kind === "metrics" ? onMetrics(i.m) : onPeer(i.m)))
+          ),
+          Effect.catchCause((c) => Effect.logError(`controller ${id}: a message failed`, c))
+        )
+      )
+    )
+    yield* Effect.forkScoped(Effect.forever(Effect.sleep(REPLAY_MS).pipe(Effect.andThen(Effect.sync(() => void Queue.offerUnsafe(inbox, { kind: "replay" }))))))
+    yield* bus.subscribe(s.psAppliedAll, enqueue("applied"))
+    yield* bus.subscribe(s.metricsAll, enqueue("metrics"))
+    yield* bus.subscribe(s.controlApplied, enqueue("peer"))
+    yield* bus.subscribe(s.controlAll, enqueue("request"), { queue: queues.control })
     return { history, view } satisfies ControllerHandle
   })
