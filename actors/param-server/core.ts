@@ -467,10 +467,8 @@ const control = (s: PsState, ev: ControlApplied, out: PsEffect[]) => {
   const c = ev.command as Record<string, unknown>
   switch (ev.verb) {
     case "pause":
-      s.paused = true
-      break
     case "resume":
-      s.paused = s.stopped
+      s.paused = ev.verb === "pause" || s.stopped
       break
     case "checkpoint":
       out.push({ _tag: "Checkpoint", why: `ctl checkpoint #${ev.seq}` })
