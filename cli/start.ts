@@ -108,6 +108,8 @@ export const report = (
     mkdirSync(dir, { recursive: true })
     const svg = writeLossCurveSvg(join(dir, "loss.svg"), { ...summary.curves, title: `${job.job}: loss and learning rate` })
     writeFileSync(join(dir, "summary.json"), JSON.stringify({ ...summary, curves: undefined }, null, 2))
+    // the data behind loss.svg: [version, value] pairs of train loss, validation loss and LR
+    writeFileSync(join(dir, "curves.json"), JSON.stringify(summary.curves))
     let sample = ""
     if (params && job.model.kind === "gpt" && (o.sample ?? 200) > 0) {
       const model = makeModel(job.model)
