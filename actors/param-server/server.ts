@@ -13,7 +13,7 @@
  * Run alone: `flotilla launch param-server --job FILE --shard K`.
  */
 import { Deferred, Effect, Option, Queue, Result, Scope, type Tracer } from "effect"
-import { Bus } from "../../shared/bus/Bus.ts"
+import { Bus, type BusMessage } from "../../shared/bus/Bus.ts"
 import { onControl } from "../../shared/actor/control-listener.ts"
 import { runHeartbeat, trackMembership } from "../../shared/actor/membership.ts"
 import { makeReporter } from "../../shared/actor/report.ts"
@@ -271,7 +271,7 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
       onError: (e, info) => reject({ code: "wire", reason: e.message, subject: info.subject }).pipe(Effect.asVoid)
     })
 
-    const request = <A>(schema: Parameters<typeof decodeBytes>[0], subject: string, toEvent: (m: import("../../shared/bus/Bus.ts").BusMessage, a: A) => PsEvent) =>
+    const request = <A>(schema: Parameters<typeof decodeBytes>[0], subject: string, toEvent: (m: BusMessage, a: A) => PsEvent) =>
       bus.subscribe(subject, (m) => {
         const r = decodeBytes(schema, m.subject, m.data)
         return Result.isFailure(r) ? reject({ code: "bad-message", reason: r.failure.reason, subject: m.subject }, m).pipe(Effect.asVoid) : offerTraced(toEvent(m, r.success as A))

@@ -14,7 +14,7 @@
  * `flotilla launch worker --job FILE --nats URL`.
  */
 import { Deferred, Effect, Queue, Result, Schedule, Scope } from "effect"
-import { Bus } from "../../shared/bus/Bus.ts"
+import { Bus, type BusShape } from "../../shared/bus/Bus.ts"
 import { onControl } from "../../shared/actor/control-listener.ts"
 import { failpoint, isArmed } from "../../shared/actor/failpoint.ts"
 import { runHeartbeat } from "../../shared/actor/membership.ts"
@@ -283,7 +283,7 @@ interface EvalContext {
   readonly pull: (k: number, minVersion: number) => Effect.Effect<void>
   readonly scope: Scope.Scope
   readonly metrics: Effect.Success<typeof currentMetrics>
-  readonly bus: import("../../shared/bus/Bus.ts").BusShape
+  readonly bus: BusShape
   readonly s: ReturnType<typeof subjects>
   readonly model: ReturnType<typeof makeModel>
 }
