@@ -82,6 +82,21 @@ export const up = (o: UpOptions) =>
       )
       url = server.url
       if (!o.json) process.stderr.write(`flotilla up: started nats-server at ${url}\n`)
+      // the server it started is supervised too: restarted on the same port (and JetStream
+      // store) if it dies; the actors reconnect by themselves. Ends with this command's scope.
+      yield* Effect.forkScoped(
+        Effect.forever(
+          Effect.sleep(1_000).pipe(
+            Effect.andThen(Effect.suspend(() => server.running()
+              ? Effect.void
+              : Effect.sync(() => process.stderr.write(`flotilla up: nats-server at ${server.url} exited; restarting it\n`)).pipe(
+                  Effect.andThen(Effect.tryPromise(() => server.restart())),
+                  Effect.catch((e) => Effect.sync(() => process.stderr.write(`flotilla up: restarting nats-server failed (${String(e)}); trying again\n`)))
+                )
+            ))
+          )
+        )
+      )
     }
     const quiet = process.env.FLOTILLA_LOG === undefined
     const specs = jobActors(job)
