@@ -84,7 +84,8 @@ options:
   --id ID            actor id (default <role>-<host>-<pid>)
   --shard K          param-server: which shard (default 0)
   --codec C          worker: gradient codec f32 | int8
-  --no-resume        param-server: ignore existing checkpoints
+  --no-resume        param-server: start fresh at version 0, removing this shard's earlier checkpoints
+                     (`up` passes it on the first start only, so a restart resumes)
   --min-workers N    param-server: the first step waits for N live workers
 `
 }
