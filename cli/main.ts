@@ -85,7 +85,7 @@ options:
   --shard K          param-server: which shard (default 0)
   --codec C          worker: gradient codec f32 | int8
   --no-resume        param-server: start fresh at version 0, removing this shard's earlier checkpoints
-                     (`up` passes it on the first start only, so a restart resumes)
+                     (up passes it on the first start only, so a restart resumes)
   --min-workers N    param-server: the first step waits for N live workers
 `
 }
