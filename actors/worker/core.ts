@@ -333,7 +333,7 @@ const next = (s: WorkerState, out: WorkerEffect[]) => {
     out.push({ _tag: "Compute", key, versions: versionsOf(s), micro })
     return
   }
-  if (!s.leasing && s.held.length < s.cfg.accumulate && s.now >= s.leaseAfter && s.cache.size >= 0) {
+  if (!s.leasing && s.held.length < s.cfg.accumulate && s.now >= s.leaseAfter) {
     s.leasing = true
     out.push({ _tag: "Lease" })
   }
