@@ -133,6 +133,26 @@ describe("parameter-server mailbox reducer", () => {
     expect(old.find((e) => e._tag === "Reject")).toMatchObject({ ackTo: "w0", rejection: { code: "stale", reason: expect.stringMatching(/incarnation 999.*restarted/) } })
   })
 
+  it("sync: a push that holds nothing here (refused, or a batch applied already) releases its sender from the barrier", () => {
+    const s = actor(0, 1)
+    for (const w of ["w0", "w1", "w2"]) step(s, { _tag: "MemberJoined", id: w })
+    step(s, grads("w0", "e0-b0", 1))
+    step(s, grads("w1", "e0-b1", 1))
+    step(s, { _tag: "LrResolved", version: 1, lr: 0.1 }) // not asked yet: w2 holds the barrier
+    expect(s.core.version).toBe(0)
+    // w2 computed on a batch another worker already got applied (a re-issued lease) → acknowledged "applied"
+    s.core.log.add({ epoch: 0, index: 7 })
+    const fx = step(s, grads("w2", "e0-b7", 1))
+    expect(published(fx, "PushAck")).toMatchObject([{ sender: "w2", status: "applied" }])
+    expect(fx.find((e) => e._tag === "RequestLr")).toEqual({ _tag: "RequestLr", version: 0 })
+    // and a NaN gradient does not stall it either
+    const t = actor(0, 1)
+    for (const w of ["w0", "w1"]) step(t, { _tag: "MemberJoined", id: w })
+    step(t, grads("w0", "e0-b0", 1))
+    const bad = grads("w1", "e0-b1", Number.NaN)
+    expect(tags(step(t, bad))).toEqual(expect.arrayContaining(["Reject", "RequestLr"]))
+  })
+
   it("sync, two shards: shard 0 decides only from gradients both hold, so a push missing on shard 1 never stalls it", () => {
     const [l, f] = [actor(0, 2), actor(1, 2)]
     for (const s of [l, f]) for (const w of ["w0", "w1"]) step(s, { _tag: "MemberJoined", id: w })

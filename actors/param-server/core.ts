@@ -156,10 +156,7 @@ const isLeader = (s: PsState) => s.cfg.shard === 0
 /** sync with several shards: the shards agree on every version through shard 0. */
 const coordinated = (s: PsState) => isSync(s) && s.cfg.shards > 1
 const key = (sender: string, batchId: string) => `${sender}|${batchId}`
-const keepRecent = <V>(m: Map<number, V>, n: number) => {
-  const ks = [...m.keys()].sort((a, b) => a - b)
-  for (const k of ks.slice(0, Math.max(0, ks.length - n))) m.delete(k)
-}
+const keepRecent = <V>(m: Map<number, V>, n: number) => [...m.keys()].sort((a, b) => a - b).slice(0, Math.max(0, m.size - n)).forEach((k) => m.delete(k))
 
 export const step = (s: PsState, e: PsEvent): PsEffect[] => {
   const out: PsEffect[] = []
@@ -181,6 +178,11 @@ export const step = (s: PsState, e: PsEvent): PsEffect[] => {
             if (s.core.heldCount === 1) s.waitingSince = s.now // the decision of the open version is awaited from now
             out.push(heldReport(s))
           }
+        }
+        // sync: a sender whose push holds nothing here (refused, or applied already) waits for
+        // the next version, so the barrier stops waiting for it (else every shard stalls)
+        if ((!a.ok || a.already === "applied") && isSync(s) && p.version === s.core.version && !s.core.heldList().some((h) => h.sender === p.sender)) {
+          s.barrier.delete(p.sender)
         }
       }
       break
@@ -303,7 +305,6 @@ const isChosen = (s: PsState, h: Held): boolean => {
   return d !== undefined && d.chosen.some((c) => c.sender === h.sender && c.batchId === h.batchId)
 }
 
-/** Who the open sync version still waits for (leader). */
 export const waitingFor = (s: PsState): string[] => [...s.barrier].filter((m) => !s.core.heldList().some((h) => h.sender === m)).sort()
 
 const heldReport = (s: PsState): PsEffect => ({ _tag: "Publish", subject: s.cfg.subjects.psHeld(s.cfg.shard), message: P.gradientsHeld(s) })
@@ -423,8 +424,7 @@ export const describeWait = (s: PsState): string => {
     (coordinated(s) ? `, decision ${s.decisions.has(s.core.version + 1) ? "known" : "not yet"}${isLeader(s) ? `, reports: ${reports || "none"}` : ""}` : "")
 }
 
-/** Nothing applied for this long (and not paused): say what the shard waits for. */
-const STALL_REPORT_MS = 10_000
+const STALL_REPORT_MS = 10_000 // nothing applied for this long (not paused): say what the shard waits for
 
 const tick = (s: PsState, out: PsEffect[]) => {
   if (!s.done && !s.paused && s.now - s.lastProgress >= STALL_REPORT_MS) {
@@ -454,7 +454,6 @@ const tick = (s: PsState, out: PsEffect[]) => {
   }
 }
 
-/** AwaitingNorms completes when the last share is in. */
 const completeNorms = (s: PsState, out: PsEffect[]) => {
   const ph = s.phase
   if (ph._tag !== "AwaitingNorms" || s.paused) return
