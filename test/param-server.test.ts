@@ -216,6 +216,30 @@ describe("parameter-server mailbox reducer", () => {
     expect(late.find((e) => e._tag === "Reject")).toMatchObject({ rejection: { code: "conflict" } })
   })
 
+  it("decides a version again when a peer shard restarts at the same version (its old process held part of it)", () => {
+    const [l, f] = [actor(0, 2, "sync", 1), actor(1, 2, "sync", 1)]
+    for (const s of [l, f]) step(s, { _tag: "MemberJoined", id: "w0" })
+    step(l, { _tag: "PeerSeen", shard: 1, incarnation: 1001, version: 0 })
+    step(l, grads("w0", "e0-b0", 1))
+    step(l, { _tag: "HeldReported", msg: published(step(f, grads("w0", "e0-b0", 1, 0, 1001)), "GradientsHeld")[0] })
+    step(l, { _tag: "LrResolved", version: 1, lr: 0.1 }) // decided; now waiting for shard 1's norm share
+    expect(l.phase._tag).toBe("AwaitingNorms")
+    // shard 1 dies and comes back at version 0 (its checkpoint): it never got that decision
+    const fx = step(l, { _tag: "PeerSeen", shard: 1, incarnation: 5000, version: 0 })
+    expect(tags(fx)).not.toContain("Rollback")
+    expect(l.phase._tag).toBe("Idle")
+    expect(l.decisions.has(1)).toBe(false)
+    // the worker saw the restart and pushes a new batch: it replaces the old one, and the
+    // version is decided from what both shards hold now
+    step(l, grads("w0", "e0-b1", 2))
+    expect(l.core.heldList().map((h) => h.batchId)).toEqual(["e0-b1"])
+    const f2 = actor(1, 2, "sync", 1)
+    f2.incarnation = 5000
+    step(f2, { _tag: "MemberJoined", id: "w0" })
+    const again = step(l, { _tag: "HeldReported", msg: published(step(f2, grads("w0", "e0-b1", 2, 0, 5000)), "GradientsHeld")[0] })
+    expect(again).toContainEqual({ _tag: "RequestLr", version: 0 })
+  })
+
   it("rolls back when a peer shard comes back at a lower version", () => {
     const f = actor(1, 2)
     f.core.version = 40

@@ -313,13 +313,22 @@ const peerSeen = (s: PsState, shard: number, incarnation: number, version: numbe
   if (shard === s.cfg.shard) return
   const known = s.peers.get(shard)
   s.peers.set(shard, { incarnation, version: Math.max(version, known?.incarnation === incarnation ? known.version : version) })
+  if (!known || incarnation <= known.incarnation || !coordinated(s) || s.rollingBack) return
   // A peer came back at a lower version: with sync shards, every shard must be at one
   // version, so this one rolls back to its own checkpoint at or below the peer's.
-  if (known && known.incarnation !== incarnation && incarnation > known.incarnation && coordinated(s) && version < s.core.version && !s.rollingBack) {
+  if (version < s.core.version) {
     s.rollingBack = true
     s.phase = { _tag: "Idle" }
     out.push({ _tag: "Rollback", atMost: version, why: `shard ${shard} restarted at version ${version}` })
+    return
   }
+  // ...at this shard's version: what was under way for the next one involved the peer's
+  // old process (its held gradients, its norm share): decide that version again
+  for (const v of [...s.decisions.keys()]) if (v > s.core.version) s.decisions.delete(v)
+  s.heldBy.delete(shard)
+  s.norms.clear()
+  if (s.phase._tag !== "Idle") s.phase = { _tag: "Idle" }
+  out.push({ _tag: "Log", level: "info", message: `shard ${shard} restarted at version ${version}, this shard's version: version ${version + 1} is decided again` })
 }
 
 /** The gradients a coordinated version may use: held here and, per the followers' reports, everywhere. */
@@ -416,20 +425,12 @@ const finishApply = (s: PsState, pushes: readonly Held[], lr: number, globalSumS
   else if (s.cfg.checkpointEvery > 0 && step.version % s.cfg.checkpointEvery === 0) out.push({ _tag: "Checkpoint", why: `every ${s.cfg.checkpointEvery}` })
 }
 
-/** What an update waits for, in words (logged when nothing moved for a while). */
-export const describeWait = (s: PsState): string => {
-  const held = s.core.heldList().map((h) => `${h.sender}:${h.batchId}@v${h.version}`).join(" ") || "none"
-  const reports = [...s.heldBy.values()].map((r) => `shard ${r.shard} v${r.version} holds [${r.held.map((x) => `${x.sender}:${x.batchId}`).join(" ")}]`).join("; ")
-  return `version ${s.core.version}, phase ${s.phase._tag}${s.paused ? " (paused)" : ""}, held ${held}, barrier [${[...s.barrier].sort()}], members [${[...s.members].sort()}]` +
-    (coordinated(s) ? `, decision ${s.decisions.has(s.core.version + 1) ? "known" : "not yet"}${isLeader(s) ? `, reports: ${reports || "none"}` : ""}` : "")
-}
-
 const STALL_REPORT_MS = 10_000 // nothing applied for this long (not paused): say what the shard waits for
 
 const tick = (s: PsState, out: PsEffect[]) => {
   if (!s.done && !s.paused && s.now - s.lastProgress >= STALL_REPORT_MS) {
     s.lastProgress = s.now
-    out.push({ _tag: "Log", level: "warn", message: `no update for ${STALL_REPORT_MS / 1000} s: ${describeWait(s)}` })
+    out.push({ _tag: "Log", level: "warn", message: `no update for ${STALL_REPORT_MS / 1000} s: ${P.describeWait(s)}` })
   }
   const ph = s.phase
   if (ph._tag === "AwaitingNorms") {

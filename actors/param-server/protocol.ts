@@ -72,6 +72,14 @@ export const paramsMeta = (b: TensorBundle): Result.Result<ParamsMeta, string> =
   return Result.isFailure(r) ? Result.fail(r.failure.reason) : Result.succeed(r.success)
 }
 
+/** What an update waits for, in words (logged when nothing moved for a while). */
+export const describeWait = (s: PsState): string => {
+  const held = s.core.heldList().map((h) => `${h.sender}:${h.batchId}@v${h.version}`).join(" ") || "none"
+  const reports = [...s.heldBy.values()].map((r) => `shard ${r.shard} v${r.version} holds [${r.held.map((x) => `${x.sender}:${x.batchId}`).join(" ")}]`).join("; ")
+  return `version ${s.core.version}, phase ${s.phase._tag}${s.paused ? " (paused)" : ""}, held ${held}, barrier [${[...s.barrier].sort()}], members [${[...s.members].sort()}]` +
+    (s.core.consistency.mode === "sync" && s.cfg.shards > 1 ? `, decision ${s.decisions.has(s.core.version + 1) ? "known" : "not yet"}${s.cfg.shard === 0 ? `, reports: ${reports || "none"}` : ""}` : "")
+}
+
 export interface PulledParams {
   readonly shard: number
   readonly incarnation: number
