@@ -240,6 +240,17 @@ describe("parameter-server mailbox reducer", () => {
     expect(again).toContainEqual({ _tag: "RequestLr", version: 0 })
   })
 
+  it("a shard that resumed ahead of a peer (its checkpoint is newer than the peer's version) rolls back to it", () => {
+    const core = fresh()
+    core.version = 20
+    const r = initialState(cfg(1, 2), core, { incarnation: 9000, now: 0 }) // resumed at 20
+    expect(tags(step(r, { _tag: "PeerSeen", shard: 0, incarnation: 1000, version: 19 }))).toContain("Rollback")
+    const ahead = initialState(cfg(1, 2), fresh(), { incarnation: 9000, now: 0 })
+    ahead.core.version = 20
+    ahead.started = true // running, not just resumed: a peer behind it is one the next version waits for
+    expect(tags(step(ahead, { _tag: "PeerSeen", shard: 0, incarnation: 1000, version: 19 }))).not.toContain("Rollback")
+  })
+
   it("rolls back when a peer shard comes back at a lower version", () => {
     const f = actor(1, 2)
     f.core.version = 40

@@ -17,13 +17,11 @@
  *    go out as `StepDecided` (a follower that misses it asks `ps.0.decision`); with clipping
  *    each shard shares its squared norm of the aggregate (`NormShare`, re-sent while
  *    waiting) and all clip by the global norm;
- *  - bounded / async: each held gradient is applied on its own, in arrival order, clipped by
- *    the sender's whole-gradient norm;
- *  - a server that restarts takes a new incarnation (its start time); with several sync
- *    shards, a peer that sees another shard come back at a lower version rolls back to its
- *    own checkpoint at or below it, so every shard is at one version again.
- * The state is mutated in place (params are megabytes): `step` is pure in the sense that
- * matters — no I/O, no clocks (time arrives in events), no randomness.
+ *  - bounded / async: each held gradient is applied on its own, in arrival order (with one
+ *    step of delay compensation, aggregate.ts), clipped by the sender's whole-gradient norm;
+ *  - a restart is a new incarnation (its start time); sync shards roll back to one version.
+ * State is mutated in place (params are megabytes); `step` is pure where it matters: no
+ * I/O, no clocks (time arrives in events), no randomness.
  */
 import type { BusMessage } from "../../shared/bus/Bus.ts"
 import type { Consistency } from "../../shared/config/job.ts"
@@ -313,22 +311,26 @@ const peerSeen = (s: PsState, shard: number, incarnation: number, version: numbe
   if (shard === s.cfg.shard) return
   const known = s.peers.get(shard)
   s.peers.set(shard, { incarnation, version: Math.max(version, known?.incarnation === incarnation ? known.version : version) })
-  if (!known || incarnation <= known.incarnation || !coordinated(s) || s.rollingBack) return
-  // A peer came back at a lower version: with sync shards, every shard must be at one
-  // version, so this one rolls back to its own checkpoint at or below the peer's.
-  if (version < s.core.version) {
+  if (!coordinated(s) || s.rollingBack) return
+  const restarted = known !== undefined && incarnation > known.incarnation
+  // Sync shards must be at one version: a peer back below this shard's version, or behind
+  // the checkpoint this shard just resumed from, makes it roll back to its checkpoint ≤ it.
+  if ((restarted || (s.resumedAt !== undefined && !s.started)) && version < s.core.version) {
     s.rollingBack = true
     s.phase = { _tag: "Idle" }
-    out.push({ _tag: "Rollback", atMost: version, why: `shard ${shard} restarted at version ${version}` })
+    out.push({ _tag: "Rollback", atMost: version, why: `shard ${shard} is at version ${version}${restarted ? " after a restart" : ""}` })
     return
   }
-  // ...at this shard's version: what was under way for the next one involved the peer's
-  // old process (its held gradients, its norm share): decide that version again
-  for (const v of [...s.decisions.keys()]) if (v > s.core.version) s.decisions.delete(v)
+  if (!restarted) return
+  // A peer back at (or past) this shard's version: what was under way beyond it involved
+  // its old process (held gradients, a norm share): decide that again
+  for (const v of [...s.decisions.keys()]) if (v > version) s.decisions.delete(v)
   s.heldBy.delete(shard)
-  s.norms.clear()
-  if (s.phase._tag !== "Idle") s.phase = { _tag: "Idle" }
-  out.push({ _tag: "Log", level: "info", message: `shard ${shard} restarted at version ${version}, this shard's version: version ${version + 1} is decided again` })
+  if (s.phase._tag !== "Idle" && s.phase.version > version) {
+    s.phase = { _tag: "Idle" }
+    s.norms.clear()
+  }
+  out.push({ _tag: "Log", level: "info", message: `shard ${shard} restarted at version ${version}: what comes after it is decided again` })
 }
 
 /** The gradients a coordinated version may use: held here and, per the followers' reports, everywhere. */
