@@ -48,6 +48,15 @@ describe("worker reducer", () => {
     expect(tags(run(s, params(1, 1)))).toContain("Compute")
   })
 
+  it("sync: a push whose batch every shard had applied already (a re-issued copy) lets it compute again on the same params", () => {
+    const s = computing()
+    computed(s)
+    run(s, { _tag: "LeaseReplied", batch: batch("e0-b1") })
+    run(s, ack(0, "e0-b0", "applied"))
+    const fx = run(s, ack(1, "e0-b0", "applied"))
+    expect(fx.find((e) => e._tag === "Compute")).toMatchObject({ micro: [{ meta: { batchId: "e0-b1" } }] })
+  })
+
   it("a refusal after the ack still hands the batch back", () => {
     const s = computing()
     computed(s)

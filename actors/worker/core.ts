@@ -149,6 +149,10 @@ const pushDone = (s: WorkerState, f: InFlight) => (s.consistency === "sync" ? f.
 const settle = (s: WorkerState, f: InFlight) => {
   if (s.inflight === f) s.inflight = undefined
   s.recent = [f, ...s.recent.filter((x) => x !== f)].slice(0, 2)
+  // sync: every shard had its batch applied already (a re-issued copy) and the params did not
+  // move: the push added nothing, so the worker may compute again on these params (else it
+  // would wait for a version that, with every worker in this state, never comes)
+  if (s.consistency === "sync" && f.applied.size >= s.cfg.shards && cacheKey(s) === f.key && s.lastKey === f.key) s.lastKey = undefined
 }
 
 /** Params good to compute on now (not the ones already used). */
