@@ -10,9 +10,6 @@
 //   node bench/soak.ts [--minutes 10] [--every 4] [--seed 1]
 // Owns nothing but the soak.
 import { parseArgs } from "node:util"
-import { mkdtempSync, writeFileSync } from "node:fs"
-import { tmpdir } from "node:os"
-import { join } from "node:path"
 import { Effect } from "effect"
 import { ParamServerClient } from "../actors/param-server/protocol.ts"
 import { Bus } from "../shared/bus/Bus.ts"
@@ -20,7 +17,7 @@ import { startLocalNatsServer } from "../shared/bus/local-server.ts"
 import { NatsBus } from "../shared/bus/nats.ts"
 import { subjects } from "../shared/protocol/subjects.ts"
 import { makeCluster, observe } from "../test/support/cluster.ts"
-import { drillCorpus, seeded, survivingChain } from "../test/support/faults.ts"
+import { drillPatch, seeded, survivingChain } from "../test/support/faults.ts"
 
 const { values: v } = parseArgs({ options: { minutes: { type: "string" }, every: { type: "string" }, seed: { type: "string" } } })
 const minutes = Number(v.minutes ?? 10)
@@ -29,20 +26,7 @@ const rnd = seeded(Number(v.seed ?? 1))
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms))
 
 const server = await startLocalNatsServer({ port: 0 })
-const dir = mkdtempSync(join(tmpdir(), "flotilla-soak-"))
-writeFileSync(join(dir, "corpus.txt"), drillCorpus())
-const cluster = makeCluster(server.url, (d) => {
-  const corpus = join(d, "corpus.txt")
-  writeFileSync(corpus, drillCorpus())
-  return {
-    job: "soak",
-    model: { kind: "gpt", vocabSize: 256, contextLength: 16, layers: 1, heads: 2, width: 16 },
-    data: { corpus, batchSize: 4, valFraction: 0, valBatches: 1 },
-    train: { steps: 1_000_000, evalEvery: 0, checkpointEvery: 10, heartbeatMs: 200, livenessMs: 2_000, leaseTimeoutMs: 5_000 },
-    schedule: { kind: "constant", lr: 1e-3 },
-    topology: { workers: 3, psShards: 2 }
-  }
-})
+const cluster = makeCluster(server.url, drillPatch({ job: "soak", workers: 3, psShards: 2, steps: 1_000_000, checkpointEvery: 10 }))
 const obs = await observe(server.url, cluster.job)
 cluster.spawnServices()
 const workers = ["w0", "w1", "w2"]

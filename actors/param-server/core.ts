@@ -149,8 +149,7 @@ export const initialState = (cfg: PsConfig, core: ShardState, o: { incarnation: 
   rollingBack: false
 })
 
-const isSync = (s: PsState) => s.core.consistency.mode === "sync"
-const isLeader = (s: PsState) => s.cfg.shard === 0
+const isSync = (s: PsState) => s.core.consistency.mode === "sync", isLeader = (s: PsState) => s.cfg.shard === 0
 /** sync with several shards: the shards agree on every version through shard 0. */
 const coordinated = (s: PsState) => isSync(s) && s.cfg.shards > 1
 const key = (sender: string, batchId: string) => `${sender}|${batchId}`

@@ -117,6 +117,10 @@ export const initialWorker = (cfg: WorkerConfig, consistency: WorkerState["consi
   computing: false, recent: [], waitingSince: now, pulling: new Set(), finished: false, now, lastReport: now, stats: { steps: 0, stale: 0, resent: 0, pulls: 0 }
 })
 
+/** The params acceptance rule: a newer version of one incarnation, or any version of a newer incarnation. */
+export const isNewer = (cur: { readonly incarnation: number; readonly version: number } | undefined, incarnation: number, version: number) =>
+  !cur || incarnation > cur.incarnation || (incarnation === cur.incarnation && version > cur.version)
+
 /** The identity of the cached params: every shard's incarnation and version. */
 export const cacheKey = (s: WorkerState): string | undefined => {
   if (s.cache.size < s.cfg.shards) return undefined
@@ -188,8 +192,7 @@ export const step = (s: WorkerState, e: WorkerEvent): WorkerEffect[] => {
     case "ParamsReceived": {
       s.pulling.delete(e.shard)
       const cur = s.cache.get(e.shard)
-      const newer = !cur || e.incarnation > cur.incarnation || (e.incarnation === cur.incarnation && e.version > cur.version)
-      if (!newer) break
+      if (!isNewer(cur, e.incarnation, e.version)) break
       const restarted = cur !== undefined && e.incarnation > cur.incarnation
       s.cache.set(e.shard, { incarnation: e.incarnation, version: e.version, params: e.params })
       if (restarted) {
@@ -219,7 +222,7 @@ export const step = (s: WorkerState, e: WorkerEvent): WorkerEffect[] => {
       break
     case "ServerSeen": {
       const c = s.cache.get(e.shard)
-      if ((!c || e.incarnation > c.incarnation || (e.incarnation === c.incarnation && e.version > c.version)) && !s.pulling.has(e.shard)) {
+      if (isNewer(c, e.incarnation, e.version) && !s.pulling.has(e.shard)) {
         s.pulling.add(e.shard)
         s.stats.pulls++
         out.push({ _tag: "Pull", shard: e.shard, minVersion: c ? c.version + 1 : 0 })

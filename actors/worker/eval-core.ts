@@ -9,7 +9,7 @@
  * makes it pull. The shell (worker.ts) leases the validation batches, computes the losses
  * and publishes them. No I/O, no clocks.
  */
-import type { CachedShard } from "./core.ts"
+import { isNewer, type CachedShard } from "./core.ts"
 
 export interface EvalConfig {
   readonly shards: number
@@ -48,21 +48,18 @@ export type EvalEffect =
 
 export const initialEval = (cfg: EvalConfig, now: number): EvalState => ({ cfg, cache: new Map(), ready: false, lastKey: "", quietSince: now, now, done: false })
 
-const newer = (cur: { incarnation: number; version: number } | undefined, inc: number, ver: number) =>
-  !cur || inc > cur.incarnation || (inc === cur.incarnation && ver > cur.version)
-
 export const evalStep = (s: EvalState, e: EvalEvent): EvalEffect[] => {
   const out: EvalEffect[] = []
   if (s.done) return out
   switch (e._tag) {
     case "ParamsReceived":
-      if (newer(s.cache.get(e.shard), e.incarnation, e.version)) {
+      if (isNewer(s.cache.get(e.shard), e.incarnation, e.version)) {
         s.cache.set(e.shard, { incarnation: e.incarnation, version: e.version, params: e.params })
         s.quietSince = s.now
       }
       break
     case "ServerSeen":
-      if (newer(s.cache.get(e.shard), e.incarnation, e.version)) out.push({ _tag: "Pull", shard: e.shard })
+      if (isNewer(s.cache.get(e.shard), e.incarnation, e.version)) out.push({ _tag: "Pull", shard: e.shard })
       break
     case "ValReady":
       s.ready = true
