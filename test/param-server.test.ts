@@ -251,6 +251,25 @@ describe("parameter-server mailbox reducer", () => {
     expect(tags(step(ahead, { _tag: "PeerSeen", shard: 0, incarnation: 1000, version: 19 }))).not.toContain("Rollback")
   })
 
+  it("a resumed follower that applied a decision is running: a leader heartbeat one version behind does not roll it back", () => {
+    // (CI: shard 1 resumed, then followed shard 0 to the end; the leader's heartbeat from
+    // before its own last apply rolled shard 1 back, and shard 0 after it, below the last step)
+    const [l, f] = [actor(0, 2), actor(1, 2)]
+    l.core.version = 20
+    f.core.version = 20
+    f.resumedAt = 0
+    for (const s of [l, f]) step(s, { _tag: "MemberJoined", id: "w0" })
+    step(l, { _tag: "PeerSeen", shard: 1, incarnation: 1001, version: 20 })
+    step(f, { _tag: "PeerSeen", shard: 0, incarnation: 1000, version: 20 })
+    step(l, grads("w0", "e0-b0", 1, 20))
+    step(l, { _tag: "HeldReported", msg: published(step(f, grads("w0", "e0-b0", 1, 20, 1001)), "GradientsHeld")[0] })
+    const decided = published(step(l, { _tag: "LrResolved", version: 21, lr: 0.1 }), "StepDecided")
+    expect(tags(step(f, { _tag: "Decided", msg: decided[0] }))).toContain("Applied")
+    expect(f.core.version).toBe(21)
+    expect(tags(step(f, { _tag: "PeerSeen", shard: 0, incarnation: 1000, version: 20 }))).not.toContain("Rollback")
+    expect(f.rollingBack).toBe(false)
+  })
+
   it("rolls back when a peer shard comes back at a lower version", () => {
     const f = actor(1, 2)
     f.core.version = 40

@@ -370,6 +370,9 @@ const progress = (s: PsState, out: PsEffect[]) => {
     if (d) {
       const pushes = d.chosen.map((c) => s.core.heldList().find((h) => h.sender === c.sender && h.batchId === c.batchId))
       if (pushes.every((p) => p !== undefined)) {
+        // a follower is running once it applies a decision: from here a leader heartbeat a
+        // version behind is one in flight, not a reason to roll back
+        s.started = true
         applyOrShare(s, d.version, pushes as Held[], d.lr, out)
         return
       }

@@ -199,6 +199,12 @@ export const makeCluster = (
           clearTimeout(t)
         })
       )
+      // FLOTILLA_DRILL_LOGS=<dir>: keep every actor's whole log there (for a drill that failed in CI)
+      const keep = process.env["FLOTILLA_DRILL_LOGS"]
+      if (keep) {
+        mkdirSync(keep, { recursive: true })
+        for (const [i, a] of actors.entries()) writeFileSync(join(keep, `${job.job}.${i}.${a.id}.log`), a.lines.join("\n") + "\n")
+      }
       rmSync(dir, { recursive: true, force: true })
     },
     logs: (n = 25) => actors.map((a) => `--- ${a.id} (${a.running() ? "running" : `exited ${a.proc.exitCode ?? a.proc.signalCode}`})\n  ${a.lines.slice(-n).join("\n  ")}`).join("\n")
