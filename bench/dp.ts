@@ -18,7 +18,6 @@
 import os from "node:os"
 import { parseArgs } from "node:util"
 import { makePlanForJob } from "../actors/loader/loader.ts"
-import { trainBatch } from "../actors/loader/plan.ts"
 import { startLocalNatsServer } from "../shared/bus/local-server.ts"
 import { initBackend } from "../shared/compute/backend.ts"
 import { resolveJob, type JobConfig } from "../shared/config/job.ts"
@@ -103,8 +102,8 @@ const inProcess = async (job: JobConfig): Promise<Row> => {
   const ends: number[] = [performance.now()]
   const tokens: number[] = [0]
   for (let step = 0; step < WARMUP + STEPS + 1; step++) {
-    const batch = trainBatch(plan, 0, step % plan.batchesPerEpoch)
-    const { grads } = lossAndGrads(def, params, { tokens: batch, batchSize: B, seqLen: T })
+    const batch = plan.trainBatch(0, step % plan.batchesPerEpoch)
+    const { grads } = lossAndGrads(def, params, batch)
     if (job.train.clipNorm > 0) clipByGlobalNorm(grads.values(), job.train.clipNorm)
     const lr = lrAt(sched.success, step)
     for (const s of def.specs) optimizer.update(params.get(s.name)!, grads.get(s.name)!, slots.get(s.name)!, lr, step + 1)

@@ -1,6 +1,8 @@
 // Benchmarks one training step (forward + backward, gradients read back) of the model
 // zoo on the wasm backend: gpt-mini with tfjs' stock matMul gradients against
-// matMul2d/batchMatMul's plain-matMul gradients, and the LSTM classifier.
+// matMul2d/batchMatMul's plain-matMul gradients, and the seed's LSTM classifier (fused
+// recurrence as trained, and the plain-op one it replaced) side by side with PyTorch 1.13
+// on the same shape (bench/torch.ts; skipped with a reason without python3-torch).
 // Owns: nothing but measurement. Run: node bench/model.ts [--steps N]   (~1-3 min)
 // Numbers are medians; shared 2-core machines vary by up to ~1.8x between runs
 // (PERF-NOTES.md has the reference numbers: ~290 tok/s stock, ~1,100 with the fixes).
@@ -9,12 +11,12 @@ import os from "node:os"
 import { initBackend } from "../shared/compute/backend.ts"
 import { setPlainMatMulGradients } from "../shared/compute/ops.ts"
 import { gptMini, makeGpt } from "../shared/models/gpt.ts"
-import type { GptBatch } from "../shared/models/gpt.ts"
 import { lstmClassifierDefaults, makeLstmClassifier } from "../shared/models/lstm-classifier.ts"
-import type { LstmBatch } from "../shared/models/lstm-classifier.ts"
-import type { ModelDef } from "../shared/models/model.ts"
+import type { Batch, ModelDef } from "../shared/models/model.ts"
+import { batchOf } from "../shared/models/model.ts"
 import { countParams, lossAndGrads } from "../shared/models/model.ts"
 import { Rng } from "../shared/models/rng.ts"
+import { torchLstmRows } from "./torch.ts"
 
 const argSteps = process.argv.indexOf("--steps")
 const STEPS = argSteps > 0 ? Number(process.argv[argSteps + 1]) : 3
@@ -35,7 +37,7 @@ interface Row {
 }
 
 /** One warm-up step (reported: the first step pays one-off costs), then `steps` timed. */
-const time = <B>(run: string, def: ModelDef<B>, batch: B, items: number, unit: string, steps: number): Row => {
+const time = (run: string, def: ModelDef, batch: Batch, items: number, unit: string, steps: number): Row => {
   const params = def.init(0)
   const t0 = performance.now()
   lossAndGrads(def, params, batch)
@@ -69,26 +71,21 @@ const main = async () => {
   const gpt = makeGpt(gptMini)
   console.log(`gpt-mini ${JSON.stringify(gpt.config)}, ${countParams(gpt).toLocaleString()} params, B=${B} T=${T}`)
   const rng = new Rng(1)
-  const gptBatch: GptBatch = {
-    tokens: Int32Array.from({ length: B * (T + 1) }, () => rng.int(gptMini.vocabSize)),
-    batchSize: B,
-    seqLen: T
-  }
+  const gptBatch = batchOf(B, { tokens: Int32Array.from({ length: B * (T + 1) }, () => rng.int(gptMini.vocabSize)) })
 
   const lstm = makeLstmClassifier(lstmClassifierDefaults)
   const L = 100
   console.log(`lstm-classifier ${JSON.stringify(lstm.config)}, ${countParams(lstm).toLocaleString()} params, B=${B} L=${L}`)
-  const lstmBatch: LstmBatch = {
-    x: Int32Array.from({ length: B * L }, (_, i) => (i % L < 20 ? 0 : 1 + rng.int(lstm.config.vocabSize - 1))),
-    y: Float32Array.from({ length: B }, (_, i) => i % 2),
-    B,
-    L
-  }
+  const lstmBatch = batchOf(B, {
+    tokens: Int32Array.from({ length: B * L }, (_, i) => (i % L < 20 ? 0 : 1 + rng.int(lstm.config.vocabSize - 1))),
+    labels: Float32Array.from({ length: B }, (_, i) => i % 2)
+  })
 
   const rows: Row[] = []
   setPlainMatMulGradients(true)
   rows.push(time("gpt-mini, matMul2d gradients", gpt, gptBatch, B * T, "tok/s", STEPS))
-  rows.push(time("lstm-classifier, matMul2d gradients", lstm, lstmBatch, B, "samples/s", STEPS))
+  rows.push(time("lstm-classifier (fused recurrence)", lstm, lstmBatch, B, "samples/s", STEPS))
+  rows.push(time("lstm-classifier (plain-op recurrence)", makeLstmClassifier({ ...lstmClassifierDefaults, recurrence: "ops" }), lstmBatch, B, "samples/s", STEPS))
   setPlainMatMulGradients(false)
   rows.push(time("gpt-mini, stock matMul gradients", gpt, gptBatch, B * T, "tok/s", Math.max(1, STEPS - 1)))
   setPlainMatMulGradients(true)
@@ -107,6 +104,19 @@ const main = async () => {
   )
   console.log("throughput = items / median wall time; per CPU-second = items / median process CPU time")
   console.log("(wasm runs one thread, so on a quiet machine the two agree; the first step pays heap growth)")
+
+  // the seed model side by side with PyTorch on the same shape (tools/refs/lstm_bench.py)
+  const torch = torchLstmRows(Math.max(5, STEPS))
+  const lstmRows = rows.filter((r) => r.run.startsWith("lstm")).map((r) => ({ run: `tfjs wasm, ${r.run}`, msPerStep: r.medianMs, samplesPerSec: (B / r.medianMs) * 1000 }))
+  const all = [...lstmRows, ...torch.rows]
+  const ref = torch.rows.find((r) => r.run.includes("1 thread"))
+  const wl = Math.max(...all.map((r) => r.run.length))
+  console.log(`
+seed classifier, B=${B} L=${L}, one training step (forward + backward, gradients read back):`)
+  console.log(`| ${"run".padEnd(wl)} | ms/step | samples/s | vs torch 1 thread |`)
+  console.log(`| ${"-".repeat(wl)} | ---: | ---: | ---: |`)
+  for (const r of all) console.log(`| ${r.run.padEnd(wl)} | ${r.msPerStep.toFixed(1)} | ${r.samplesPerSec.toFixed(0)} | ${ref ? `${(r.samplesPerSec / ref.samplesPerSec).toFixed(2)}x` : "n/a"} |`)
+  if (torch.skipped !== undefined) console.log(torch.skipped)
 }
 
 await main()

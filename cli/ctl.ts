@@ -163,6 +163,10 @@ export const formatStatus = (st: JobStatus): string => {
     `step         ${st.step ?? "-"}`,
     `lr           ${num(st.lr)}  (${st.schedule} schedule; next step)`,
     `loss         train ${num(st.lastLoss)}  validation ${num(st.lastValLoss)}`,
+    ...(st.valMetrics && st.valMetrics["accuracy"] !== undefined
+      ? [`validation   ${["accuracy", "precision", "recall", "f1"].map((k) => `${k} ${num(st.valMetrics![k] ?? null)}`).join("  ")}`]
+      : []),
+    ...(st.epoch && (st.epoch.of > 0 || st.epoch.done > 0) ? [`epoch        ${st.epoch.done}${st.epoch.of > 0 ? ` of ${st.epoch.of}` : ""} complete`] : []),
     `consistency  ${c.mode}${c.mode === "bounded" ? ` (staleness ${c.staleness})` : ""}`,
     `optimizer    ${opt}`,
     `state        ${st.stopped ? "stopped" : st.finished ? "finished" : st.paused ? "paused" : "running"}`

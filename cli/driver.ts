@@ -22,6 +22,12 @@ export interface RunSummary {
   readonly finalTrainLoss: number
   readonly firstValLoss: number | null
   readonly finalValLoss: number | null
+  /** the final validation accuracy (classifiers), else null. */
+  readonly valAccuracy: number | null
+  /** every metric of the final evaluation (loss, perplexity; or loss, accuracy, precision, recall, f1). */
+  readonly valMetrics: Readonly<Record<string, number>> | null
+  /** complete epochs at the end (a job bounded by epochs). */
+  readonly epochs: number
   readonly tokensPerSec: number
   readonly tokens: number
   readonly seconds: number
@@ -30,6 +36,8 @@ export interface RunSummary {
     readonly train: Array<[number, number]>
     readonly val: Array<[number, number]>
     readonly lr: Array<[number, number]>
+    /** validation accuracy per evaluation (classifiers; empty otherwise). */
+    readonly valAccuracy: Array<[number, number]>
   }
 }
 
@@ -46,8 +54,13 @@ export const observeJob = (
   Effect.gen(function* () {
     const bus = yield* Bus
     const s = subjects(job.job)
-    const total = job.train.steps
-    const progress = opts.progress === false ? undefined : makeProgress({ total, label: job.job })
+    const epochsCap = job.train.epochs
+    const progress = opts.progress === false ? undefined : makeProgress({ total: job.train.steps, label: job.job })
+    const unit = job.model.kind === "gpt" ? "tok" : "samples"
+    const valAcc: Array<[number, number]> = []
+    let valMetrics: Record<string, number> | null = null
+    let epochsDone = 0
+    let batchesSeen = 0
     const train: Array<[number, number]> = []
     const val: Array<[number, number]> = []
     const lr: Array<[number, number]> = []
@@ -57,7 +70,7 @@ export const observeJob = (
     let tLast = 0
     let finalVersion: number | undefined
     const done = yield* Deferred.make<RunSummary>()
-    const expectVal = (opts.expectValidation ?? true) && job.train.evalEvery > 0 && job.data.valBatches > 0 && job.data.valFraction > 0
+    const expectVal = (opts.expectValidation ?? true) && job.train.evalEvery !== 0 && job.data.valBatches > 0 && job.data.valFraction > 0
 
     const summary = (): RunSummary => {
       const secs = t0 === undefined ? 0 : (tLast - t0) / 1000
@@ -68,11 +81,14 @@ export const observeJob = (
         finalTrainLoss: train[train.length - 1]?.[1] ?? Number.NaN,
         firstValLoss: val[0]?.[1] ?? null,
         finalValLoss: val[val.length - 1]?.[1] ?? null,
+        valAccuracy: valAcc[valAcc.length - 1]?.[1] ?? null,
+        valMetrics,
+        epochs: epochsDone,
         tokensPerSec: secs > 0 ? tokens / secs : 0,
         tokens,
         seconds: secs,
         bytesOnWire: bytes,
-        curves: { train, val, lr }
+        curves: { train, val, lr, valAccuracy: valAcc }
       }
     }
     const maybeDone = Effect.suspend(() => {
@@ -99,7 +115,17 @@ export const observeJob = (
         train.push([a.version, a.loss])
         lr.push([a.version - 1, a.lr])
         const secs = (tLast - t0) / 1000
-        progress?.update({ step: a.version, loss: a.loss, valLoss: val[val.length - 1]?.[1], tokensPerSec: secs > 0 ? tokens / secs : 0, lr: a.lr })
+        epochsDone = a.epochsDone ?? epochsDone
+        batchesSeen += a.batchIds.reduce((n, id) => n + id.split("+").length, 0)
+        // a job bounded by epochs: its total is epochs × batches per epoch / batches per version
+        const perVersion = batchesSeen / Math.max(1, train.length)
+        const estimate = epochsCap > 0 && a.epochBatches ? Math.ceil((epochsCap * a.epochBatches) / perVersion) : undefined
+        progress?.update({
+          step: a.version, loss: a.loss, valLoss: val[val.length - 1]?.[1], valAccuracy: valAcc[valAcc.length - 1]?.[1],
+          tokensPerSec: secs > 0 ? tokens / secs : 0, lr: a.lr, unit,
+          total: estimate === undefined ? undefined : Math.min(job.train.steps, Math.max(estimate, a.version)),
+          epoch: epochsCap > 0 ? { done: epochsDone, of: epochsCap } : undefined
+        })
         if (a.final) finalVersion = a.version
         yield* maybeDone
       })
@@ -108,7 +134,14 @@ export const observeJob = (
       Effect.gen(function* () {
         const r = decodeBytes(ValidationLoss, m.subject, m.data)
         if (Result.isFailure(r)) return
+        while (val.length > 0 && val[val.length - 1][0] >= r.success.version) val.pop()
         val.push([r.success.version, r.success.loss])
+        const acc = r.success.metrics?.["accuracy"]
+        if (acc !== undefined) {
+          while (valAcc.length > 0 && valAcc[valAcc.length - 1][0] >= r.success.version) valAcc.pop()
+          valAcc.push([r.success.version, acc])
+        }
+        valMetrics = r.success.metrics ?? { loss: r.success.loss }
         yield* maybeDone
       })
     )

@@ -6,6 +6,7 @@
  *                   [--max-restarts N] [--restart-window DURATION]
  *   flotilla launch <loader|worker|evaluator|param-server|scheduler> --job NAME|FILE --nats URL
  *   flotilla ctl    <job> <verb> [args] [--nats URL]
+ *   flotilla classify <checkpoint> [text ...] [--file F] [--json]
  *
  * Every command takes --help. Options override the job file, which overrides defaults.
  */
@@ -41,6 +42,21 @@ commands:
   up       run a job's whole topology as separate processes over NATS
   launch   run one actor and join a job over NATS (from any host)
   ctl      send a control message to a running job (status, pause, set-lr, ...)
+  classify label texts with a trained classifier's checkpoint
+`,
+  classify: `usage: flotilla classify <checkpoint> [text ...] [--file F] [--json] [--backend B]
+
+Labels each text with a trained classifier (e.g. jobs/spam-lstm.yaml) and prints
+"label  probability  text". <checkpoint> is a checkpoint file
+(checkpoints/<job>/ps-0/v00007550.ckpt) or a job's folder (checkpoints/<job>: the newest
+version every shard holds). The checkpoint carries the model, its class names and the
+tokenizer fitted on the training split, so texts are tokenized as in training.
+
+options:
+  --file F           one text per line (blank lines skipped), after any given as arguments
+  --json             one JSON object: { checkpoint, job, version, predictions: [{ text, label,
+                     probability, probabilities: { <class>: p } }] }
+  --backend B        tensorflow | wasm | cpu
 `,
   start: `usage: flotilla start [job.json|job.yaml] [options]
 
@@ -193,6 +209,13 @@ export const main = async (argv: string[]): Promise<void> => {
         if (v.help || positionals.length === 0) return void process.stdout.write(HELP.launch)
         const { launch } = await import("./launch.ts")
         runMain(launch({ role: positionals[0], values: v }), "Info")
+        return
+      }
+      case "classify": {
+        const { values: v, positionals } = parse(rest, { file: { type: "string" } })
+        if (v.help || positionals.length === 0) return void process.stdout.write(HELP.classify)
+        const { classifyMain } = await import("./classify.ts")
+        await classifyMain({ checkpoint: positionals[0], texts: positionals.slice(1), file: v.file, json: v.json === true, backend: v.backend as BackendPreference | undefined })
         return
       }
       case "ctl": {

@@ -20,7 +20,7 @@ import { TracedBus } from "../shared/telemetry/traced-bus.ts"
 import { Compute, type BackendPreference } from "../shared/compute/backend.ts"
 import type { JobConfig } from "../shared/config/job.ts"
 import { decodeTokens, encodeText } from "../shared/data/corpus.ts"
-import { generate } from "../shared/models/gpt.ts"
+import { generate, makeGpt } from "../shared/models/gpt.ts"
 import { countParams } from "../shared/models/model.ts"
 import { makeModel } from "../shared/models/zoo.ts"
 import { encodeMessage } from "../shared/protocol/decode.ts"
@@ -106,13 +106,18 @@ export const report = (
     const ckpts = yield* awaitRunCheckpoints(job, o.startedAt, summary.steps, 5_000, o.store)
     const dir = join(o.runsDir ?? "runs", job.job)
     mkdirSync(dir, { recursive: true })
-    const svg = writeLossCurveSvg(join(dir, "loss.svg"), { ...summary.curves, title: `${job.job}: loss and learning rate` })
+    const classify = job.model.kind !== "gpt"
+    const svg = writeLossCurveSvg(join(dir, "loss.svg"), {
+      ...summary.curves,
+      accuracy: classify ? summary.curves.valAccuracy : undefined,
+      title: classify ? `${job.job}: loss, validation accuracy and learning rate` : `${job.job}: loss and learning rate`
+    })
     writeFileSync(join(dir, "summary.json"), JSON.stringify({ ...summary, curves: undefined }, null, 2))
     // the data behind loss.svg: [version, value] pairs of train loss, validation loss and LR
     writeFileSync(join(dir, "curves.json"), JSON.stringify(summary.curves))
     let sample = ""
     if (params && job.model.kind === "gpt" && (o.sample ?? 200) > 0) {
-      const model = makeModel(job.model)
+      const model = makeGpt(job.model)
       const prompt = encodeText("Call me ")
       sample = decodeTokens(generate(model, params, prompt, o.sample ?? 200, { temperature: 0.8, topK: 40, seed: job.train.seed }))
       sample = "Call me " + sample
@@ -131,10 +136,14 @@ export const report = (
           ? `checkpoint: ${ckpt}`
           : `checkpoints:${ckpts.map((c, k) => `\n  shard ${k}: ${c?.where ?? "(none written by this run)"}`).join("")}`
     const f = (x: number | null) => (x === null || !Number.isFinite(x) ? "n/a" : x.toFixed(4))
+    const pct = (x: number | null | undefined) => (x === null || x === undefined || !Number.isFinite(x) ? "n/a" : `${(100 * x).toFixed(2)}%`)
     const lines = [
       "",
-      `job ${job.job}: ${summary.steps} steps in ${summary.seconds.toFixed(1)} s, ${Math.round(summary.tokensPerSec)} tokens/s, ${(summary.bytesOnWire / 1e6).toFixed(1)} MB of gradients sent`,
+      `job ${job.job}: ${summary.steps} steps${job.train.epochs > 0 ? ` (${summary.epochs} epochs)` : ""} in ${summary.seconds.toFixed(1)} s, ${Math.round(summary.tokensPerSec)} ${classify ? "samples" : "tokens"}/s, ${(summary.bytesOnWire / 1e6).toFixed(1)} MB of gradients sent`,
       `train loss ${f(summary.firstTrainLoss)} → ${f(summary.finalTrainLoss)}    validation loss ${f(summary.firstValLoss)} → ${f(summary.finalValLoss)}`,
+      ...(summary.valMetrics && classify
+        ? [`validation accuracy ${pct(summary.valAccuracy)}   precision ${pct(summary.valMetrics["precision"])}   recall ${pct(summary.valMetrics["recall"])}   F1 ${f(summary.valMetrics["f1"] ?? null)}`]
+        : []),
       "",
       "train loss:",
       asciiChart(summary.curves.train.map(([, l]) => l), 64, 8),

@@ -8,7 +8,7 @@
  *   loader-0                       the data loader
  *   scheduler-0                    the LR scheduler, with the job's controller in the same process
  *   ps-0 … ps-<K-1>                parameter-server shards
- *   evaluator-0                    when evalEvery > 0, valBatches > 0 and valFraction > 0
+ *   evaluator-0                    when evalEvery is not 0, valBatches > 0 and valFraction > 0
  *   worker-0 … worker-<N-1>        data-parallel workers
  *
  * Does not own: the actors (actors/*), the bus layer (each command picks its own),
@@ -58,7 +58,7 @@ export interface ActorSpec {
 export const finishesOnItsOwn = (role: ActorRole): boolean => role === "worker" || role === "evaluator"
 
 /** Whether the job runs an evaluator: it needs a validation split and an interval. */
-export const hasEvaluator = (job: JobConfig): boolean => job.train.evalEvery > 0 && job.data.valBatches > 0 && job.data.valFraction > 0
+export const hasEvaluator = (job: JobConfig): boolean => job.train.evalEvery !== 0 && job.data.valBatches > 0 && job.data.valFraction > 0
 
 /** Every actor of a job, in start order (services first, so workers find them up). */
 export const jobActors = (job: JobConfig): ActorSpec[] => [

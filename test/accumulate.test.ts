@@ -11,7 +11,7 @@ import { Effect } from "effect"
 import { ShardState } from "../actors/param-server/aggregate.ts"
 import { accumulateGrads } from "../actors/worker/accumulate.ts"
 import { makePlanForJob } from "../actors/loader/loader.ts"
-import { trainBatch } from "../actors/loader/plan.ts"
+import { gptBatch } from "../shared/models/gpt.ts"
 import { initBackend } from "../shared/compute/backend.ts"
 import { lossAndGrads } from "../shared/models/model.ts"
 import { makeModel } from "../shared/models/zoo.ts"
@@ -35,14 +35,14 @@ describe("gradient accumulation", () => {
     const plan = makePlanForJob(job)
     const T = plan.T
     // micro-batches of 4 and 2 sequences (unequal sizes: the weights matter), and both as one batch of 6
-    const a = trainBatch(plan, 0, 0)
-    const b = trainBatch(plan, 0, 1).subarray(0, 2 * (T + 1))
+    const a = plan.trainBatch(0, 0).tensors.get("tokens") as Int32Array
+    const b = (plan.trainBatch(0, 1).tensors.get("tokens") as Int32Array).subarray(0, 2 * (T + 1))
     const whole = new Int32Array(a.length + b.length)
     whole.set(a)
     whole.set(b, a.length)
-    const ga = lossAndGrads(model, params, { tokens: a, batchSize: 4, seqLen: T })
-    const gb = lossAndGrads(model, params, { tokens: b, batchSize: 2, seqLen: T })
-    const ref = lossAndGrads(model, params, { tokens: whole, batchSize: 6, seqLen: T })
+    const ga = lossAndGrads(model, params, gptBatch(a, 4))
+    const gb = lossAndGrads(model, params, gptBatch(b, 2))
+    const ref = lossAndGrads(model, params, gptBatch(whole, 6))
     const acc = accumulateGrads([
       { batchId: "e0-b0", samples: 4, ...ga },
       { batchId: "e0-b1", samples: 2, ...gb }

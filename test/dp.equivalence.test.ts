@@ -13,10 +13,16 @@
 // that is zero in exact arithmetic (the key bias of attention: softmax ignores it) but
 // float32 noise (~1e-9) in both computations to ±lr, so two correct runs differ by up to
 // 2·lr there (measured: 3e-4 relative on c_attn.bias, every other tensor < 2e-6).
-// Run: npx vitest run test/dp.equivalence.test.ts   (~30-60 s on 2 cores)
+// The same check runs for the LSTM classifier (a tiny one on a small labelled jsonl corpus):
+// its batches are tokens + labels, and half-batches of each stay aligned with their labels.
+// Run: npx vitest run test/dp.equivalence.test.ts   (~60-90 s on 2 cores)
 import { describe, expect, it } from "vitest"
 import { makePlanForJob } from "../actors/loader/loader.ts"
-import { parseBatchId, trainBatch } from "../actors/loader/plan.ts"
+import { parseBatchId } from "../actors/loader/plan.ts"
+import { concatBatches } from "../shared/models/model.ts"
+import { writeFileSync } from "node:fs"
+import { join } from "node:path"
+import { mulberry32 as seeded } from "../actors/loader/plan.ts"
 import { ShardState } from "../actors/param-server/aggregate.ts"
 import { initBackend } from "../shared/compute/backend.ts"
 import { lossAndGrads } from "../shared/models/model.ts"
@@ -49,73 +55,96 @@ const relErr = (a: Float32Array, b: Float32Array): number => {
   return d / Math.max(m, 1e-12)
 }
 
+/** Run JOB over NATS (2 workers, 2 shards) for STEPS versions and check it against one in-process step on the whole batch. */
+const equivalence = async (suite: ReturnType<typeof useCluster>, patch: Record<string, any> | ((dir: string) => Record<string, any>)) => {
+  const { cluster, obs } = await suite.start(patch)
+  const job = cluster.job
+  cluster.spawnServices()
+  cluster.spawn("worker", "worker-a")
+  cluster.spawn("worker", "worker-b")
+  await obs.until(() => obs.version() >= STEPS, 75_000, () => `version ${STEPS} on both shards (at ${obs.version()})\n${cluster.logs()}`)
+  const pulled = [await obs.pull(0), await obs.pull(1)]
+  expect(pulled.map((p) => p.version), `versions pulled; applied: ${JSON.stringify(obs.applied.map((a) => [a.shard, a.version, a.contributors]))}\n${cluster.logs()}`).toEqual([STEPS, STEPS])
+
+  // ---- what the shards applied: the same batches, both workers, in every version
+  const perVersion: StepApplied[][] = []
+  for (let v = 1; v <= STEPS; v++) {
+    const [a0, a1] = [0, 1].map((k) => obs.appliedOf(k).find((a) => a.version === v)!)
+    expect(a0, `shard 0 reported version ${v}`).toBeDefined()
+    expect(a1, `shard 1 reported version ${v}`).toBeDefined()
+    expect(a1.batchIds).toEqual(a0.batchIds)
+    expect(a1.contributors).toEqual(a0.contributors)
+    expect(a0.contributors, `version ${v}: both workers contribute`).toEqual(["worker-a", "worker-b"])
+    expect(a0.samples).toBe(2 * HALF)
+    perVersion.push([a0, a1])
+  }
+  expect(obs.errors, "nothing rejected").toEqual([])
+
+  // ---- the reference: one process, the whole batch, the PS's own optimizer code
+  await initBackend("wasm")
+  const model = makeModel(job.model)
+  const plan = makePlanForJob(job)
+  const opt = resolveOptimizer(job.optimizer as never)
+  if (opt._tag !== "Success") throw new Error("optimizer config")
+  const ref = new ShardState({
+    specs: model.specs,
+    params: model.init(job.train.seed),
+    optimizer: opt.success,
+    consistency: { mode: "sync" },
+    clipNorm: 0
+  })
+  for (const [a] of perVersion) {
+    const whole = concatBatches(a.batchIds.map((id) => {
+      const p = parseBatchId(id)!
+      return plan.trainBatch(p.epoch, p.index)
+    }))
+    expect(whole.size).toBe(2 * HALF)
+    const { loss, grads } = lossAndGrads(model, ref.params, whole)
+    expect(Math.abs(loss - a.loss) / loss, `version ${a.version}: full-batch loss ${loss} vs sample-weighted mean ${a.loss}`).toBeLessThan(1e-5)
+    const ok = ref.admit({ sender: "reference", version: ref.version, batchId: `e99-b${a.version}`, samples: 2 * HALF, tokens: model.units(whole).n, loss, grads })
+    expect(ok.ok).toBe(true)
+    ref.apply(a.lr, ref.choose(["reference"]))
+  }
+
+  const dp = new Map([...pulled[0].params, ...pulled[1].params])
+  expect([...dp.keys()].sort()).toEqual(model.specs.map((s) => s.name).sort())
+  const errs = model.specs.map((s) => ({ name: s.name, err: relErr(dp.get(s.name)!, ref.params.get(s.name)!) }))
+  const worst = errs.reduce((w, e) => (e.err > w.err ? e : w))
+  console.info(`[dp.equivalence] ${job.model.kind}: worst relative error ${worst.err.toExponential(2)} (${worst.name})`)
+  expect(worst.err, `worst tensor ${worst.name}: relative error ${worst.err.toExponential(2)}; all: ${errs.map((e) => `${e.name} ${e.err.toExponential(1)}`).join(", ")}`).toBeLessThan(1e-5)
+  // the params really moved (a test that compares two untouched inits proves nothing)
+  const init = model.init(job.train.seed)
+  expect(Math.max(...model.specs.map((s) => relErr(dp.get(s.name)!, init.get(s.name)!)))).toBeGreaterThan(1e-3)
+}
+
+/** A small labelled corpus (jsonl): the label is in the words, so a classifier has something to learn. */
+const labelledCorpus = (dir: string): string => {
+  const file = join(dir, "texts.jsonl")
+  const rng = seeded(5)
+  const words = ["win", "free", "prize", "money", "meeting", "lunch", "report", "thanks", "offer", "click", "team", "notes"]
+  const lines = Array.from({ length: 64 }, (_, i) => {
+    const spam = i % 3 === 0
+    const n = 3 + Math.floor(rng() * 8)
+    const text = Array.from({ length: n }, () => words[(spam ? 0 : 4) + Math.floor(rng() * 8)]).join(" ")
+    return JSON.stringify({ text, label: spam ? "spam" : "ham" })
+  })
+  writeFileSync(file, lines.join("\n") + "\n")
+  return file
+}
+
 describe("sync data parallel over NATS (2 worker processes, 2 PS shards)", () => {
   const suite = useCluster()
 
+  it("gpt: equals one in-process step on the concatenated batch, for 3 steps", async () => {
+    await equivalence(suite, JOB)
+  })
 
-  it("equals one in-process step on the concatenated batch, for 3 steps", async () => {
-    const { cluster, obs } = await suite.start(JOB)
-    const job = cluster.job
-    cluster.spawnServices()
-    cluster.spawn("worker", "worker-a")
-    cluster.spawn("worker", "worker-b")
-    await obs.until(() => obs.version() >= STEPS, 75_000, () => `version ${STEPS} on both shards (at ${obs.version()})\n${cluster.logs()}`)
-    const pulled = [await obs.pull(0), await obs.pull(1)]
-    expect(pulled.map((p) => p.version), `versions pulled; applied: ${JSON.stringify(obs.applied.map((a) => [a.shard, a.version, a.contributors]))}\n${cluster.logs()}`).toEqual([STEPS, STEPS])
-
-    // ---- what the shards applied: the same batches, both workers, in every version
-    const perVersion: StepApplied[][] = []
-    for (let v = 1; v <= STEPS; v++) {
-      const [a0, a1] = [0, 1].map((k) => obs.appliedOf(k).find((a) => a.version === v)!)
-      expect(a0, `shard 0 reported version ${v}`).toBeDefined()
-      expect(a1, `shard 1 reported version ${v}`).toBeDefined()
-      expect(a1.batchIds).toEqual(a0.batchIds)
-      expect(a1.contributors).toEqual(a0.contributors)
-      expect(a0.contributors, `version ${v}: both workers contribute`).toEqual(["worker-a", "worker-b"])
-      expect(a0.samples).toBe(2 * HALF)
-      perVersion.push([a0, a1])
-    }
-    expect(obs.errors, "nothing rejected").toEqual([])
-
-    // ---- the reference: one process, the whole batch, the PS's own optimizer code
-    await initBackend("wasm")
-    const model = makeModel(job.model)
-    const plan = makePlanForJob(job)
-    const opt = resolveOptimizer(job.optimizer as never)
-    if (opt._tag !== "Success") throw new Error("optimizer config")
-    const ref = new ShardState({
-      specs: model.specs,
-      params: model.init(job.train.seed),
-      optimizer: opt.success,
-      consistency: { mode: "sync" },
-      clipNorm: 0
-    })
-    for (const [a] of perVersion) {
-      const halves = a.batchIds.map((id) => {
-        const p = parseBatchId(id)!
-        return trainBatch(plan, p.epoch, p.index)
-      })
-      const tokens = new Int32Array(halves.reduce((n, h) => n + h.length, 0))
-      let off = 0
-      for (const h of halves) {
-        tokens.set(h, off)
-        off += h.length
-      }
-      const { loss, grads } = lossAndGrads(model, ref.params, { tokens, batchSize: 2 * HALF, seqLen: plan.T })
-      expect(Math.abs(loss - a.loss) / loss, `version ${a.version}: full-batch loss ${loss} vs sample-weighted mean ${a.loss}`).toBeLessThan(1e-5)
-      const ok = ref.admit({ sender: "reference", version: ref.version, batchId: `e99-b${a.version}`, samples: 2 * HALF, tokens: 2 * HALF * plan.T, loss, grads })
-      expect(ok.ok).toBe(true)
-      ref.apply(a.lr, ref.choose(["reference"]))
-    }
-
-    const dp = new Map([...pulled[0].params, ...pulled[1].params])
-    expect([...dp.keys()].sort()).toEqual(model.specs.map((s) => s.name).sort())
-    const errs = model.specs.map((s) => ({ name: s.name, err: relErr(dp.get(s.name)!, ref.params.get(s.name)!) }))
-    const worst = errs.reduce((w, e) => (e.err > w.err ? e : w))
-    console.info(`[dp.equivalence] worst relative error ${worst.err.toExponential(2)} (${worst.name})`)
-    expect(worst.err, `worst tensor ${worst.name}: relative error ${worst.err.toExponential(2)}; all: ${errs.map((e) => `${e.name} ${e.err.toExponential(1)}`).join(", ")}`).toBeLessThan(1e-5)
-    // the params really moved (a test that compares two untouched inits proves nothing)
-    const init = model.init(job.train.seed)
-    expect(Math.max(...model.specs.map((s) => relErr(dp.get(s.name)!, init.get(s.name)!)))).toBeGreaterThan(1e-3)
+  it("lstm classifier: equals one in-process step on the concatenated batch, for 3 steps", async () => {
+    await equivalence(suite, (dir) => ({
+      ...JOB,
+      job: "dp-eqv-lstm",
+      model: { kind: "lstm-classifier", vocabSize: 20, embedDim: 6, hidden: 5, dense: 4, maxLen: 8, maskPadding: true },
+      data: { corpus: labelledCorpus(dir), batchSize: HALF, valFraction: 0.25, valBatches: 1, seed: 3 }
+    }))
   })
 })

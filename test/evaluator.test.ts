@@ -11,7 +11,7 @@ const evaluated = (fx: EvalEffect[]) => fx.filter((e) => e._tag === "Evaluate").
 
 describe("evaluator reducer", () => {
   it("evaluates each due version once, when every shard is at it and the batches are in", () => {
-    const s = initialEval({ shards: 2, steps: 30, every: 10 }, 0)
+    const s = initialEval({ shards: 2, steps: 30, every: 10, epochs: 0 }, 0)
     expect(evaluated(evalStep(s, params(0, 1, 0)))).toEqual([])
     expect(evaluated(evalStep(s, params(1, 2, 0)))).toEqual([]) // no validation batches yet
     expect(evaluated(evalStep(s, { _tag: "ValReady" }))).toEqual([0])
@@ -26,7 +26,7 @@ describe("evaluator reducer", () => {
   })
 
   it("evaluates a version again after a restart recomputed it; finishes at the last", () => {
-    const s = initialEval({ shards: 1, steps: 20, every: 10 }, 0)
+    const s = initialEval({ shards: 1, steps: 20, every: 10, epochs: 0 }, 0)
     evalStep(s, { _tag: "ValReady" })
     expect(evaluated(evalStep(s, params(0, 1, 10)))).toEqual([10])
     expect(evaluated(evalStep(s, params(0, 1, 12)))).toEqual([])
@@ -38,7 +38,7 @@ describe("evaluator reducer", () => {
   })
 
   it("pulls what a heartbeat says it lacks, and everything after QUIET_MS of silence", () => {
-    const s = initialEval({ shards: 2, steps: 100, every: 10 }, 0)
+    const s = initialEval({ shards: 2, steps: 100, every: 10, epochs: 0 }, 0)
     evalStep(s, params(0, 1, 3))
     expect(evalStep(s, { _tag: "ServerSeen", shard: 0, incarnation: 1, version: 3 })).toEqual([])
     expect(evalStep(s, { _tag: "ServerSeen", shard: 0, incarnation: 1, version: 4 })).toEqual([{ _tag: "Pull", shard: 0 }])

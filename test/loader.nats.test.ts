@@ -7,11 +7,13 @@
 // rejected; with no loader, a lease is `Failed`. The parameter servers here are small fakes
 // (real NATS participants) that answer GetAppliedLog and publish heartbeats, PushAck and
 // StepApplied as the real one does.
-import { hostname } from "node:os"
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs"
+import { hostname, tmpdir } from "node:os"
+import { join } from "node:path"
+import { tokenizerFromJson } from "../shared/data/tokenizer.ts"
 import { afterAll, beforeAll, describe, expect, it } from "@effect/vitest"
 import { Effect, Exit, Ref, Result, Schedule, Scope } from "effect"
 import { runLoader, type LoaderHandle } from "../actors/loader/loader.ts"
-import { trainBatch } from "../actors/loader/plan.ts"
 import { LoaderClient, type LeaseResult } from "../actors/loader/protocol.ts"
 import { Bus, encodeUtf8 } from "../shared/bus/Bus.ts"
 import { NatsBus } from "../shared/bus/nats.ts"
@@ -127,7 +129,7 @@ describe("loader over NATS", () => {
 
       const a = yield* leaseBatch(s, "w0")
       expect([a.meta.batchId, a.meta.attempt, a.meta.epochBatches]).toEqual(["e0-b0", 1, loader.plan.batchesPerEpoch])
-      expect(a.tokens).toEqual(trainBatch(loader.plan, 0, 0))
+      expect(a.batch.tensors.get("tokens")).toEqual(loader.plan.trainBatch(0, 0).tensors.get("tokens"))
       const b = yield* leaseBatch(s, "w0")
       expect(b.meta.batchId).toBe("e0-b1")
 
@@ -161,6 +163,44 @@ describe("loader over NATS", () => {
       expect(yield* LoaderClient.lease(bus, s, "w0", "train")).toMatchObject({ _tag: "NoBatch", reason: "paused" })
       loader.setPaused(false)
       expect(idOf(yield* LoaderClient.lease(bus, s, "w0", "train"))).toBe("e0-b3")
+    }).pipe(Effect.scoped, Effect.provide(NatsBus.layer({ servers: nats.url }))), 30_000)
+
+  it.live("a classifier's batches carry tokens and labels; a failed lease is served again as the same rows; data.info names the classes and the tokenizer", () =>
+    Effect.gen(function* () {
+      const bus = yield* Bus
+      const dir = mkdtempSync(join(tmpdir(), "flotilla-loader-cls-"))
+      const corpus = join(dir, "texts.jsonl")
+      writeFileSync(corpus, Array.from({ length: 30 }, (_, i) => JSON.stringify({ text: `${i % 2 ? "buy now" : "see you"} item ${i}`, label: i % 2 ? "spam" : "ham" })).join("\n"))
+      const job = resolveJob({
+        job: `loader-cls-${process.pid}-${Date.now().toString(36)}`,
+        model: { kind: "lstm-classifier", vocabSize: 50, embedDim: 4, hidden: 4, dense: 2, maxLen: 5, maskPadding: true },
+        data: { corpus, batchSize: 4, valFraction: 0.2, seed: 1 },
+        train: { steps: 100, checkpointEvery: 0, heartbeatMs: 100, livenessMs: 600, leaseTimeoutMs: 5_000 },
+        topology: { workers: 1, psShards: 1 }
+      })
+      const s = subjects(job.job)
+      yield* fakePs(s, 0, 100)
+      const loader = yield* runLoader({ job, id: "loader-0", ...fast, runsDir: dir })
+      const a = yield* leaseBatch(s, "w0")
+      const want = loader.plan.trainBatch(0, 0)
+      expect(a.meta.batchId).toBe("e0-b0")
+      expect(a.batch.size).toBe(4)
+      expect(a.batch.tensors.get("tokens")).toEqual(want.tensors.get("tokens"))
+      expect(a.batch.tensors.get("labels")).toEqual(want.tensors.get("labels"))
+      yield* LoaderClient.fail(bus, s, "w0", a.meta.batchId, a.meta.gen, "compute failed")
+      const again = yield* leaseBatch(s, "w0")
+      expect([again.meta.batchId, again.meta.attempt]).toEqual(["e0-b0", 2])
+      expect(again.batch.tensors.get("labels")).toEqual(want.tensors.get("labels"))
+      expect(again.batch.tensors.get("tokens")).toEqual(want.tensors.get("tokens"))
+      // the whole validation split, the last batch shorter (6 texts in batches of 4)
+      const v1 = yield* LoaderClient.lease(bus, s, "e0", "val", 1)
+      expect(v1).toMatchObject({ _tag: "Batch", meta: { valBatches: 2, B: 2 } })
+      const info = yield* LoaderClient.info(bus, s, "test")
+      expect(info).toMatchObject({ task: "classify", labels: ["ham", "spam"], trainSamples: 24, valSamples: 6, epochBatches: 6 })
+      expect(tokenizerFromJson(info.tokenizer).words).toContain("buy")
+      const split = JSON.parse(readFileSync(join(dir, job.job, "split.json"), "utf8"))
+      expect(split.counts).toEqual({ train: { ham: 12, spam: 12 }, val: { ham: 3, spam: 3 } })
+      rmSync(dir, { recursive: true, force: true })
     }).pipe(Effect.scoped, Effect.provide(NatsBus.layer({ servers: nats.url }))), 30_000)
 
   it.live("a PS restart from a checkpoint is a new gen: the batches after the checkpoint are served again, in order", () =>

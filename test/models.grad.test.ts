@@ -9,11 +9,10 @@ import * as tf from "@tensorflow/tfjs"
 import { beforeAll, describe, expect, it } from "vitest"
 import { initBackend } from "../shared/compute/backend.ts"
 import { batchMatMul, gelu, layerNorm, matMul2d, sigmoidCrossEntropy, softmaxCrossEntropy } from "../shared/compute/ops.ts"
-import type { GptBatch } from "../shared/models/gpt.ts"
 import { generate, gptLogits, gptMini, gptTiny, makeGpt } from "../shared/models/gpt.ts"
-import type { LstmBatch } from "../shared/models/lstm-classifier.ts"
 import { lstmLogits, lstmTiny, makeLstmClassifier } from "../shared/models/lstm-classifier.ts"
-import type { ModelDef } from "../shared/models/model.ts"
+import type { Batch, ModelDef } from "../shared/models/model.ts"
+import { batchOf } from "../shared/models/model.ts"
 import { countParams, evalLoss, lossAndGrads, toTensors } from "../shared/models/model.ts"
 import { Rng } from "../shared/models/rng.ts"
 
@@ -40,7 +39,7 @@ interface Probe {
 }
 
 /** Params from init, then perturbed so gains/biases are not 1/0 and gradients are O(0.1). */
-const perturbed = <B>(def: ModelDef<B>, seed: number, noise: number): Map<string, Float32Array> => {
+const perturbed = (def: ModelDef, seed: number, noise: number): Map<string, Float32Array> => {
   const rng = new Rng(seed + 1000)
   const params = def.init(seed)
   for (const v of params.values()) for (let i = 0; i < v.length; i++) v[i] += rng.normal() * noise
@@ -49,10 +48,10 @@ const perturbed = <B>(def: ModelDef<B>, seed: number, noise: number): Map<string
 
 /** Finite differences, for each tensor: along its largest-gradient coordinate, two random
  *  coordinates and one random unit direction (±1/√n) over the whole tensor. */
-const finiteDifferences = <B>(
-  def: ModelDef<B>,
+const finiteDifferences = (
+  def: ModelDef,
   params: Map<string, Float32Array>,
-  batch: B,
+  batch: Batch,
   grads: ReadonlyMap<string, Float32Array>
 ): Probe[] => {
   const rng = new Rng(11)
@@ -100,7 +99,7 @@ const mismatches = (probes: readonly Probe[], grads: ReadonlyMap<string, Float32
 const scaled = (grads: ReadonlyMap<string, Float32Array>, k: number) =>
   new Map([...grads].map(([n, g]) => [n, g.map((v) => v * k)]))
 
-const gradCheck = <B>(def: ModelDef<B>, batch: B) => {
+const gradCheck = (def: ModelDef, batch: Batch) => {
   const params = perturbed(def, 1, 0.3)
   const { grads } = lossAndGrads(def, params, batch)
   const probes = finiteDifferences(def, params, batch, grads)
@@ -115,15 +114,15 @@ const gradCheck = <B>(def: ModelDef<B>, batch: B) => {
   expect(mismatches(probes, scaled(grads, -1)).length).toBeGreaterThanOrEqual(def.specs.length)
 }
 
-const gptBatch = (V: number, B: number, T: number, seed: number): GptBatch => {
+const gptBatch = (V: number, B: number, T: number, seed: number): Batch => {
   const rng = new Rng(seed)
-  return { tokens: Int32Array.from({ length: B * (T + 1) }, () => rng.int(V)), batchSize: B, seqLen: T }
+  return batchOf(B, { tokens: Int32Array.from({ length: B * (T + 1) }, () => rng.int(V)) })
 }
 
-const lstmBatch = (): LstmBatch => {
+const lstmBatch = (): Batch => {
   // Row 0 pre-padded, row 1 post-padded, row 2 full; L = 6.
-  const x = Int32Array.from([0, 0, 3, 7, 1, 9, 4, 2, 8, 0, 0, 0, 5, 10, 6, 2, 2, 1])
-  return { x, y: Float32Array.from([1, 0, 1]), B: 3, L: 6 }
+  const tokens = Int32Array.from([0, 0, 3, 7, 1, 9, 4, 2, 8, 0, 0, 0, 5, 10, 6, 2, 2, 1])
+  return batchOf(3, { tokens, labels: Float32Array.from([1, 0, 1]) })
 }
 
 describe("gradients vs finite differences", () => {
@@ -211,7 +210,7 @@ describe("gpt", () => {
     const params = perturbed(def, 2, 0.3)
     const T = 7
     const V = gptTiny.vocabSize
-    const a = gptBatch(V, 1, T, 5).tokens.slice(0, T)
+    const a = (gptBatch(V, 1, T, 5).tensors.get("tokens") as Int32Array).slice(0, T)
     const t0 = 4
     const b = a.slice()
     b[t0] = (a[t0] + 1) % V
@@ -243,7 +242,9 @@ describe("gpt", () => {
   it("rejects a malformed batch and a sequence longer than the context", () => {
     const def = makeGpt(gptTiny)
     const params = def.init(0)
-    expect(() => evalLoss(def, params, { tokens: new Int32Array(5), batchSize: 2, seqLen: 4 })).toThrow(/B\*\(T\+1\)/)
+    expect(() => evalLoss(def, params, batchOf(2, { tokens: new Int32Array(5) }))).toThrow(/tokens.*5 values.*multiple of 2/)
+    expect(() => evalLoss(def, params, batchOf(2, { tokens: new Float32Array(6) }))).toThrow(/tokens.*must be int32/)
+    expect(() => evalLoss(def, params, batchOf(2, { tokens: new Int32Array(6), mask: new Float32Array(2) }))).toThrow(/unexpected tensor "mask"/)
     expect(() => evalLoss(def, params, gptBatch(13, 1, 9, 0))).toThrow(/exceeds contextLength/)
     expect(() => makeGpt({ width: 10, heads: 4 })).toThrow(/divisible/)
   })

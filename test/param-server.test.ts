@@ -104,7 +104,7 @@ describe("parameter-server shard arithmetic", () => {
 
 const job = "j"
 const cfg = (shard: number, shards: number) => ({
-  subjects: subjects(job), job, id: `ps-${shard}`, shard, shards, steps: 100, checkpointEvery: 0, minWorkers: 1, decisionWaitMs: 1_000, resendMs: 500, joinGraceMs: 2_000
+  subjects: subjects(job), job, id: `ps-${shard}`, shard, shards, steps: 100, epochs: 0, checkpointEvery: 0, minWorkers: 1, decisionWaitMs: 1_000, resendMs: 500, joinGraceMs: 2_000
 })
 const actor = (shard: number, shards: number, mode: "sync" | "async" = "sync", clip = 0): PsState =>
   initialState(cfg(shard, shards), fresh(mode, clip), { incarnation: 1000 + shard, now: 0 })
@@ -124,7 +124,7 @@ describe("parameter-server mailbox reducer", () => {
     expect(published(a, "PushAck")).toMatchObject([{ sender: "w0", batchId: "e0-b0", status: "held", shard: 0 }])
     expect(tags(a)).not.toContain("RequestLr") // w1 still holds the barrier
     const left = step(s, { _tag: "MemberLeft", id: "w1", why: "silent" })
-    expect(left.find((e) => e._tag === "RequestLr")).toEqual({ _tag: "RequestLr", version: 0 })
+    expect(left.find((e) => e._tag === "RequestLr")).toEqual({ _tag: "RequestLr", version: 0, epoch: 0 })
     const done = step(s, { _tag: "LrResolved", version: 1, lr: 0.5 })
     expect(tags(done)).toEqual(expect.arrayContaining(["BroadcastParams", "Applied"]))
     expect(published(done, "StepApplied")[0]).toMatchObject({ version: 1, batchIds: ["e0-b0"], contributors: ["w0"], incarnation: 1000 })
@@ -144,7 +144,7 @@ describe("parameter-server mailbox reducer", () => {
     s.core.log.add({ epoch: 0, index: 7 })
     const fx = step(s, grads("w2", "e0-b7", 1))
     expect(published(fx, "PushAck")).toMatchObject([{ sender: "w2", status: "applied" }])
-    expect(fx.find((e) => e._tag === "RequestLr")).toEqual({ _tag: "RequestLr", version: 0 })
+    expect(fx.find((e) => e._tag === "RequestLr")).toEqual({ _tag: "RequestLr", version: 0, epoch: 0 })
     // and a NaN gradient does not stall it either
     const t = actor(0, 1)
     for (const w of ["w0", "w1"]) step(t, { _tag: "MemberJoined", id: w })
@@ -237,7 +237,7 @@ describe("parameter-server mailbox reducer", () => {
     f2.incarnation = 5000
     step(f2, { _tag: "MemberJoined", id: "w0" })
     const again = step(l, { _tag: "HeldReported", msg: published(step(f2, grads("w0", "e0-b1", 2, 0, 5000)), "GradientsHeld")[0] })
-    expect(again).toContainEqual({ _tag: "RequestLr", version: 0 })
+    expect(again).toContainEqual({ _tag: "RequestLr", version: 0, epoch: 0 })
   })
 
   it("a shard that resumed ahead of a peer (its checkpoint is newer than the peer's version) rolls back to it", () => {

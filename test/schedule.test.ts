@@ -7,6 +7,7 @@ import * as Result from "effect/Result"
 import { describe, expect, it } from "vitest"
 import { plateauInit, plateauObserve } from "../shared/schedule/plateau.ts"
 import type { PlateauState } from "../shared/schedule/plateau.ts"
+import { initialState, lrFrom, parseState, setLr } from "../shared/schedule/state.ts"
 import { lrAt, resolveSchedule, SCHEDULE_DEFAULTS } from "../shared/schedule/schedules.ts"
 import type { InvalidScheduleConfig, PlateauSchedule, Schedule, ScheduleInput } from "../shared/schedule/schedules.ts"
 
@@ -225,5 +226,130 @@ describe(`reduce-on-plateau vs torch's ReduceLROnPlateau ${refs.torch}`, () => {
     expect(st.best).toBeNull()
     expect(st.lr).toBe(0.5)
     expect(JSON.parse(JSON.stringify(st))).toEqual(st)
+  })
+})
+
+describe("per: epoch — the schedule's clock is the data epoch", () => {
+  const steps = [0, 1, 7, 999, 123_456]
+
+  it("the seed's step schedule is Keras's 0.01 * 0.1 ** (epoch // 10), whatever the step", () => {
+    const s = ok({ kind: "step", per: "epoch", lr: 0.01, gamma: 0.1, every: 10 })
+    expect(s).toEqual({ kind: "step", per: "epoch", lr: 0.01, gamma: 0.1, stepSize: 10 }) // every → stepSize
+    for (let epoch = 0; epoch < 50; epoch++) {
+      const want = 0.01 * 0.1 ** Math.floor(epoch / 10)
+      for (const step of steps) expect(lrAt(s, step, epoch)).toBe(want)
+    }
+  })
+
+  it("exponential per epoch is lr·γ^epoch", () => {
+    const s = ok({ kind: "exponential", per: "epoch", lr: 2, gamma: 0.5 })
+    for (let epoch = 0; epoch < 20; epoch++) for (const step of steps) expect(lrAt(s, step, epoch)).toBe(2 * 0.5 ** epoch)
+  })
+
+  it("cosine per epoch counts warmupSteps and totalSteps in epochs", () => {
+    const byEpoch = ok({ kind: "cosine", per: "epoch", lr: 0.1, warmupSteps: 4, totalSteps: 14, minLr: 0.002 })
+    const byStep = ok({ kind: "cosine", lr: 0.1, warmupSteps: 4, totalSteps: 14, minLr: 0.002 })
+    for (let epoch = 0; epoch < 30; epoch++) {
+      for (const step of steps) expect(lrAt(byEpoch, step, epoch)).toBe(lrAt(byStep, epoch))
+    }
+    expect(lrAt(byEpoch, 10_000, 0)).toBeCloseTo(0.02, 15) // warmup: (0+1)/(4+1) at epoch 0, however many updates in
+    expect(lrAt(byEpoch, 0, 4)).toBe(0.1) // peak at epoch W
+    expect(lrAt(byEpoch, 0, 9)).toBeCloseTo(0.051, 15)
+    expect(lrAt(byEpoch, 0, 14)).toBe(0.002)
+    const linear = ok({ kind: "linear", per: "epoch", lr: 1, warmupSteps: 1, totalSteps: 5, minLr: 0.2 })
+    ;[0.5, 1, 0.8, 0.6, 0.4, 0.2, 0.2].forEach((want, epoch) => expect(lrAt(linear, 99, epoch)).toBeCloseTo(want, 14))
+  })
+
+  it('per: "step" and no per are the same canonical schedule, which ignores the epoch', () => {
+    const inputs: ReadonlyArray<ScheduleInput> = [
+      { kind: "step", lr: 1, stepSize: 2, gamma: 0.5 },
+      { kind: "exponential", lr: 2, gamma: 0.5 },
+      { kind: "cosine", lr: 0.1, warmupSteps: 4, totalSteps: 14, minLr: 0.002 },
+      { kind: "linear", lr: 1, warmupSteps: 1, totalSteps: 5, minLr: 0.2 }
+    ]
+    for (const input of inputs) {
+      const plain = ok(input)
+      const explicit = ok({ ...input, per: "step" } as ScheduleInput)
+      expect(explicit).toEqual(plain)
+      expect("per" in explicit).toBe(false)
+      for (let k = 0; k < 20; k++) {
+        for (const epoch of [0, 3, 50]) expect(lrAt(explicit, k, epoch)).toBe(lrAt(plain, k))
+      }
+    }
+    expect([0, 1, 2, 3, 4].map((k) => lrAt(ok({ kind: "step", per: "step", lr: 1, every: 2, gamma: 0.5 }), k, 7))).toEqual([1, 1, 0.5, 0.5, 0.25])
+  })
+
+  it("every and stepSize are the same field; resolved schedules say stepSize", () => {
+    expect(ok({ kind: "step", lr: 0.1, every: 3 })).toEqual(ok({ kind: "step", lr: 0.1, stepSize: 3 }))
+    expect(ok({ kind: "step", lr: 0.1, every: 3 })).toEqual({ kind: "step", lr: 0.1, stepSize: 3, gamma: 0.1 })
+  })
+
+  const bad: ReadonlyArray<readonly [unknown, string, RegExp]> = [
+    [{ kind: "step", lr: 0.1, every: 10, stepSize: 10 }, "every", /another name for stepSize/],
+    [{ kind: "step", lr: 0.1, every: 0 }, "every", /integer >= 1/],
+    [{ kind: "step", lr: 0.1, every: 2.5 }, "every", /integer >= 1/],
+    [{ kind: "step", lr: 0.1, per: "epoch" }, "stepSize", /required/],
+    [{ kind: "step", lr: 0.1, every: 10, per: "epochs" }, "per", /"step" or "epoch"/],
+    [{ kind: "cosine", lr: 0.1, totalSteps: 10, per: "batch" }, "per", /"step" or "epoch"/],
+    [{ kind: "exponential", lr: 0.1, gamma: 0.9, per: 1 }, "per", /"step" or "epoch"/],
+    [{ kind: "cosine", lr: 0.1, totalSteps: 5, warmupSteps: 5, per: "epoch" }, "totalSteps", /> warmupSteps/],
+    [{ kind: "constant", lr: 0.1, per: "epoch" }, "per", /constant has no clock/],
+    [{ kind: "plateau", lr: 0.1, per: "step" }, "per", /plateau has no clock/],
+    [{ kind: "exponential", lr: 0.1, gamma: 0.9, every: 2 }, "every", /not a field of exponential/]
+  ]
+  for (const [input, field, why] of bad) {
+    it(`rejects ${JSON.stringify(input)} naming ${field}`, () => {
+      const e = failure(input)
+      expect(e._tag).toBe("InvalidScheduleConfig")
+      expect(e.field).toBe(field)
+      expect(e.message).toContain(`schedule ${field} =`)
+      expect(e.message).toMatch(why)
+    })
+  }
+
+  it("refuses an epoch that is not an integer >= 0", () => {
+    for (const s of [ok({ kind: "step", per: "epoch", lr: 1, every: 1 }), ok({ kind: "constant", lr: 1 })]) {
+      expect(() => lrAt(s, 0, -1)).toThrow(/epoch/)
+      expect(() => lrAt(s, 0, 1.5)).toThrow(RangeError)
+      expect(() => lrAt(s, 0, Number.NaN)).toThrow(RangeError)
+    }
+  })
+
+  it("resolve is idempotent on every kind, through JSON too (checkpoints re-resolve)", () => {
+    const inputs: ReadonlyArray<ScheduleInput> = [
+      { kind: "constant", lr: 0.1 },
+      { kind: "step", lr: 0.1, stepSize: 3 },
+      { kind: "step", lr: 0.1, every: 3, per: "epoch" },
+      { kind: "step", lr: 0.1, every: 3, per: "step" },
+      { kind: "exponential", lr: 0.1, gamma: 0.9 },
+      { kind: "exponential", lr: 0.1, gamma: 0.9, per: "epoch" },
+      { kind: "cosine", lr: 0.1, totalSteps: 10 },
+      { kind: "cosine", lr: 0.1, totalSteps: 10, warmupSteps: 2, per: "epoch" },
+      { kind: "linear", lr: 0.1, totalSteps: 10, minLr: 0.01, per: "step" },
+      { kind: "linear", lr: 0.1, totalSteps: 10, per: "epoch" },
+      { kind: "plateau", lr: 0.1, patience: 2 }
+    ]
+    expect(new Set(inputs.map((i) => i.kind)).size).toBe(Object.keys(SCHEDULE_DEFAULTS).length)
+    for (const input of inputs) {
+      const once = ok(input)
+      expect(ok(once)).toEqual(once)
+      expect(ok(JSON.parse(JSON.stringify(once)))).toEqual(once)
+      expect("every" in once).toBe(false)
+      const state = parseState(JSON.parse(JSON.stringify(initialState(once))))
+      expect(state?.schedule).toEqual(once)
+    }
+  })
+
+  it("lrFrom passes the epoch through; a set-lr override still wins, keyed by step", () => {
+    const base = initialState(ok({ kind: "step", per: "epoch", lr: 0.01, gamma: 0.1, every: 10 }))
+    expect(lrFrom(base, 5, 0)).toBe(0.01)
+    expect(lrFrom(base, 5, 25)).toBeCloseTo(1e-4, 18)
+    expect(lrFrom(base, 5)).toBe(0.01) // epoch defaults to 0
+    const held = setLr(base, 0.5, 100)
+    expect(lrFrom(held, 99, 25)).toBeCloseTo(1e-4, 18) // before the override's step: the schedule
+    expect(lrFrom(held, 100, 0)).toBe(0.5)
+    expect(lrFrom(held, 100, 49)).toBe(0.5)
+    const plateau = initialState(ok({ kind: "plateau", lr: 0.3 }))
+    expect(lrFrom(plateau, 10, 10)).toBe(0.3) // plateau ignores the clock
   })
 })

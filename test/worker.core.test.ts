@@ -13,7 +13,7 @@ import type { TensorBundle } from "../shared/wire/tensor.ts"
 const cfg = { id: "w0", shards: 2, steps: 100, accumulate: 1, ackTimeoutMs: 1_000, watchdogMs: 2_000 }
 const batch = (id: string, gen = 10): Batch => ({
   meta: { _tag: "BatchLeased", v: 1, batchId: id, epoch: 0, index: Number(id.split("-b")[1]), split: "train", B: 2, T: 4, attempt: 1, leaseMs: 1000, gen, epochBatches: 25 } as BatchLeased,
-  tokens: new Int32Array(10)
+  data: { size: 2, tensors: new Map([["tokens", new Int32Array(10)]]) }
 })
 const params = (shard: number, version: number, incarnation = 1): WorkerEvent => ({ _tag: "ParamsReceived", shard, incarnation, version, params: new Map() })
 const bundle = { tensors: [], meta: { kind: "grads", job: "j", version: 0, step: 0, sender: "w0", codec: "f32" } } as unknown as TensorBundle

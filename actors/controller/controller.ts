@@ -151,6 +151,8 @@ export const runController = (o: ControllerOptions): Effect.Effect<ControllerHan
     let lastLr: number | null = null
     let lastStep: number | null = null
     let lastValLoss: number | null = null
+    let valMetrics: Record<string, number> | undefined
+    let epochsDone = 0
     let finished = false
     const onApplied = (m: BusMessage) => {
       const r = decodeBytes(StepApplied, m.subject, m.data)
@@ -162,6 +164,7 @@ export const runController = (o: ControllerOptions): Effect.Effect<ControllerHan
         shards.set(a.shard, { incarnation: a.incarnation, version: a.version })
       }
       lastLoss = Number.isFinite(a.loss) ? a.loss : null
+      if (a.shard === 0 && a.epochsDone !== undefined) epochsDone = a.epochsDone
       lastLr = a.lr
       if (a.final) finished = true
     }
@@ -169,7 +172,10 @@ export const runController = (o: ControllerOptions): Effect.Effect<ControllerHan
       const lr = decodeBytes(LrForStep, m.subject, m.data)
       if (Result.isSuccess(lr)) lastStep = lr.success.step
       const val = decodeBytes(ValidationLoss, m.subject, m.data)
-      if (Result.isSuccess(val)) lastValLoss = Number.isFinite(val.success.loss) ? val.success.loss : null
+      if (Result.isSuccess(val)) {
+        lastValLoss = Number.isFinite(val.success.loss) ? val.success.loss : null
+        valMetrics = val.success.metrics
+      }
     }
     // other controllers of this job (queue group members) keep our view current
     const onPeer = (m: BusMessage) => {
@@ -202,6 +208,7 @@ export const runController = (o: ControllerOptions): Effect.Effect<ControllerHan
           _tag: "JobStatus", v: PROTOCOL_VERSION, job: job.job, requestId, by: id, at: now, actors,
           version: v, shards: [...shards].sort(([a], [b]) => a - b).map(([shard, x]) => ({ shard, version: x.version })),
           step: lastStep, lr: next, schedule: view.schedule.kind, lastLoss, lastValLoss,
+          ...(valMetrics ? { valMetrics } : {}), epoch: { done: epochsDone, of: job.train.epochs },
           consistency: view.consistency, optimizer: { ...view.optimizer }, paused: view.paused, stopped: view.stopped, finished
         }
         return reply

@@ -315,6 +315,9 @@ const onLog = (st: LoaderState, e: Extract<LoaderEvent, { _tag: "AppliedLogRecei
 const leaseId = (p: BatchRef) => batchId(p.epoch, p.index)
 
 /** The next batch to hand out: a re-issue, else the cursor's next undone, unleased index. */
+// No epoch limit here: a job bounded by train.epochs ends when the servers' applied logs
+// hold its last epoch whole (a loader that ran dry would leave a sync barrier waiting on
+// a worker with nothing to push); the few batches of the next epoch already out are applied.
 const nextBatch = (st: LoaderState): { readonly pending: Pending; readonly st: LoaderState } => {
   const reissue = [...st.reissue]
   while (reissue.length > 0) {
@@ -340,14 +343,14 @@ const onLease = (st: LoaderState, e: Extract<LoaderEvent, { _tag: "LeaseRequeste
     if (r.index === undefined || r.index >= cfg.valBatches) {
       return [st, [{ _tag: "Reject", to: e.replyTo, rejection: { code: "invalid-value", reason: `val batch index must be in [0, ${cfg.valBatches})`, subject: cfg.leaseSubject, sender: r.worker } }]]
     }
-    const meta: BatchLeased = { _tag: "BatchLeased", v: PROTOCOL_VERSION, batchId: `val-${r.index}`, epoch: 0, index: r.index, split: "val", B: cfg.B, T: cfg.T, attempt: 1, leaseMs: 0, gen: st.gen, epochBatches: cfg.epochBatches }
+    const meta: BatchLeased = { _tag: "BatchLeased", v: PROTOCOL_VERSION, batchId: `val-${r.index}`, epoch: 0, index: r.index, split: "val", B: cfg.B, T: cfg.T, attempt: 1, leaseMs: 0, gen: st.gen, epochBatches: cfg.epochBatches, valBatches: cfg.valBatches }
     return [st, [{ _tag: "ReplyBatch", to: e.replyTo, meta }]]
   }
   if (st.paused) return [st, [{ _tag: "ReplyNoBatch", to: e.replyTo, reason: "paused", retryAfterMs: 200 }]]
   if (isBuilding(st)) return [st, [{ _tag: "ReplyNoBatch", to: e.replyTo, reason: "rebuilding", retryAfterMs: Math.min(500, cfg.logRetryMs) }]]
   const { pending, st: next } = nextBatch(st)
   const l: Lease = { ...pending, id: leaseId(pending), worker: r.worker, attempt: pending.attempt + 1, deadline: e.now + cfg.leaseMs, acked: [] }
-  const meta: BatchLeased = { _tag: "BatchLeased", v: PROTOCOL_VERSION, batchId: l.id, epoch: l.epoch, index: l.index, split: "train", B: cfg.B, T: cfg.T, attempt: l.attempt, leaseMs: cfg.leaseMs, gen: st.gen, epochBatches: cfg.epochBatches }
+  const meta: BatchLeased = { _tag: "BatchLeased", v: PROTOCOL_VERSION, batchId: l.id, epoch: l.epoch, index: l.index, split: "train", B: cfg.B, T: cfg.T, attempt: l.attempt, leaseMs: cfg.leaseMs, gen: st.gen, epochBatches: cfg.epochBatches, valBatches: cfg.valBatches }
   return [{ ...next, leases: new Map(next.leases).set(l.id, l) }, [{ _tag: "ReplyBatch", to: e.replyTo, meta }]]
 }
 

@@ -17,7 +17,6 @@ import { onControl } from "../../shared/actor/control-listener.ts"
 import { runHeartbeat, trackMembership } from "../../shared/actor/membership.ts"
 import { makeReporter } from "../../shared/actor/report.ts"
 import type { JobConfig } from "../../shared/config/job.ts"
-import { loadCorpus } from "../../shared/data/corpus.ts"
 import { decodeBytes, encodeMessage } from "../../shared/protocol/decode.ts"
 import {
   AppliedLog as AppliedLogReply,
@@ -30,8 +29,12 @@ import {
 import { queues, subjects } from "../../shared/protocol/subjects.ts"
 import { currentMetrics } from "../../shared/telemetry/metrics.ts"
 import { start, statusOf, step, type LoaderConfig, type LoaderEffect, type LoaderEvent, type LoaderStatus } from "./core.ts"
-import { makeLmPlan, trainBatch, valBatch, type LmPlan } from "./plan.ts"
+import { makePlanForJob, type DataPlan } from "./tasks.ts"
 import { encodeBatch, getAppliedLog, noBatch } from "./protocol.ts"
+import { mkdirSync, writeFileSync } from "node:fs"
+import { join } from "node:path"
+import { GetDataInfo, type DataInfo } from "../../shared/protocol/messages.ts"
+import { PROTOCOL_VERSION } from "../../shared/protocol/subjects.ts"
 
 export interface LoaderOptions {
   readonly job: JobConfig
@@ -48,30 +51,22 @@ export interface LoaderOptions {
   readonly logTimeoutMs?: number
   /** re-fetch every shard's applied log this often while serving; 0 = never. Default 10 s. */
   readonly refreshMs?: number
+  /** a classifier's train/val split is written to `<runsDir>/<job>/split.json`. Default "runs". */
+  readonly runsDir?: string
 }
 
 export interface LoaderHandle {
-  readonly plan: LmPlan
+  readonly plan: DataPlan
   /** the table as of the last event the mailbox handled. */
   status(): LoaderStatus
   /** pause (leases answer NoBatch "paused") or resume; goes through the mailbox. */
   setPaused(paused: boolean): void
 }
 
-/** The job cannot be served by a loader (not a language model, an empty loader shard). */
+/** The job cannot be served by a loader (an empty loader shard, a bad topology). */
 export class LoaderConfigError extends Data.TaggedError("LoaderConfigError")<{ readonly message: string }> {}
 
-export const makePlanForJob = (job: JobConfig): LmPlan => {
-  if (job.model.kind !== "gpt") throw new LoaderConfigError({ message: `the loader serves language-model batches; model.kind is ${job.model.kind}` })
-  const corpus = loadCorpus(job.data.corpus)
-  return makeLmPlan(corpus.bytes, {
-    T: job.model.contextLength,
-    B: job.data.batchSize,
-    valFraction: job.data.valFraction,
-    seed: job.data.seed,
-    valBatches: job.data.valBatches
-  })
-}
+export { makePlanForJob } from "./tasks.ts"
 
 const PS_HEARTBEAT = ".hb.ps."
 
@@ -99,7 +94,7 @@ export const runLoader = (o: LoaderOptions): Effect.Effect<LoaderHandle, Error, 
       psShards: job.topology.psShards,
       B: plan.B,
       T: plan.T,
-      valBatches: job.data.valBatches,
+      valBatches: plan.valBatches,
       leaseMs: job.train.leaseTimeoutMs,
       maxAttempts: o.maxAttempts ?? 5,
       logRetryMs: o.logRetryMs ?? 500,
@@ -112,10 +107,23 @@ export const runLoader = (o: LoaderOptions): Effect.Effect<LoaderHandle, Error, 
     const mailbox = yield* Queue.unbounded<LoaderEvent>()
     const offer = (e: LoaderEvent) => Queue.offer(mailbox, e).pipe(Effect.asVoid)
 
-    yield* Effect.logInfo(
-      `loader ${id}: corpus ${job.data.corpus}, ${plan.train.length} train / ${plan.val.length} val bytes, ` +
-        `${plan.batchesPerEpoch} batches of ${plan.B}×${plan.T + 1} per epoch (serving ${indices.length})`
-    )
+    yield* Effect.logInfo(`loader ${id}: ${plan.task}: ${plan.describe} (serving ${indices.length})`)
+    if (plan.split !== undefined) {
+      const dir = join(o.runsDir ?? "runs", job.job)
+      yield* Effect.try(() => {
+        mkdirSync(dir, { recursive: true })
+        writeFileSync(join(dir, "split.json"), JSON.stringify(plan.split, null, 1) + "\n")
+      }).pipe(
+        Effect.flatMap(() => Effect.logInfo(`loader ${id}: train/val split written to ${join(dir, "split.json")}`)),
+        Effect.catch((e) => Effect.logWarning(`loader ${id}: cannot write ${join(dir, "split.json")}: ${String(e)}`))
+      )
+    }
+    const info: DataInfo = {
+      _tag: "DataInfo", v: PROTOCOL_VERSION, task: plan.task, corpus: job.data.corpus, epochBatches: plan.batchesPerEpoch, valBatches: plan.valBatches,
+      trainSamples: plan.trainSamples, valSamples: plan.valSamples,
+      ...(plan.labels ? { labels: [...plan.labels] } : {}), ...(plan.tokenizer !== undefined ? { tokenizer: plan.tokenizer } : {})
+    }
+    const infoBytes = encodeMessage(info)
     const hb = yield* runHeartbeat(s, "loader", id, job.train.heartbeatMs)
 
     // ---- the effects the reducer asks for
@@ -133,13 +141,10 @@ export const runLoader = (o: LoaderOptions): Effect.Effect<LoaderHandle, Error, 
 
     const replyBatch = (to: BusMessage, meta: Extract<LoaderEffect, { _tag: "ReplyBatch" }>["meta"]) =>
       Effect.try({
-        try: () => (meta.split === "val" ? valBatch(plan, meta.index) : trainBatch(plan, meta.epoch, meta.index)),
+        try: () => encodeBatch(meta, meta.split === "val" ? plan.valBatch(meta.index) : plan.trainBatch(meta.epoch, meta.index)),
         catch: (e) => new LoaderConfigError({ message: `cannot cut ${meta.batchId}: ${e instanceof Error ? e.message : String(e)}` })
       }).pipe(
-        Effect.flatMap((tokens) => {
-          const { data, headers } = encodeBatch(meta, tokens)
-          return bus.respond(to, data, headers)
-        }),
+        Effect.flatMap(({ data, headers }) => bus.respond(to, data, headers)),
         Effect.catch((e) =>
           e._tag === "LoaderConfigError"
             ? reject({ code: "internal", reason: e.message, subject: s.dataLease }, to).pipe(Effect.asVoid)
@@ -200,6 +205,15 @@ export const runLoader = (o: LoaderOptions): Effect.Effect<LoaderHandle, Error, 
             ? { _tag: "LeaseRequested", request: r.success, replyTo: m, now: Date.now() }
             : { _tag: "BadMessageReceived", subject: m.subject, reason: r.failure.reason, replyTo: m }
         )
+      },
+      { queue: queues.loader }
+    )
+    // what the data is: answered from the plan, outside the mailbox (it never changes)
+    yield* bus.subscribe(
+      s.dataInfo,
+      (m) => {
+        const r = decodeBytes(GetDataInfo, m.subject, m.data)
+        return Result.isSuccess(r) ? bus.respond(m, infoBytes).pipe(Effect.ignore) : reject({ code: "bad-message", reason: r.failure.reason, subject: m.subject }, m).pipe(Effect.asVoid)
       },
       { queue: queues.loader }
     )

@@ -1,25 +1,31 @@
 /**
  * Implements: the loader's protocol — what it accepts (`LeaseBatch` on `data.lease`,
  * request/reply in the `loader` queue group; `BatchFailed` on `data.ack`), typed
- * constructors for what it sends and is sent, the wire form of a batch reply (payload =
- * tokens as little-endian int32, B × (T + 1); header `Flotilla-Batch` = BatchLeased JSON),
+ * constructors for what it sends and is sent, the wire form of a batch reply (payload = the
+ * batch's named tensors as a tensor bundle, its manifest in `Flotilla-Manifest`; header
+ * `Flotilla-Batch` = BatchLeased JSON), `getDataInfo` (`data.info`),
  * and `LoaderClient`, the small client workers and evaluators use. Nobody else builds these
  * messages by hand.
  * Does not own: the schemas (shared/protocol/messages.ts), the lease rules (core.ts).
  */
 import { Effect, Result } from "effect"
 import type { BusMessage, BusShape, Headers } from "../../shared/bus/Bus.ts"
-import { decodeValue, encodeMessage, parseJson } from "../../shared/protocol/decode.ts"
+import { decodeBytes, decodeValue, encodeMessage, parseJson } from "../../shared/protocol/decode.ts"
 import {
   BatchLeased,
+  DataInfo,
   HEADER_BATCH,
   LeaseReply,
   type BatchFailed,
   type GetAppliedLog,
+  type GetDataInfo,
   type LeaseBatch,
   type NoBatch
 } from "../../shared/protocol/messages.ts"
 import { PROTOCOL_VERSION, type Subjects } from "../../shared/protocol/subjects.ts"
+import { HEADERS } from "../../shared/protocol/headers.ts"
+import type { Batch } from "../../shared/models/model.ts"
+import { decodeBundle, encodeBundle, manifestToJson, type WireTensor } from "../../shared/wire/tensor.ts"
 
 /** What the loader accepts. */
 export type LoaderRequest = LeaseBatch | BatchFailed
@@ -42,17 +48,26 @@ export const noBatch = (reason: NoBatch["reason"], retryAfterMs: number): NoBatc
 
 export const getAppliedLog = (from: string): GetAppliedLog => ({ _tag: "GetAppliedLog", v: PROTOCOL_VERSION, from })
 
-/** The reply that carries a batch: the tokens' bytes and the BatchLeased header. */
-export const encodeBatch = (meta: BatchLeased, tokens: Int32Array): { readonly data: Uint8Array; readonly headers: Headers } => ({
-  // the wire is little-endian; so is every platform Node runs on
-  data: new Uint8Array(tokens.buffer, tokens.byteOffset, tokens.byteLength),
-  headers: { [HEADER_BATCH]: JSON.stringify(meta) }
-})
+export const getDataInfo = (from: string): GetDataInfo => ({ _tag: "GetDataInfo", v: PROTOCOL_VERSION, from })
+
+/** The reply that carries a batch: its tensors as a bundle, the BatchLeased and manifest headers. */
+export const encodeBatch = (meta: BatchLeased, batch: Batch): { readonly data: Uint8Array; readonly headers: Headers } => {
+  const tensors: WireTensor[] = [...batch.tensors].map(([name, data]) => ({
+    name,
+    dtype: data instanceof Int32Array ? "int32" : "float32",
+    shape: data.length % batch.size === 0 && data.length !== batch.size ? [batch.size, data.length / batch.size] : [data.length],
+    data
+  }))
+  const r = encodeBundle({ tensors, meta: { kind: "batch", job: "", version: 0, step: 0, sender: "loader", batchId: meta.batchId, codec: "f32" } })
+  if (Result.isFailure(r)) throw new Error(`batch ${meta.batchId}: ${r.failure.message}`)
+  // B is the batch's own row count (a classifier's last validation batch is shorter)
+  return { data: r.success.payload, headers: { [HEADER_BATCH]: JSON.stringify({ ...meta, B: batch.size }), [HEADERS.manifest]: manifestToJson(r.success.manifest) } }
+}
 
 // ---------------------------------------------------------------- the client
 
 export type LeaseResult =
-  | { readonly _tag: "Batch"; readonly meta: BatchLeased; readonly tokens: Int32Array }
+  | { readonly _tag: "Batch"; readonly meta: BatchLeased; readonly batch: Batch }
   | { readonly _tag: "NoBatch"; readonly reason: string; readonly retryAfterMs: number }
   | { readonly _tag: "Failed"; readonly reason: string }
 
@@ -74,11 +89,19 @@ export const decodeBatch = (m: BusMessage): LeaseResult => {
   if (Result.isFailure(meta)) return { _tag: "Failed", reason: `${HEADER_BATCH} header: ${meta.failure}` }
   const d = decodeValue(BatchLeased, m.subject, meta.success)
   if (Result.isFailure(d)) return { _tag: "Failed", reason: `${HEADER_BATCH} header: ${d.failure.reason}` }
-  const need = d.success.B * (d.success.T + 1) * 4
-  if (m.data.byteLength !== need) return { _tag: "Failed", reason: `batch payload is ${m.data.byteLength} bytes, expected ${need}` }
-  const tokens = new Int32Array(d.success.B * (d.success.T + 1))
-  new Uint8Array(tokens.buffer).set(m.data)
-  return { _tag: "Batch", meta: d.success, tokens }
+  const manifest = m.headers[HEADERS.manifest]
+  if (manifest === undefined) return { _tag: "Failed", reason: `batch ${d.success.batchId}: no ${HEADERS.manifest} header` }
+  // copy: the bus may reuse the message buffer, and int32/float32 views need 4-byte alignment
+  const payload = new Uint8Array(m.data.byteLength)
+  payload.set(m.data)
+  const bundle = decodeBundle(manifest, payload)
+  if (Result.isFailure(bundle)) return { _tag: "Failed", reason: `batch ${d.success.batchId}: ${bundle.failure.message}` }
+  const tensors = new Map<string, Int32Array | Float32Array>()
+  for (const t of bundle.success.tensors) {
+    if (t.dtype === "int8") return { _tag: "Failed", reason: `batch ${d.success.batchId}: tensor ${t.name} is int8; batches carry int32 and float32 only` }
+    tensors.set(t.name, t.data as Int32Array | Float32Array)
+  }
+  return { _tag: "Batch", meta: d.success, batch: { size: d.success.B, tensors } }
 }
 
 export const LoaderClient = {
@@ -87,6 +110,12 @@ export const LoaderClient = {
     bus.request(s.dataLease, encodeMessage(leaseBatch(worker, split, index)), { timeoutMs }).pipe(
       Effect.map(decodeBatch),
       Effect.catch((e) => Effect.succeed<LeaseResult>({ _tag: "Failed", reason: `${e._tag}: ${e.message}` }))
+    ),
+  /** What the data is (task, sizes, labels, tokenizer); fails when no loader answers. */
+  info: (bus: BusShape, s: Subjects, from: string, timeoutMs = 5_000): Effect.Effect<DataInfo, Error> =>
+    bus.request(s.dataInfo, encodeMessage(getDataInfo(from)), { timeoutMs }).pipe(
+      Effect.mapError((e) => new Error(`${s.dataInfo}: ${e.message}`)),
+      Effect.flatMap((m) => Effect.fromResult(decodeBytes(DataInfo, m.subject, m.data)).pipe(Effect.mapError((e) => new Error(e.message))))
     ),
   /** Give a leased batch back (failed, or its gradient is known stale). Never fails. */
   fail: (bus: BusShape, s: Subjects, worker: string, batchId: string, gen: number, reason: string): Effect.Effect<void> =>

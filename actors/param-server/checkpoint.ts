@@ -13,7 +13,8 @@
  * `state` holds what is not a tensor: version, update count, optimizer config (with any
  * live `set-optimizer` change), consistency, the applied log (per-epoch bitmaps: the
  * loader's done set and its cursor are derived from it), and on shard 0 the scheduler's
- * live state (schedule, plateau counters, `set-lr` overrides) as of this version. With
+ * live state (schedule, plateau counters, `set-lr` overrides) as of this version; for a
+ * classifier, `data`: its labels and tokenizer (so `flotilla classify` tokenizes alike). With
  * these, a resumed job continues bit-identically. The store writes atomically (a crash
  * leaves the old checkpoint or the new one). Loading checks magic, header, length and
  * CRC32; a corrupt checkpoint is reported and the previous one is used.
@@ -44,6 +45,8 @@ export interface ShardCheckpoint {
   readonly log: AppliedLogJson
   /** shard 0: the scheduler's state as of this version (shared/schedule/state.ts); else absent. */
   readonly schedule?: unknown
+  /** what inference needs besides the params (a classifier's labels and tokenizer: DataInfo from the loader); absent for a language model. */
+  readonly data?: unknown
   readonly params: ReadonlyMap<string, Float32Array>
   readonly shapes: ReadonlyMap<string, readonly number[]>
   readonly slots: ReadonlyMap<string, OptimizerSlots>
@@ -69,7 +72,7 @@ export const encodeCheckpoint = (c: ShardCheckpoint): Uint8Array => {
       crc32: crc32(payload),
       payloadBytes: payload.byteLength,
       manifest,
-      state: { job: c.job, shard: c.shard, version: c.version, updates: c.updates, optimizer: c.optimizer, consistency: c.consistency, log: c.log, schedule: c.schedule }
+      state: { job: c.job, shard: c.shard, version: c.version, updates: c.updates, optimizer: c.optimizer, consistency: c.consistency, log: c.log, schedule: c.schedule, data: c.data }
     })
   )
   // pad the header so the payload starts 4-byte aligned in the file
@@ -123,7 +126,7 @@ export const decodeCheckpoint = (bytes: Uint8Array, what = "checkpoint"): ShardC
   if (Result.isFailure(log)) fail(`applied log: ${log.failure.reason}`)
   return {
     job: st.job, shard: st.shard, version: st.version, updates: st.updates, optimizer: st.optimizer, consistency: st.consistency,
-    log: Result.getOrThrow(log), schedule: st.schedule, params, shapes, slots
+    log: Result.getOrThrow(log), schedule: st.schedule, data: st.data, params, shapes, slots
   }
 }
 

@@ -41,6 +41,8 @@ export interface PsConfig {
   readonly shard: number
   readonly shards: number
   readonly steps: number
+  /** the job also ends once this many epochs are complete in the applied log (0 = no limit). */
+  readonly epochs: number
   readonly checkpointEvery: number
   /** the first version waits until this many workers are live. */
   readonly minWorkers: number
@@ -73,6 +75,8 @@ export interface PsState {
   paused: boolean
   stopped: boolean
   done: boolean
+  /** batches per epoch, from the gradients' GradMeta (0 until one says). */
+  epochBatches: number
   phase: Phase
   /** leader: what each follower holds for its version. */
   readonly heldBy: Map<number, GradientsHeld>
@@ -115,7 +119,8 @@ export type PsEffect =
   | { readonly _tag: "Reply"; readonly to: BusMessage; readonly message: object }
   | { readonly _tag: "ReplyParams"; readonly to: BusMessage }
   | { readonly _tag: "BroadcastParams" }
-  | { readonly _tag: "RequestLr"; readonly version: number }
+  /** `epoch`: the data epoch of the batches that will make version + 1 (per-epoch schedules). */
+  | { readonly _tag: "RequestLr"; readonly version: number; readonly epoch: number }
   | { readonly _tag: "RequestDecision"; readonly version: number }
   | { readonly _tag: "Reject"; readonly rejection: Rejection; readonly replyTo?: BusMessage; readonly ackTo?: string }
   | { readonly _tag: "Applied"; readonly step: AppliedStep; readonly final: boolean }
@@ -134,7 +139,8 @@ export const initialState = (cfg: PsConfig, core: ShardState, o: { incarnation: 
   resumedAt: core.version > 0 ? o.now : undefined,
   paused: false,
   stopped: false,
-  done: core.version >= cfg.steps,
+  done: core.version >= cfg.steps || (cfg.epochs > 0 && core.log.openFrom >= cfg.epochs),
+  epochBatches: 0,
   phase: { _tag: "Idle" },
   heldBy: new Map(),
   decisions: new Map(),
@@ -280,7 +286,7 @@ export const step = (s: PsState, e: PsEvent): PsEffect[] => {
       s.barrier = new Set(s.members)
       s.started = false
       s.resumedAt = s.now
-      s.done = s.core.version >= s.cfg.steps
+      s.done = finished(s)
       out.push({ _tag: "Log", level: "warn", message: `shard ${s.cfg.shard} rolled back to version ${s.core.version} (${e.from}); incarnation ${s.incarnation}` })
       out.push({ _tag: "BroadcastParams" })
       break
@@ -361,7 +367,7 @@ const progress = (s: PsState, out: PsEffect[]) => {
     if (!h) return
     s.started = true
     s.phase = { _tag: "AwaitingLr", version: s.core.version + 1, pushes: [h] }
-    out.push({ _tag: "RequestLr", version: s.core.version })
+    out.push({ _tag: "RequestLr", version: s.core.version, epoch: epochOf([h]) })
     return
   }
   if (coordinated(s)) {
@@ -387,7 +393,7 @@ const progress = (s: PsState, out: PsEffect[]) => {
   s.started = true
   const pushes = s.core.choose(candidates.map((h) => h.sender))
   s.phase = { _tag: "AwaitingLr", version: s.core.version + 1, pushes }
-  out.push({ _tag: "RequestLr", version: s.core.version })
+  out.push({ _tag: "RequestLr", version: s.core.version, epoch: epochOf(pushes) })
 }
 
 /** Apply now, or (sync, several shards, clipping) share this shard's norm first. */
@@ -408,8 +414,9 @@ const applyOrShare = (s: PsState, version: number, pushes: readonly Held[], lr: 
 
 const finishApply = (s: PsState, pushes: readonly Held[], lr: number, globalSumSq: number | undefined, out: PsEffect[]) => {
   const { step, dropped } = s.core.apply(lr, pushes, globalSumSq)
+  for (const p of pushes) if ((p.epochBatches ?? 0) > 0) s.epochBatches = p.epochBatches!
   s.phase = { _tag: "Idle" }
-  s.done = step.version >= s.cfg.steps
+  s.done = finished(s)
   s.barrier = new Set(s.members)
   s.waitingSince = s.now
   s.lastProgress = s.now
@@ -427,6 +434,16 @@ const finishApply = (s: PsState, pushes: readonly Held[], lr: number, globalSumS
   out.push({ _tag: "Applied", step, final: s.done })
   if (s.done) out.push({ _tag: "Checkpoint", why: "final version" }, { _tag: "Finished" })
   else if (s.cfg.checkpointEvery > 0 && step.version % s.cfg.checkpointEvery === 0) out.push({ _tag: "Checkpoint", why: `every ${s.cfg.checkpointEvery}` })
+}
+
+/** The job is over: its last step, or (train.epochs) its last epoch complete in the applied log. */
+const finished = (s: PsState): boolean => s.core.version >= s.cfg.steps || (s.cfg.epochs > 0 && s.core.log.openFrom >= s.cfg.epochs)
+
+/** The data epoch of a version's batches: the newest among them. */
+const epochOf = (pushes: readonly Held[]): number => {
+  let e = 0
+  for (const p of pushes) for (const r of p.micro) e = Math.max(e, r.epoch)
+  return e
 }
 
 const STALL_REPORT_MS = 10_000 // nothing applied for this long (not paused): say what the shard waits for

@@ -7,7 +7,7 @@
  */
 import { Effect, Result } from "effect"
 import type { BusShape } from "../../shared/bus/Bus.ts"
-import { AppliedLog as AppliedLogBits } from "../../shared/protocol/applied-log.ts"
+import { AppliedLog as AppliedLogBits, parseBatchId } from "../../shared/protocol/applied-log.ts"
 import { decodeBytes, encodeMessage } from "../../shared/protocol/decode.ts"
 import {
   AppliedLog,
@@ -49,7 +49,10 @@ export const normShare = (s: PsState, version: number, sumSq: number): NormShare
 export const stepApplied = (s: PsState, step: AppliedStep, final: boolean): StepApplied => ({
   _tag: "StepApplied", v, shard: s.cfg.shard, incarnation: s.incarnation, version: step.version, batchIds: step.batchIds,
   contributors: step.contributors, samples: step.samples, tokens: step.tokens, loss: step.loss, lr: step.lr,
-  gradNorm: Number.isFinite(step.gradNorm) ? step.gradNorm : -1, maxStaleness: step.maxStaleness, aggregateMs: 0, at: 0, final
+  gradNorm: Number.isFinite(step.gradNorm) ? step.gradNorm : -1, maxStaleness: step.maxStaleness, aggregateMs: 0, at: 0, final,
+  epoch: Math.max(0, ...step.batchIds.flatMap((id) => id.split("+")).map((id) => parseBatchId(id)?.epoch ?? 0)),
+  epochsDone: s.core.log.openFrom,
+  ...(s.epochBatches > 0 ? { epochBatches: s.epochBatches } : {})
 })
 
 export const appliedLog = (s: PsState): AppliedLog => ({
@@ -61,7 +64,7 @@ export const paramsBundle = (s: PsState): TensorBundle => ({
   tensors: s.core.specs.map((sp) => ({ name: sp.name, dtype: "float32" as const, shape: sp.shape, data: s.core.params.get(sp.name)! })),
   meta: {
     kind: "params", job: s.cfg.job, version: s.core.version, step: s.core.version, sender: s.cfg.id, codec: "f32",
-    extra: { shard: s.cfg.shard, incarnation: s.incarnation } satisfies ParamsMeta
+    extra: { shard: s.cfg.shard, incarnation: s.incarnation, epochsDone: s.core.log.openFrom } satisfies ParamsMeta
   }
 })
 

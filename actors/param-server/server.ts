@@ -12,7 +12,7 @@
  * scheduler it is computed from the scheduler state this shard holds.
  * Run alone: `flotilla launch param-server --job FILE --shard K`.
  */
-import { Deferred, Effect, Option, Queue, Result, Scope, type Tracer } from "effect"
+import { Deferred, Effect, Option, Queue, Ref, Result, Schedule, Scope, type Tracer } from "effect"
 import { Bus, type BusMessage } from "../../shared/bus/Bus.ts"
 import { onControl } from "../../shared/actor/control-listener.ts"
 import { runHeartbeat, trackMembership } from "../../shared/actor/membership.ts"
@@ -37,6 +37,7 @@ import { makeFileStore, type CheckpointStoreShape } from "../../shared/checkpoin
 import { loadCheckpoint, saveCheckpoint, type ShardCheckpoint } from "./checkpoint.ts"
 import { initialState, step, type PsEffect, type PsEvent, type PsState } from "./core.ts"
 import { ParamServerClient, paramsBundle } from "./protocol.ts"
+import { LoaderClient } from "../loader/protocol.ts"
 
 export interface ParamServerOptions {
   readonly job: JobConfig
@@ -112,7 +113,7 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
     const incarnation = Date.now()
     const state = initialState(
       {
-        subjects: s, job: job.job, id, shard, shards: job.topology.psShards, steps: job.train.steps, checkpointEvery: job.train.checkpointEvery,
+        subjects: s, job: job.job, id, shard, shards: job.topology.psShards, steps: job.train.steps, epochs: job.train.epochs, checkpointEvery: job.train.checkpointEvery,
         minWorkers: o.minWorkers ?? job.topology.workers, decisionWaitMs: Math.max(1_000, 4 * job.train.heartbeatMs), resendMs: 500,
         joinGraceMs: job.train.livenessMs
       },
@@ -140,11 +141,25 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
     }
     setInfo()
 
+    // shard 0's checkpoints say what inference needs: the model block, and from the loader
+    // the task, class names and tokenizer (asked once, in the background, until one answers)
+    const dataInfo = yield* Ref.make<unknown>(undefined)
+    if (shard === 0) {
+      yield* Effect.forkScoped(
+        LoaderClient.info(bus, s, id, 2_000).pipe(
+          Effect.retry(Schedule.spaced(1_000)),
+          Effect.flatMap((i) => Ref.set(dataInfo, { task: i.task, corpus: i.corpus, labels: i.labels, tokenizer: i.tokenizer })),
+          Effect.ignore
+        )
+      )
+    }
+
     // ---- effects
     const checkpoint = (why: string) =>
       saveCheckpoint(store, {
         job: job.job, shard, version: state.core.version, updates: state.core.updates, optimizer: state.core.optimizer.config,
         consistency: state.core.consistency, log: state.core.log.toJSON(), schedule: state.schedule,
+        data: shard === 0 ? { model: job.model, ...(Ref.getUnsafe(dataInfo) ?? {}) } : undefined,
         params: state.core.params, shapes: new Map(specs.map((sp) => [sp.name, sp.shape])), slots: state.core.slots
       }).pipe(
         Effect.tap((r) => Effect.sync(() => void (savedVersion = r.version))),
@@ -153,13 +168,13 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
     /** the version of the newest checkpoint this process wrote (or resumed from). */
     let savedVersion = found ? state.core.version : -1
 
-    const lrFor = (version: number) =>
-      bus.request(s.lr, encodeMessage({ _tag: "GetLr", v: PROTOCOL_VERSION, step: version, incarnation: state.incarnation, state: shard === 0 ? state.schedule : undefined }), { timeoutMs: 1_000 }).pipe(
+    const lrFor = (version: number, epoch: number) =>
+      bus.request(s.lr, encodeMessage({ _tag: "GetLr", v: PROTOCOL_VERSION, step: version, epoch, incarnation: state.incarnation, state: shard === 0 ? state.schedule : undefined }), { timeoutMs: 1_000 }).pipe(
         Effect.flatMap((m) => Effect.fromResult(decodeBytes(LrForStep, m.subject, m.data))),
         Effect.retry({ times: 2 }),
         Effect.map((r) => ({ lr: r.lr, schedule: r.state })),
         // no scheduler: the LR its last known state gives (the job's schedule before any reply)
-        Effect.catch(() => Effect.sync(() => ({ lr: lrFrom(parseState(state.schedule) ?? initialSchedulerState(schedule.success), version), schedule: undefined })))
+        Effect.catch(() => Effect.sync(() => ({ lr: lrFrom(parseState(state.schedule) ?? initialSchedulerState(schedule.success), version, epoch), schedule: undefined })))
       )
 
     let stepMs = 0 // how long the last reducer step took (the update's compute), for StepApplied
@@ -180,7 +195,7 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
             Effect.ignore
           )
         case "RequestLr":
-          return Effect.asVoid(Effect.forkIn(lrFor(e.version).pipe(Effect.flatMap((r) => offer({ _tag: "LrResolved", version: e.version + 1, lr: r.lr, schedule: r.schedule }, span))), scope))
+          return Effect.asVoid(Effect.forkIn(lrFor(e.version, e.epoch).pipe(Effect.flatMap((r) => offer({ _tag: "LrResolved", version: e.version + 1, lr: r.lr, schedule: r.schedule }, span))), scope))
         case "RequestDecision":
           return Effect.asVoid(
             Effect.forkIn(ParamServerClient.decision(bus, s, e.version).pipe(Effect.flatMap((d) => offer({ _tag: "Decided", msg: d })), Effect.ignore), scope)

@@ -66,7 +66,7 @@ export const runScheduler = (o: SchedulerOptions): Effect.Effect<SchedulerHandle
           }
           const fresh = r.step > state.announced
           state = queried(state, r.step)
-          const reply: LrForStep = { _tag: "LrForStep", v: PROTOCOL_VERSION, step: r.step, lr: lrFrom(state, r.step), schedule: state.schedule.kind, state }
+          const reply: LrForStep = { _tag: "LrForStep", v: PROTOCOL_VERSION, step: r.step, lr: lrFrom(state, r.step, r.epoch ?? 0), schedule: state.schedule.kind, state }
           const bytes = encodeMessage(reply)
           return bus.respond(e.msg, bytes).pipe(
             Effect.andThen(fresh ? bus.publish(s.metrics("scheduler"), bytes) : Effect.void),

@@ -24,10 +24,12 @@
  */
 import type { BatchLeased, PushAck, Rejected } from "../../shared/protocol/messages.ts"
 import type { TensorBundle } from "../../shared/wire/tensor.ts"
+import type { Batch as ModelBatch } from "../../shared/models/model.ts"
 
+/** A leased batch: the loader's meta and the model's named tensors (shared/models/model.ts). */
 export interface Batch {
   readonly meta: BatchLeased
-  readonly tokens: Int32Array
+  readonly data: ModelBatch
 }
 
 export interface CachedShard {
@@ -92,7 +94,7 @@ export interface WorkerState {
 
 export type WorkerEvent =
   | { readonly _tag: "LeaseReplied"; readonly batch?: Batch; readonly noBatch?: { reason: string; retryAfterMs: number }; readonly failed?: string }
-  | { readonly _tag: "ParamsReceived"; readonly shard: number; readonly incarnation: number; readonly version: number; readonly params: ReadonlyMap<string, Float32Array> }
+  | { readonly _tag: "ParamsReceived"; readonly shard: number; readonly incarnation: number; readonly version: number; readonly params: ReadonlyMap<string, Float32Array>; readonly epochsDone?: number }
   | { readonly _tag: "PullEnded"; readonly shard: number }
   | { readonly _tag: "ServerSeen"; readonly shard: number; readonly incarnation: number; readonly version: number }
   | { readonly _tag: "PushAcked"; readonly ack: PushAck }

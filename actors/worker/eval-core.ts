@@ -3,7 +3,8 @@
  * to evaluate, as a pure function `evalStep(state, event) → effects`. It keeps the newest
  * params of each shard (the same acceptance rule as a training worker: a newer version of
  * one incarnation, or any version of a newer incarnation), and asks for an evaluation of
- * every version that is due (a multiple of evalEvery, and the final one) once every shard is
+ * every version that is due (a multiple of evalEvery, or with evalEvery "epoch" the first
+ * version after each epoch completes; and the final one) once every shard is
  * at it — each params identity once, so a server that restarts and recomputes a version
  * gets it evaluated again. A heartbeat showing params it lacks, or QUIET_MS without any,
  * makes it pull. The shell (worker.ts) leases the validation batches, computes the losses
@@ -14,7 +15,15 @@ import { isNewer, type CachedShard } from "./core.ts"
 export interface EvalConfig {
   readonly shards: number
   readonly steps: number
-  readonly every: number
+  /** evaluate every N versions, or once per epoch (when shard 0's params show one more complete epoch). */
+  readonly every: number | "epoch"
+  /** the job also ends at this many complete epochs (0 = no limit). */
+  readonly epochs: number
+}
+
+export interface CachedEval extends CachedShard {
+  /** complete epochs behind these params (ParamsMeta.epochsDone). */
+  readonly epochsDone: number
 }
 
 /** No params for this long: pull every shard (a lost broadcast, a restarted server). */
@@ -22,7 +31,9 @@ export const QUIET_MS = 5_000
 
 export interface EvalState {
   readonly cfg: EvalConfig
-  readonly cache: Map<number, CachedShard>
+  readonly cache: Map<number, CachedEval>
+  /** complete epochs of the last evaluation (-1: none yet). */
+  lastEpoch: number
   /** the validation batches are leased: evaluations can run. */
   ready: boolean
   lastKey: string
@@ -32,7 +43,7 @@ export interface EvalState {
 }
 
 export type EvalEvent =
-  | { readonly _tag: "ParamsReceived"; readonly shard: number; readonly incarnation: number; readonly version: number; readonly params: ReadonlyMap<string, Float32Array> }
+  | { readonly _tag: "ParamsReceived"; readonly shard: number; readonly incarnation: number; readonly version: number; readonly params: ReadonlyMap<string, Float32Array>; readonly epochsDone?: number }
   | { readonly _tag: "ServerSeen"; readonly shard: number; readonly incarnation: number; readonly version: number }
   | { readonly _tag: "ValReady" }
   | { readonly _tag: "Tick"; readonly now: number }
@@ -43,10 +54,10 @@ export const isEvalEvent = (e: { readonly _tag: string }): e is EvalEvent => EVA
 
 export type EvalEffect =
   | { readonly _tag: "Pull"; readonly shard: number }
-  | { readonly _tag: "Evaluate"; readonly version: number; readonly params: ReadonlyMap<string, Float32Array> }
+  | { readonly _tag: "Evaluate"; readonly version: number; readonly epochsDone: number; readonly params: ReadonlyMap<string, Float32Array> }
   | { readonly _tag: "Finish" }
 
-export const initialEval = (cfg: EvalConfig, now: number): EvalState => ({ cfg, cache: new Map(), ready: false, lastKey: "", quietSince: now, now, done: false })
+export const initialEval = (cfg: EvalConfig, now: number): EvalState => ({ cfg, cache: new Map(), lastEpoch: -1, ready: false, lastKey: "", quietSince: now, now, done: false })
 
 export const evalStep = (s: EvalState, e: EvalEvent): EvalEffect[] => {
   const out: EvalEffect[] = []
@@ -54,7 +65,7 @@ export const evalStep = (s: EvalState, e: EvalEvent): EvalEffect[] => {
   switch (e._tag) {
     case "ParamsReceived":
       if (isNewer(s.cache.get(e.shard), e.incarnation, e.version)) {
-        s.cache.set(e.shard, { incarnation: e.incarnation, version: e.version, params: e.params })
+        s.cache.set(e.shard, { incarnation: e.incarnation, version: e.version, params: e.params, epochsDone: e.epochsDone ?? 0 })
         s.quietSince = s.now
       }
       break
@@ -76,12 +87,16 @@ export const evalStep = (s: EvalState, e: EvalEvent): EvalEffect[] => {
   const cached = [...s.cache.values()]
   const v = cached[0].version
   const key = cached.map((x) => `${x.incarnation}:${x.version}`).join("/")
-  if (!cached.every((x) => x.version === v) || key === s.lastKey || !(v % s.cfg.every === 0 || v >= s.cfg.steps)) return out
+  const epochs = Math.min(...cached.map((x) => x.epochsDone))
+  const last = v >= s.cfg.steps || (s.cfg.epochs > 0 && epochs >= s.cfg.epochs)
+  const due = s.cfg.every === "epoch" ? epochs > s.lastEpoch && epochs > 0 : v % s.cfg.every === 0
+  if (!cached.every((x) => x.version === v) || key === s.lastKey || !(due || last)) return out
   s.lastKey = key
+  s.lastEpoch = Math.max(s.lastEpoch, epochs)
   const params = new Map<string, Float32Array>()
   for (const x of cached) for (const [k, t] of x.params) params.set(k, t)
-  out.push({ _tag: "Evaluate", version: v, params })
-  if (v >= s.cfg.steps) {
+  out.push({ _tag: "Evaluate", version: v, epochsDone: epochs, params })
+  if (last) {
     s.done = true
     out.push({ _tag: "Finish" })
   }

@@ -20,7 +20,7 @@ import { failpoint, isArmed } from "../../shared/actor/failpoint.ts"
 import { runHeartbeat } from "../../shared/actor/membership.ts"
 import type { JobConfig } from "../../shared/config/job.ts"
 import { Compute } from "../../shared/compute/backend.ts"
-import { evalLoss, lossAndGrads } from "../../shared/models/model.ts"
+import { addSums, batchProblem, lossAndGrads, scoreBatch } from "../../shared/models/model.ts"
 import { makeModel } from "../../shared/models/zoo.ts"
 import { decodeBytes, encodeMessage } from "../../shared/protocol/decode.ts"
 import { Heartbeat, PushAck, Rejected, type GradMeta, type ValidationLoss, type WorkerStep } from "../../shared/protocol/messages.ts"
@@ -76,7 +76,7 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
     const paramsEvent = (b: TensorBundle): WorkerEvent | undefined => {
       const m = paramsMeta(b)
       if (Result.isFailure(m) || !(m.success.shard < shards)) return undefined
-      return { _tag: "ParamsReceived", shard: m.success.shard, incarnation: m.success.incarnation, version: b.meta.version, params: new Map(b.tensors.map((t) => [t.name, t.data as Float32Array])) }
+      return { _tag: "ParamsReceived", shard: m.success.shard, incarnation: m.success.incarnation, version: b.meta.version, params: new Map(b.tensors.map((t) => [t.name, t.data as Float32Array])), epochsDone: m.success.epochsDone }
     }
     yield* receiveBundles(bus, s.psVersionAll, (b) => {
       const e = paramsEvent(b)
@@ -150,12 +150,12 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
         for (const c of state.cache.values()) for (const [k, v] of c.params) params.set(k, v)
         const v = Math.min(...e.versions.values())
         const g = yield* Effect.sync(() =>
-          accumulateGrads(e.micro.map((b) => ({ batchId: b.meta.batchId, samples: b.meta.B, ...lossAndGrads(model, params, { tokens: b.tokens, batchSize: b.meta.B, seqLen: b.meta.T }) })))
+          accumulateGrads(e.micro.map((b) => ({ batchId: b.meta.batchId, samples: b.data.size, ...lossAndGrads(model, params, b.data) })))
         ).pipe(Effect.withSpan("worker.forward_backward", { attributes: { "flotilla.version": v, "flotilla.micro_batches": e.micro.length } }))
         const t3 = performance.now()
         let normSq = 0
         for (const x of g.grads.values()) for (let i = 0; i < x.length; i++) normSq += x[i] * x[i]
-        const tokens = e.micro.reduce((n, b) => n + b.meta.B * b.meta.T, 0)
+        const tokens = e.micro.reduce((n, b) => n + model.units(b.data).n, 0)
         const first = e.micro[0].meta
         const bundles = new Map<number, TensorBundle>()
         for (let k = 0; k < shards; k++) {
@@ -187,13 +187,21 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
             Effect.forkIn(
               LoaderClient.lease(bus, s, id, "train").pipe(
                 Effect.flatMap((r) => {
+                  // a batch that does not fit the model (names, dtypes, shapes) goes back to the loader with the reason
+                  const bad = r._tag === "Batch" ? batchProblem(model, r.batch) : undefined
+                  if (r._tag === "Batch" && bad !== undefined) {
+                    return LoaderClient.fail(bus, s, id, r.meta.batchId, r.meta.gen, `bad batch: ${bad}`).pipe(
+                      Effect.andThen(Effect.logWarning(`worker ${id}: batch ${r.meta.batchId} refused: ${bad}`)),
+                      Effect.andThen(offer({ _tag: "LeaseReplied", failed: bad }))
+                    )
+                  }
                   if (r._tag === "Batch") {
                     if (batchArrived.size > 16) batchArrived.clear()
                     batchArrived.set(r.meta.batchId, performance.now())
                   }
                   return offer(
                     r._tag === "Batch"
-                      ? { _tag: "LeaseReplied", batch: { meta: r.meta, tokens: r.tokens } satisfies Batch }
+                      ? { _tag: "LeaseReplied", batch: { meta: r.meta, data: r.batch } satisfies Batch }
                       : r._tag === "NoBatch"
                         ? { _tag: "LeaseReplied", noBatch: { reason: r.reason, retryAfterMs: r.retryAfterMs } }
                         : { _tag: "LeaseReplied", failed: r.reason }
@@ -298,29 +306,37 @@ const evalLoop = (c: EvalContext): Effect.Effect<void, Error> =>
     const { job, id, bus, s, model, metrics } = c
     const val: Batch[] = []
     const leaseVal = Effect.gen(function* () {
-      for (let i = 0; i < job.data.valBatches; i++) {
+      // how many there are, the loader says with the first one (a classifier's whole val split)
+      let count = 1
+      for (let i = 0; i < count; i++) {
         let b = yield* LoaderClient.lease(bus, s, id, "val", i)
         for (let tries = 0; b._tag !== "Batch" && tries < 50; tries++) {
           yield* Effect.sleep(200)
           b = yield* LoaderClient.lease(bus, s, id, "val", i)
         }
         if (b._tag !== "Batch") return yield* Effect.die(new Error(`evaluator ${id}: val batch ${i}: ${b.reason}`))
-        val.push({ meta: b.meta, tokens: b.tokens })
+        const bad = batchProblem(model, b.batch)
+        if (bad !== undefined) return yield* Effect.die(new Error(`evaluator ${id}: val batch ${i}: ${bad}`))
+        if (i === 0) count = b.meta.valBatches ?? job.data.valBatches
+        val.push({ meta: b.meta, data: b.batch })
       }
       yield* Queue.offer(c.queue, { _tag: "ValReady" })
     })
-    yield* Effect.forkIn(leaseVal, c.scope)
+    yield* Effect.forkIn(leaseVal.pipe(Effect.tapCause((cause) => Effect.logError(`evaluator ${id}: cannot evaluate`, cause))), c.scope)
     yield* Effect.forkIn(Effect.forever(Effect.sleep(250).pipe(Effect.andThen(Effect.suspend(() => Queue.offer(c.queue, { _tag: "Tick", now: Date.now() }))))), c.scope)
-    const state = initialEval({ shards: job.topology.psShards, steps: job.train.steps, every: Math.max(1, job.train.evalEvery) }, Date.now())
+    const every = job.train.evalEvery === "epoch" ? "epoch" : Math.max(1, job.train.evalEvery)
+    const state = initialEval({ shards: job.topology.psShards, steps: job.train.steps, every, epochs: job.train.epochs }, Date.now())
     const perform = (e: EvalEffect): Effect.Effect<void> => {
       switch (e._tag) {
         case "Pull":
           return Effect.asVoid(Effect.forkIn(c.pull(e.shard, 0), c.scope))
         case "Evaluate": {
-          const losses = val.map((b) => evalLoss(model, e.params, { tokens: b.tokens, batchSize: b.meta.B, seqLen: b.meta.T }))
-          const loss = losses.reduce((a, b) => a + b, 0) / losses.length
+          const sums: Record<string, number> = {}
+          for (const b of val) addSums(sums, scoreBatch(model, e.params, b.data))
+          const m = model.summarize(sums)
+          const loss = m["loss"] ?? Number.NaN
           metrics.recordLoss("val", loss)
-          const msg: ValidationLoss = { _tag: "ValidationLoss", v: PROTOCOL_VERSION, evaluator: id, version: e.version, loss, batches: losses.length }
+          const msg: ValidationLoss = { _tag: "ValidationLoss", v: PROTOCOL_VERSION, evaluator: id, version: e.version, loss, batches: val.length, metrics: m, epoch: e.epochsDone }
           return bus.publish(s.metrics("evaluator"), encodeMessage(msg)).pipe(Effect.ignore)
         }
         case "Finish":

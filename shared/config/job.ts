@@ -29,13 +29,18 @@ export const GptModel = Schema.Struct({
 })
 export type GptModel = typeof GptModel.Type
 
+/** The seed's classifier (shared/models/lstm-classifier.ts; the same field names). */
 export const LstmModel = Schema.Struct({
   kind: Schema.Literal("lstm-classifier"),
+  /** word ids 2..vocabSize-1 are the most frequent training words; 0 = padding, 1 = unknown. */
   vocabSize: PosInt,
   embedDim: PosInt,
-  hiddenSize: PosInt,
-  denseSize: PosInt,
-  maxLen: PosInt
+  hidden: PosInt,
+  dense: PosInt,
+  /** tokens per text: longer texts are cut, shorter ones padded. */
+  maxLen: PosInt,
+  /** a padding step leaves the LSTM state unchanged (Keras mask_zero). */
+  maskPadding: Schema.Boolean
 })
 export type LstmModel = typeof LstmModel.Type
 
@@ -53,23 +58,30 @@ export const JobConfig = Schema.Struct({
   job: Schema.String.check(Schema.isPattern(TOKEN_PATTERN)),
   model: Schema.Union([GptModel, LstmModel]),
   data: Schema.Struct({
-    /** "moby-dick" (bundled), a text file, or a folder of .txt/.md files. */
+    /**
+     * Language models: "moby-dick" (bundled), a text file, or a folder of .txt/.md files.
+     * Classifiers: "spam-assassin" (bundled), a folder with one subfolder of .txt files per
+     * class, or a .jsonl / .csv file with text and label (shared/data/labelled.ts).
+     */
     corpus: Schema.String,
     valFraction: Fraction,
     /** global batch: sequences per optimizer step, split across the live workers. */
     batchSize: PosInt,
     seed: NonNegInt,
-    /** validation batches per evaluation. */
+    /** validation batches per evaluation (language models; a classifier evaluates its whole validation split). */
     valBatches: PosInt
   }),
   train: Schema.Struct({
+    /** the job ends at this many versions (optimizer steps) or at `epochs`, whichever comes first. */
     steps: PosInt,
+    /** stop after this many passes over the training data (0 = no limit). */
+    epochs: NonNegInt,
     /** gradient accumulation: micro-batches a worker averages into each gradient it pushes. */
     accumulate: PosInt,
     consistency: Consistency,
     seed: NonNegInt,
-    /** evaluate validation loss every N versions (0 = never). */
-    evalEvery: NonNegInt,
+    /** evaluate on the validation split every N versions (0 = never), or "epoch": after each epoch. */
+    evalEvery: Schema.Union([NonNegInt, Schema.Literal("epoch")]),
     /** checkpoint every N versions (0 = only on stop). */
     checkpointEvery: NonNegInt,
     checkpointDir: Schema.String,
@@ -96,6 +108,7 @@ export const DEFAULT_JOB: JobConfig = {
   data: { corpus: "moby-dick", valFraction: 0.05, batchSize: 16, seed: 1337, valBatches: 4 },
   train: {
     steps: 1000,
+    epochs: 0,
     accumulate: 1, // micro-batches per pushed gradient
     consistency: { mode: "sync" },
     seed: 1337,
@@ -145,11 +158,17 @@ export const resolveJob = (partial: unknown, source = "job"): JobConfig => {
       base[key] = {}
     }
   }
-  // the schedule's horizon follows the step count unless given
+  // a job bounded by epochs only (no steps given) runs until its epochs are done
+  const pTrain = isPlainObject(p.train) ? p.train : {}
+  if (Number(pTrain.epochs) > 0 && pTrain.steps === undefined) base.train = { ...DEFAULT_JOB.train, steps: Number.MAX_SAFE_INTEGER }
+  // the schedule's horizon follows the step count (or, per epoch, the epoch count) unless given
   const merged = deepMerge(base, p) as Record<string, unknown>
   const sched = merged.schedule as Record<string, unknown>
-  const steps = (merged.train as Record<string, unknown>)?.steps
+  const perEpoch = isPlainObject(sched) && sched.per === "epoch"
+  const steps = perEpoch ? (merged.train as Record<string, unknown>)?.epochs : (merged.train as Record<string, unknown>)?.steps
   if (isPlainObject(sched) && !(isPlainObject(p.schedule) && "totalSteps" in p.schedule) && "totalSteps" in sched) {
+    merged.schedule = { ...sched, totalSteps: steps }
+  } else if (perEpoch && (sched.kind === "cosine" || sched.kind === "linear") && sched.totalSteps === undefined) {
     merged.schedule = { ...sched, totalSteps: steps }
   }
   const sch = merged.schedule as Record<string, unknown>

@@ -9,14 +9,17 @@
 //   B batch size, T sequence length (<= contextLength), C width, V vocab size,
 //   H heads, D = C / H head size.
 //
-// Batch: `tokens` holds B windows of T+1 consecutive tokens, row-major (length
-// B*(T+1)); inputs are each window's first T tokens and targets its last T. One window
-// per row means the loader cuts a corpus once and ships no duplicated tokens.
+// Batch: `tokens` [B, T+1] int32 holds B windows of T+1 consecutive tokens, row-major;
+// inputs are each window's first T tokens and targets its last T. One window per row
+// means the loader cuts a corpus once and ships no duplicated tokens.
+// Blocks (model.ts): embed (wte, wpe) → h.0 … h.{layers-1} → head (ln_f, and wte again:
+// the head is tied to the token embedding, so a cut that separates embed from head
+// shares wte between those stages).
 
 import * as tf from "@tensorflow/tfjs"
 import { batchMatMul, gelu, layerNorm, linear, matMul2d, softmaxCrossEntropy } from "../compute/ops.ts"
-import type { ModelDef, ParamSpec } from "./model.ts"
-import { sizeOf } from "./model.ts"
+import type { Batch, Block, ModelDef, ParamSpec, Params } from "./model.ts"
+import { batchOf, sizeOf } from "./model.ts"
 import { Rng } from "./rng.ts"
 
 export interface GptConfig {
@@ -49,16 +52,10 @@ export const gptMini: GptConfig = { ...gptDefaults }
 /** Small enough for finite-difference gradient checks. */
 export const gptTiny: GptConfig = { vocabSize: 13, contextLength: 8, layers: 2, heads: 2, width: 8, dropout: 0 }
 
-export interface GptBatch {
-  /** B rows of T+1 token ids each, row-major: length B*(T+1). */
-  readonly tokens: Int32Array
-  /** B */
-  readonly batchSize: number
-  /** T (the number of predicted positions per row) */
-  readonly seqLen: number
-}
+/** A GPT batch: tokens [B, T+1] (T ≤ contextLength). */
+export const gptBatch = (tokens: Int32Array, B: number): Batch => batchOf(B, { tokens })
 
-export interface GptDef extends ModelDef<GptBatch> {
+export interface GptDef extends ModelDef {
   readonly kind: "gpt"
   readonly config: GptConfig
 }
@@ -129,7 +126,6 @@ const causalMask = (T: number): tf.Tensor2D => {
   return tf.tensor2d(m, [T, T])
 }
 
-type Params = ReadonlyMap<string, tf.Tensor>
 const get = (p: Params, name: string): tf.Tensor => {
   const t = p.get(name)
   if (t === undefined) throw new Error(`gpt: missing parameter "${name}"`)
@@ -160,55 +156,104 @@ const mlp = (p: Params, pre: string, x: tf.Tensor2D): tf.Tensor2D => {
   return linear(h, get(p, pre + "c_proj.weight"), get(p, pre + "c_proj.bias"))
 }
 
-/** Forward pass. idx: [B, T] int32 token ids -> logits [B*T, V] (row b*T + t). */
-export const gptLogits = (c: GptConfig, p: Params, idx: tf.Tensor2D): tf.Tensor2D => {
+/** Token + position embeddings. idx: [B, T] -> residual stream [B*T, C]. */
+const embed = (c: GptConfig, p: Params, idx: tf.Tensor2D): tf.Tensor2D => {
   const [B, T] = idx.shape
   const C = c.width
   if (T > c.contextLength) throw new Error(`gpt: sequence length ${T} exceeds contextLength ${c.contextLength}`)
-  const wte = get(p, "wte") as tf.Tensor2D // [V, C]
-  const tok = tf.reshape(tf.gather(wte, tf.reshape(idx, [B * T])), [B, T, C]) // [B, T, C]
+  const tok = tf.reshape(tf.gather(get(p, "wte"), tf.reshape(idx, [B * T])), [B, T, C]) // [B, T, C]
   const pos = tf.slice(get(p, "wpe"), [0, 0], [T, C]) // [T, C]
-  let x = tf.reshape(tf.add(tok, pos), [B * T, C]) as tf.Tensor2D // [B*T, C] residual stream
-  for (let l = 0; l < c.layers; l++) {
-    const pre = `h.${l}.`
-    const a = layerNorm(x, get(p, pre + "ln_1.weight"), get(p, pre + "ln_1.bias"))
-    x = tf.add<tf.Tensor2D>(x, attention(c, p, pre + "attn.", a, B, T))
-    const m = layerNorm(x, get(p, pre + "ln_2.weight"), get(p, pre + "ln_2.bias"))
-    x = tf.add<tf.Tensor2D>(x, mlp(p, pre + "mlp.", m))
-  }
-  x = layerNorm(x, get(p, "ln_f.weight"), get(p, "ln_f.bias"))
-  return matMul2d(x, tf.transpose(wte) as tf.Tensor2D) // [B*T, C] @ [C, V] -> [B*T, V], head tied to wte
+  return tf.reshape(tf.add(tok, pos), [B * T, C]) as tf.Tensor2D // [B*T, C]
 }
 
+/** Transformer block l on the residual stream x: [B*T, C] -> [B*T, C]. */
+const block = (c: GptConfig, p: Params, l: number, x: tf.Tensor2D, B: number, T: number): tf.Tensor2D => {
+  const pre = `h.${l}.`
+  const a = layerNorm(x, get(p, pre + "ln_1.weight"), get(p, pre + "ln_1.bias"))
+  const y = tf.add<tf.Tensor2D>(x, attention(c, p, pre + "attn.", a, B, T))
+  const m = layerNorm(y, get(p, pre + "ln_2.weight"), get(p, pre + "ln_2.bias"))
+  return tf.add<tf.Tensor2D>(y, mlp(p, pre + "mlp.", m))
+}
+
+/** Final LayerNorm and the head tied to wte: [B*T, C] -> logits [B*T, V]. */
+const head = (p: Params, x: tf.Tensor2D): tf.Tensor2D =>
+  matMul2d(layerNorm(x, get(p, "ln_f.weight"), get(p, "ln_f.bias")), tf.transpose(get(p, "wte")) as tf.Tensor2D)
+
+/** Forward pass. idx: [B, T] int32 token ids -> logits [B*T, V] (row b*T + t). */
+export const gptLogits = (c: GptConfig, p: Params, idx: tf.Tensor2D): tf.Tensor2D => {
+  const [B, T] = idx.shape
+  let x = embed(c, p, idx)
+  for (let l = 0; l < c.layers; l++) x = block(c, p, l, x, B, T)
+  return head(p, x)
+}
+
+/** T of a batch (tokens [B, T+1]). */
+const seqLenOf = (batch: Batch): number => batch.tensors.get("tokens")!.length / batch.size - 1
+
 /** Split a batch into inputs [B, T] and targets [B*T] (int32). */
-export const gptInputsTargets = (batch: GptBatch): { x: Int32Array; y: Int32Array } => {
-  const { tokens, batchSize: B, seqLen: T } = batch
-  if (tokens.length !== B * (T + 1)) {
-    throw new Error(`gpt batch: tokens has ${tokens.length} ids, expected B*(T+1) = ${B}*${T + 1}`)
+export const gptInputsTargets = (batch: Batch): { x: Int32Array; y: Int32Array; B: number; T: number } => {
+  const tokens = batch.tensors.get("tokens") as Int32Array | undefined
+  const B = batch.size
+  if (tokens === undefined || tokens.length % B !== 0 || tokens.length / B < 2) {
+    throw new Error(`gpt batch: tokens has ${tokens?.length} ids, expected B*(T+1) with B = ${B} and T >= 1`)
   }
+  const T = tokens.length / B - 1
   const x = new Int32Array(B * T)
   const y = new Int32Array(B * T)
   for (let b = 0; b < B; b++) {
     x.set(tokens.subarray(b * (T + 1), b * (T + 1) + T), b * T)
     y.set(tokens.subarray(b * (T + 1) + 1, (b + 1) * (T + 1)), b * T)
   }
-  return { x, y }
+  return { x, y, B, T }
+}
+
+export const gptBlocks = (c: GptConfig): Block[] => {
+  const layerParams = (l: number) => gptSpecs(c).filter((s) => s.name.startsWith(`h.${l}.`)).map((s) => s.name)
+  return [
+    {
+      name: "embed",
+      params: ["wte", "wpe"],
+      forward: (p, _x, batch) => {
+        const { x, B, T } = gptInputsTargets(batch)
+        return embed(c, p, tf.tensor2d(x, [B, T], "int32"))
+      }
+    },
+    ...Array.from({ length: c.layers }, (_, l): Block => ({
+      name: `h.${l}`,
+      params: layerParams(l),
+      forward: (p, x, batch) => block(c, p, l, x as tf.Tensor2D, batch.size, seqLenOf(batch))
+    })),
+    { name: "head", params: ["ln_f.weight", "ln_f.bias", "wte"], forward: (p, x) => head(p, x as tf.Tensor2D) }
+  ]
 }
 
 export const makeGpt = (config: Partial<GptConfig> = {}): GptDef => {
   const c = resolveGptConfig(config)
   const specs = gptSpecs(c)
+  const targets = (batch: Batch) => tf.tensor1d(gptInputsTargets(batch).y, "int32")
   return {
     kind: "gpt",
+    task: "lm",
     config: c,
     specs,
+    batch: [{ name: "tokens", dtype: "int32", shape: ["B", "*"], doc: `B windows of T+1 token ids (T ≤ ${c.contextLength}): inputs [:T], targets [1:]` }],
+    blocks: gptBlocks(c),
     init: (seed) => gptInit(c, specs, seed),
-    loss: (p, batch) => {
-      // Mean next-token cross-entropy over B*T positions.
-      const { x, y } = gptInputsTargets(batch)
-      const logits = gptLogits(c, p, tf.tensor2d(x, [batch.batchSize, batch.seqLen], "int32")) // [B*T, V]
-      return softmaxCrossEntropy(logits, tf.tensor1d(y, "int32"))
-    }
+    // mean next-token cross-entropy over B*T positions
+    objective: (logits, batch) => softmaxCrossEntropy(logits as tf.Tensor2D, targets(batch)),
+    score: (logits, batch) => {
+      const n = batch.size * seqLenOf(batch)
+      return { loss: softmaxCrossEntropy(logits as tf.Tensor2D, targets(batch)).dataSync()[0] * n, n }
+    },
+    summarize: (s) => {
+      const loss = (s["loss"] ?? Number.NaN) / (s["n"] ?? 0)
+      return { loss, perplexity: Math.exp(loss) }
+    },
+    metrics: [
+      { key: "loss", label: "val", better: "lower" },
+      { key: "perplexity", label: "ppl", better: "lower" }
+    ],
+    units: (batch) => ({ n: batch.size * seqLenOf(batch), unit: "tokens" })
   }
 }
 

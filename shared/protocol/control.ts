@@ -197,6 +197,10 @@ export const JobStatus = Schema.Struct({
   schedule: Schema.String,
   lastLoss: NullableNumber,
   lastValLoss: NullableNumber,
+  /** the last evaluation's metrics (loss, perplexity; or loss, accuracy, precision, recall, f1). */
+  valMetrics: Schema.optional(Schema.Record(Schema.String, Schema.Number)),
+  /** complete epochs (shard 0's applied log) and the job's limit (0 = none). */
+  epoch: Schema.optional(Schema.Struct({ done: Schema.Int, of: Schema.Int })),
   consistency: Schema.Struct({ mode: ConsistencyMode, staleness: Schema.optional(NonNegInt) }),
   optimizer: Schema.Record(Schema.String, Schema.Unknown),
   paused: Schema.Boolean,

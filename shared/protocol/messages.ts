@@ -52,8 +52,10 @@ export const LeaseBatch = Schema.Struct({
 export type LeaseBatch = typeof LeaseBatch.Type
 
 /**
- * The `Flotilla-Batch` header of a lease reply that carries a batch; the payload is
- * the tokens as little-endian int32, B × (T + 1) (inputs [:T], targets [1:]).
+ * The `Flotilla-Batch` header of a lease reply that carries a batch; the payload is the
+ * batch's tensors as a tensor bundle (shared/wire/tensor.ts; its manifest in the
+ * `Flotilla-Manifest` header), as the model's batch spec names them (shared/models/model.ts):
+ * `tokens` [B, T+1] for a language model; `tokens` [B, maxLen] and `labels` [B] for a classifier.
  */
 export const BatchLeased = Schema.Struct({
   _tag: Schema.Literal("BatchLeased"),
@@ -73,7 +75,9 @@ export const BatchLeased = Schema.Struct({
    */
   gen: NonNegInt,
   /** batches in an epoch (all loader shards together): lets servers compact their applied log. */
-  epochBatches: NonNegInt
+  epochBatches: NonNegInt,
+  /** validation batches there are (an evaluator leases indices 0 … valBatches-1). */
+  valBatches: Schema.optional(NonNegInt)
 })
 export type BatchLeased = typeof BatchLeased.Type
 
@@ -132,7 +136,9 @@ export type GradMeta = typeof GradMeta.Type
 export const ParamsMeta = Schema.Struct({
   shard: NonNegInt,
   /** when this server process started (ms): a new one means a restart, maybe at a lower version. */
-  incarnation: NonNeg
+  incarnation: NonNeg,
+  /** complete epochs in the shard's applied log at this version (evaluation per epoch). */
+  epochsDone: Schema.optional(NonNegInt)
 })
 export type ParamsMeta = typeof ParamsMeta.Type
 
@@ -198,6 +204,25 @@ export type GetDecision = typeof GetDecision.Type
 
 /** request on `ps.<k>.log`: the shard's applied log (reply AppliedLog). */
 export const GetAppliedLog = Schema.Struct({ _tag: Schema.Literal("GetAppliedLog"), v: V, from: Id })
+
+/** request on `data.info` (queue group `loader`): what the data is, for checkpoints and inference. */
+export const GetDataInfo = Schema.Struct({ _tag: Schema.Literal("GetDataInfo"), v: V, from: Id })
+export type GetDataInfo = typeof GetDataInfo.Type
+
+/** reply on `data.info`: the task, sizes, and for a classifier its class names and tokenizer (shared/data/tokenizer.ts JSON). */
+export const DataInfo = Schema.Struct({
+  _tag: Schema.Literal("DataInfo"),
+  v: V,
+  task: Schema.Literals(["lm", "classify"]),
+  corpus: Schema.String,
+  epochBatches: NonNegInt,
+  valBatches: NonNegInt,
+  trainSamples: NonNegInt,
+  valSamples: NonNegInt,
+  labels: Schema.optional(Schema.Array(Schema.String)),
+  tokenizer: Schema.optional(Schema.Unknown)
+})
+export type DataInfo = typeof DataInfo.Type
 export type GetAppliedLog = typeof GetAppliedLog.Type
 
 export const AppliedLog = Schema.Struct({
@@ -229,7 +254,13 @@ export const StepApplied = Schema.Struct({
   maxStaleness: NonNegInt,
   aggregateMs: NonNeg,
   at: NonNeg,
-  final: Schema.Boolean
+  final: Schema.Boolean,
+  /** the data epoch of this version's batches (the newest among them). */
+  epoch: Schema.optional(NonNegInt),
+  /** complete epochs in this shard's applied log after this version (every batch of each applied). */
+  epochsDone: Schema.optional(NonNegInt),
+  /** batches per epoch (from the gradients' GradMeta), when known. */
+  epochBatches: Schema.optional(NonNegInt)
 })
 export type StepApplied = typeof StepApplied.Type
 
@@ -244,6 +275,8 @@ export const GetLr = Schema.Struct({
   _tag: Schema.Literal("GetLr"),
   v: V,
   step: NonNegInt,
+  /** the data epoch of the step's batches (per-epoch schedules); 0 when absent. */
+  epoch: Schema.optional(NonNegInt),
   incarnation: Schema.optional(NonNeg),
   state: Schema.optional(Schema.Unknown)
 })
@@ -289,7 +322,11 @@ export const ValidationLoss = Schema.Struct({
   evaluator: Id,
   version: NonNegInt,
   loss: Schema.Number,
-  batches: NonNegInt
+  batches: NonNegInt,
+  /** the model's validation metrics (loss, perplexity; or loss, accuracy, precision, recall, f1). */
+  metrics: Schema.optional(Schema.Record(Schema.String, Schema.Number)),
+  /** complete training epochs behind the evaluated params. */
+  epoch: Schema.optional(NonNegInt)
 })
 export type ValidationLoss = typeof ValidationLoss.Type
 

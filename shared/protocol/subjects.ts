@@ -41,6 +41,8 @@ export const subjects = (job: string) => {
     dataLease: `${p}.data.lease`,
     /** a worker reports a batch failed (or given up); done-ness comes from `psApplied`. */
     dataAck: `${p}.data.ack`,
+    /** request/reply, queue group `loader`: what the data is (DataInfo: task, sizes, labels, tokenizer). */
+    dataInfo: `${p}.data.info`,
     /** gradients for param shard k (chunked wire bundles). */
     psPush: (shard: number) => `${p}.ps.${shard}.push`,
     /** request/reply: params of shard k (reply is chunked to the requester's inbox). */

@@ -4,8 +4,10 @@
  * the pure transitions the scheduler actor applies to it (an LR query, a validation loss,
  * set-lr, set-schedule). It travels in every `LrForStep` reply; shard 0 checkpoints the
  * newest copy, so a restarted scheduler or a rolled-back job resumes with the exact LRs
- * (plateau reductions and live changes included). `lrFrom(state, step)` is also what a
+ * (plateau reductions and live changes included). `lrFrom(state, step, epoch)` is also what a
  * parameter server computes when no scheduler answers: the same LR, not the job file's.
+ * `epoch` (the data epoch update `step` falls in) only matters to a `per: "epoch"` schedule;
+ * set-lr overrides and plateau stay keyed by step.
  * Does not own: schedule formulas and validation (schedules.ts), plateau's arithmetic (plateau.ts).
  */
 import { Result } from "effect"
@@ -28,9 +30,10 @@ export const initialState = (schedule: Schedule): SchedulerState => ({
   announced: -1
 })
 
-export const lrFrom = (s: SchedulerState, step: number): number => {
+/** The LR of update `step` in data epoch `epoch`: the newest override from it on, else plateau's, else the schedule's. */
+export const lrFrom = (s: SchedulerState, step: number, epoch = 0): number => {
   for (let i = s.overrides.length - 1; i >= 0; i--) if (step >= s.overrides[i].fromStep) return s.overrides[i].lr
-  return s.plateau ? s.plateau.lr : lrAt(s.schedule, step)
+  return s.plateau ? s.plateau.lr : lrAt(s.schedule, step, epoch)
 }
 
 /** An LR query for `step`: the state remembers the newest step asked for. */

@@ -17,6 +17,8 @@ export interface LossCurves {
   readonly train: ReadonlyArray<Point>
   readonly val: ReadonlyArray<Point>
   readonly lr: ReadonlyArray<Point>
+  /** validation accuracy in [0, 1] (classifiers): drawn on the right axis, the LR then drawn scaled to it without ticks. */
+  readonly accuracy?: ReadonlyArray<Point> | undefined
   readonly title: string
   /** Half-width (in points) of the centred moving average drawn over the train loss; default ~1% of the points. */
   readonly smoothing?: number | undefined
@@ -117,13 +119,14 @@ const padded = (xs: ReadonlyArray<number>, frac: number): [number, number] => {
 const W = 960
 const H = 540
 const M = { left: 84, right: 84, top: 56, bottom: 64 }
-const COLORS = { train: "#4c78a8", smooth: "#1f3f73", val: "#e45756", lr: "#54a24b", grid: "#e6e6e6", axis: "#333" }
+const COLORS = { train: "#4c78a8", smooth: "#1f3f73", val: "#e45756", lr: "#54a24b", acc: "#b279a2", grid: "#e6e6e6", axis: "#333" }
 
 /** The SVG document for these curves (pure). */
 export const renderLossCurveSvg = (data: LossCurves): string => {
   const train = clean(data.train)
   const val = clean(data.val)
   const lr = clean(data.lr).filter((p) => p[1] >= 0)
+  const acc = clean(data.accuracy ?? []).filter((p) => p[1] >= 0 && p[1] <= 1)
   const pw = W - M.left - M.right
   const ph = H - M.top - M.bottom
   const out: Array<string> = []
@@ -135,12 +138,14 @@ export const renderLossCurveSvg = (data: LossCurves): string => {
     }</text>`
   )
 
-  const steps = [...train, ...val, ...lr].map((p) => p[0])
+  const steps = [...train, ...val, ...lr, ...acc].map((p) => p[0])
   const losses = [...train, ...val].map((p) => p[1])
   const integerSteps = steps.length > 0 && steps.every(Number.isInteger)
   const xTicks = niceTicks(...padded(steps, 0), 8, integerSteps ? 1 : 0)
   const yTicks = niceTicks(...padded(losses, 0.04), 6)
   const lrTicks = lr.length ? niceTicks(0, padded(lr.map((p) => p[1]), 0.04)[1], 6) : []
+  const accTicks = [0, 0.2, 0.4, 0.6, 0.8, 1]
+  const sa = (v: number): number => M.top + ph - v * ph
   const x0 = xTicks[0]!, x1 = xTicks[xTicks.length - 1]!
   const y0 = yTicks[0]!, y1 = yTicks[yTicks.length - 1]!
   const sx = (v: number): number => M.left + ((v - x0) / (x1 - x0)) * pw
@@ -179,7 +184,19 @@ export const renderLossCurveSvg = (data: LossCurves): string => {
     `<text x="${M.left + pw / 2}" y="${H - 18}" text-anchor="middle" font-size="14">step</text>`,
     `<text transform="translate(22 ${M.top + ph / 2}) rotate(-90)" text-anchor="middle" font-size="14">loss</text>`
   )
-  if (lrTicks.length > 0) {
+  if (acc.length > 0) {
+    out.push(`<g id="acc-ticks" fill="${COLORS.acc}" text-anchor="start">`)
+    for (const t of accTicks) {
+      out.push(
+        `<line x1="${M.left + pw}" y1="${f1(sa(t))}" x2="${M.left + pw + 5}" y2="${f1(sa(t))}" stroke="${COLORS.acc}"/>`,
+        `<text x="${M.left + pw + 8}" y="${f1(sa(t) + 4)}">${Math.round(t * 100)}%</text>`
+      )
+    }
+    out.push(`</g>`)
+    out.push(
+      `<text transform="translate(${W - 16} ${M.top + ph / 2}) rotate(90)" text-anchor="middle" font-size="14" fill="${COLORS.acc}">validation accuracy</text>`
+    )
+  } else if (lrTicks.length > 0) {
     out.push(`<g id="lr-ticks" fill="${COLORS.lr}" text-anchor="start">`)
     for (const t of lrTicks) {
       out.push(
@@ -193,7 +210,7 @@ export const renderLossCurveSvg = (data: LossCurves): string => {
     )
   }
 
-  if (train.length + val.length + lr.length === 0) {
+  if (train.length + val.length + lr.length + acc.length === 0) {
     out.push(`<text x="${M.left + pw / 2}" y="${M.top + ph / 2}" text-anchor="middle" font-size="16" fill="#888">no data</text>`)
   }
 
@@ -232,6 +249,12 @@ export const renderLossCurveSvg = (data: LossCurves): string => {
     }
     out.push(`</g>`)
   }
+  if (acc.length > 0) {
+    out.push(`<path id="accuracy" data-series="accuracy" data-count="${acc.length}" d="${pathOf(acc, sa)}" fill="none" stroke="${COLORS.acc}" stroke-width="2"/>`)
+    out.push(`<g fill="${COLORS.acc}">`)
+    for (const p of thin(acc, 500)) out.push(`<circle cx="${f1(sx(p[0]))}" cy="${f1(sa(p[1]))}" r="3"/>`)
+    out.push(`</g>`)
+  }
   out.push(`</g>`)
 
   // Legend (top right, inside the plot)
@@ -256,8 +279,14 @@ export const renderLossCurveSvg = (data: LossCurves): string => {
   }
   if (lr.length > 0) {
     entries.push({
-      label: "learning rate (right axis)",
+      label: acc.length > 0 ? "learning rate (scaled to its max)" : "learning rate (right axis)",
       swatch: (x, y) => `<line x1="${x}" y1="${y}" x2="${x + 24}" y2="${y}" stroke="${COLORS.lr}" stroke-width="1.5" stroke-dasharray="6 4"/>`
+    })
+  }
+  if (acc.length > 0) {
+    entries.push({
+      label: `val accuracy (right axis)${acc.length ? ` (last ${(100 * acc.at(-1)![1]).toFixed(1)}%)` : ""}`,
+      swatch: (x, y) => `<line x1="${x}" y1="${y}" x2="${x + 24}" y2="${y}" stroke="${COLORS.acc}" stroke-width="2"/>`
     })
   }
   if (entries.length > 0) {

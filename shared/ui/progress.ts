@@ -15,6 +15,14 @@ export interface ProgressUpdate {
   readonly valLoss?: number | undefined
   readonly tokensPerSec: number
   readonly lr?: number | undefined
+  /** validation accuracy (classifiers), shown as `acc`. */
+  readonly valAccuracy?: number | undefined
+  /** a job bounded by epochs: complete epochs and the limit (shown as `epoch d/n`). */
+  readonly epoch?: { readonly done: number; readonly of: number } | undefined
+  /** the total steps as now estimated (a job bounded by epochs learns it as it runs). */
+  readonly total?: number | undefined
+  /** what tokensPerSec counts: "tok" (default) or "samples". */
+  readonly unit?: "tok" | "samples" | undefined
 }
 
 export interface ProgressStream {
@@ -64,12 +72,12 @@ export const formatDuration = (seconds: number | undefined): string => {
   return `${Math.floor(s / 86400)}d${String(Math.floor((s % 86400) / 3600)).padStart(2, "0")}h`
 }
 
-/** `950 tok/s`, `12.3k tok/s`, `1.20M tok/s`. */
-export const formatRate = (tokensPerSec: number): string => {
-  if (!Number.isFinite(tokensPerSec) || tokensPerSec < 0) return "-- tok/s"
-  if (tokensPerSec < 1000) return `${Math.round(tokensPerSec)} tok/s`
-  if (tokensPerSec < 1e6) return `${(tokensPerSec / 1e3).toFixed(tokensPerSec < 1e4 ? 2 : 1)}k tok/s`
-  return `${(tokensPerSec / 1e6).toFixed(2)}M tok/s`
+/** `950 tok/s`, `12.3k tok/s`, `1.20M tok/s` (or `samples/s`). */
+export const formatRate = (tokensPerSec: number, unit: "tok" | "samples" = "tok"): string => {
+  if (!Number.isFinite(tokensPerSec) || tokensPerSec < 0) return `-- ${unit}/s`
+  if (tokensPerSec < 1000) return `${Math.round(tokensPerSec)} ${unit}/s`
+  if (tokensPerSec < 1e6) return `${(tokensPerSec / 1e3).toFixed(tokensPerSec < 1e4 ? 2 : 1)}k ${unit}/s`
+  return `${(tokensPerSec / 1e6).toFixed(2)}M ${unit}/s`
 }
 
 /** Four significant digits; `nan` / `inf` spelt out. */
@@ -143,12 +151,19 @@ export interface LineState {
   readonly lr: number | undefined
   readonly etaSeconds: number | undefined
   readonly elapsedSeconds: number
+  readonly valAccuracy?: number | undefined
+  readonly epoch?: { readonly done: number; readonly of: number } | undefined
+  readonly unit?: "tok" | "samples" | undefined
 }
 
+const formatAcc = (a: number): string => `${(100 * a).toFixed(1)}%`
+
 const statsOf = (s: LineState): Array<string> => [
+  ...(s.epoch === undefined ? [] : [`epoch ${s.epoch.done}/${s.epoch.of}`]),
   `loss ${formatLoss(s.loss)}`,
   ...(s.valLoss === undefined ? [] : [`val ${formatLoss(s.valLoss)}`]),
-  formatRate(s.tokensPerSec),
+  ...(s.valAccuracy === undefined ? [] : [`acc ${formatAcc(s.valAccuracy)}`]),
+  formatRate(s.tokensPerSec, s.unit),
   ...(s.lr === undefined ? [] : [`lr ${formatLr(s.lr)}`])
 ]
 
@@ -165,9 +180,9 @@ export const formatTtyLine = (s: LineState, columns = 100): string => {
   const pct = s.total > 0 ? s.step / s.total : 0
   const head = `${s.label} ${String(Math.floor(pct * 100)).padStart(3)}%`
   const field = {
-    loss: `loss ${formatLoss(s.loss)}`,
-    val: s.valLoss === undefined ? undefined : `val ${formatLoss(s.valLoss)}`,
-    rate: formatRate(s.tokensPerSec),
+    loss: `${s.epoch === undefined ? "" : `epoch ${s.epoch.done}/${s.epoch.of} | `}loss ${formatLoss(s.loss)}`,
+    val: s.valLoss === undefined ? undefined : `val ${formatLoss(s.valLoss)}${s.valAccuracy === undefined ? "" : ` acc ${formatAcc(s.valAccuracy)}`}`,
+    rate: formatRate(s.tokensPerSec, s.unit),
     lr: s.lr === undefined ? undefined : `lr ${formatLr(s.lr)}`,
     eta: `ETA ${formatDuration(s.etaSeconds)}`
   }
@@ -232,6 +247,8 @@ export const makeProgress = (options: ProgressOptions): Progress => {
   let lastMs: number | undefined
   let drawnMs: number | undefined
   let valLoss: number | undefined
+  let valAccuracy: number | undefined
+  let total = options.total
   let finished = false
 
   const draw = (final: boolean): void => {
@@ -249,15 +266,20 @@ export const makeProgress = (options: ProgressOptions): Progress => {
       const t = now()
       timer.observe(u.step, t)
       if (u.valLoss !== undefined) valLoss = u.valLoss
+      if (u.valAccuracy !== undefined) valAccuracy = u.valAccuracy
+      if (u.total !== undefined && u.total > 0) total = u.total
       state = {
         label: options.label,
         step: u.step,
-        total: options.total,
+        total,
         loss: u.loss,
         valLoss,
+        valAccuracy,
+        epoch: u.epoch,
+        unit: u.unit,
         tokensPerSec: u.tokensPerSec,
         lr: u.lr,
-        etaSeconds: timer.eta(options.total),
+        etaSeconds: timer.eta(total),
         elapsedSeconds: (t - start) / 1000
       }
       if (tty) {
@@ -267,7 +289,7 @@ export const makeProgress = (options: ProgressOptions): Progress => {
         }
         return
       }
-      if (plainLineDue({ step: u.step, total: options.total, lastStep, nowMs: t, lastMs, everyPercent, everySeconds, minGapSeconds })) {
+      if (plainLineDue({ step: u.step, total, lastStep, nowMs: t, lastMs, everyPercent, everySeconds, minGapSeconds })) {
         draw(false)
         lastStep = u.step
         lastMs = t

@@ -10,6 +10,7 @@
 //   offset       = align4(cursor); `byteLength` = numel × bytes(dtype) bytes of data
 //   scalesOffset = align4(offset + byteLength) (int8 only); ceil(numel / blockSize)
 //                  float32 absmax scales (dequantized value = q × scale of its block)
+// int32 tensors (a batch's token ids) are laid out like float32 ones, with no scales.
 // numel is the product of `shape` (1 for a scalar, shape []). Padding bytes are zero; the
 // payload ends right after the last tensor. All multi-byte values are little-endian
 // IEEE-754. Because every offset is a multiple of 4, a receiver whose payload buffer is
@@ -17,7 +18,7 @@
 
 import { Data, Result, Schema } from "effect"
 
-export type DType = "float32" | "int8"
+export type DType = "float32" | "int8" | "int32"
 export type Codec = "f32" | "int8-block"
 
 export interface WireTensor {
@@ -25,7 +26,7 @@ export interface WireTensor {
   readonly dtype: DType
   /** Row-major; [] is a scalar. */
   readonly shape: ReadonlyArray<number>
-  readonly data: Float32Array | Int8Array
+  readonly data: Float32Array | Int8Array | Int32Array
   /** int8 only: one absmax scale per block of `blockSize` consecutive elements. */
   readonly scales?: Float32Array
   readonly blockSize?: number
@@ -55,7 +56,7 @@ const Nat = Schema.Int.check(Schema.isGreaterThanOrEqualTo(0))
 
 export const ManifestTensor = Schema.Struct({
   name: Schema.NonEmptyString,
-  dtype: Schema.Literals(["float32", "int8"]),
+  dtype: Schema.Literals(["float32", "int8", "int32"]),
   shape: Schema.Array(Nat),
   offset: Nat,
   byteLength: Nat,
@@ -117,7 +118,7 @@ export class WireEncodeError extends Data.TaggedError("WireEncodeError")<{
   readonly message: string
 }> {}
 
-const BYTES: Record<DType, number> = { float32: 4, int8: 1 }
+const BYTES: Record<DType, number> = { float32: 4, int8: 1, int32: 4 }
 const align4 = (n: number): number => (n + 3) & ~3
 const LITTLE_ENDIAN = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1
 
@@ -158,8 +159,8 @@ export const encodeBundle = (
     names.add(t.name)
     const numel = numelOf(t.shape)
     if (numel < 0) return encodeFail("bad-shape", `${at}: shape [${t.shape}] is not a list of non-negative integers`)
-    const ok = t.dtype === "float32" ? t.data instanceof Float32Array : t.dtype === "int8" && t.data instanceof Int8Array
-    if (!ok) return encodeFail("dtype-mismatch", `${at}: dtype ${t.dtype} with a ${t.data?.constructor?.name} (float32 needs Float32Array, int8 Int8Array)`)
+    const ok = t.dtype === "float32" ? t.data instanceof Float32Array : t.dtype === "int32" ? t.data instanceof Int32Array : t.dtype === "int8" && t.data instanceof Int8Array
+    if (!ok) return encodeFail("dtype-mismatch", `${at}: dtype ${t.dtype} with a ${t.data?.constructor?.name} (float32 needs Float32Array, int32 Int32Array, int8 Int8Array)`)
     if (t.data.length !== numel) return encodeFail("length-mismatch", `${at}: shape [${t.shape}] has ${numel} elements, data has ${t.data.length}`)
     const offset = align4(cursor)
     const byteLength = numel * BYTES[t.dtype]
@@ -256,9 +257,10 @@ export const decodeBundle = (manifest: unknown, payload: Uint8Array): Result.Res
     }
     const bad = region(at, "data", e.offset, e.byteLength)
     if (bad) return bad
-    if (e.dtype === "float32") {
-      if (e.scalesOffset !== undefined || e.blockSize !== undefined) return decodeFail("bad-scales", `${at}: float32 tensors carry no scales or blockSize`)
-      tensors.push({ name: e.name, dtype: "float32", shape: e.shape, data: viewF32(payload, e.offset, numel) })
+    if (e.dtype === "float32" || e.dtype === "int32") {
+      if (e.scalesOffset !== undefined || e.blockSize !== undefined) return decodeFail("bad-scales", `${at}: ${e.dtype} tensors carry no scales or blockSize`)
+      const f = viewF32(payload, e.offset, numel)
+      tensors.push({ name: e.name, dtype: e.dtype, shape: e.shape, data: e.dtype === "float32" ? f : new Int32Array(f.buffer, f.byteOffset, numel) })
       continue
     }
     if (e.scalesOffset === undefined || e.blockSize === undefined) return decodeFail("bad-scales", `${at}: int8 tensors need scalesOffset and blockSize`)

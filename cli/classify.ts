@@ -1,0 +1,159 @@
+/**
+ * Implements: `flotilla classify <checkpoint> [text ...] [--file F] [--json]` — inference
+ * with a trained classifier.
+ *
+ * <checkpoint> is a checkpoint file (`checkpoints/<job>/ps-0/v00007550.ckpt`) or a job's
+ * checkpoint folder (`checkpoints/<job>`: the newest version every shard holds). A job
+ * trained with several parameter-server shards keeps part of the params in each shard's
+ * folder: every `ps-<k>` at that version is read and merged. Shard 0's checkpoint holds the
+ * model block and the data info (class names and the word tokenizer fitted on the training
+ * split, actors/param-server/checkpoint.ts `data`), so a text is tokenized exactly as in
+ * training. Texts come from the command line, or one per line from --file (blank lines
+ * skipped). Prints `label  probability  text` per text, or with --json one JSON array of
+ * `{ text, label, probability, probabilities: { <class>: p } }`.
+ * Does not own: the model's maths (shared/models), the checkpoint layout.
+ */
+import { existsSync, readdirSync, readFileSync, statSync } from "node:fs"
+import { basename, dirname, join } from "node:path"
+import * as tf from "@tensorflow/tfjs"
+import { decodeCheckpoint, type ShardCheckpoint } from "../actors/param-server/checkpoint.ts"
+import { initBackend, type BackendPreference } from "../shared/compute/backend.ts"
+import { LstmModel } from "../shared/config/job.ts"
+import { encodeMany, tokenizerFromJson, type WordTokenizer } from "../shared/data/tokenizer.ts"
+import { batchOf, checkParams, forward, toTensors, type ModelDef } from "../shared/models/model.ts"
+import { makeModel } from "../shared/models/zoo.ts"
+import { decodeValue } from "../shared/protocol/decode.ts"
+import { Result } from "effect"
+
+export class ClassifyError extends Error {
+  readonly _tag = "ClassifyError"
+}
+
+const CKPT = /^v(\d+)\.ckpt$/
+
+const versionsIn = (dir: string): number[] =>
+  existsSync(dir) ? readdirSync(dir).flatMap((f) => { const m = CKPT.exec(f); return m ? [Number(m[1])] : [] }) : []
+
+/** The checkpoint files to read (one per shard) for a file or a job folder. */
+export const resolveCheckpoint = (spec: string): { readonly version: number; readonly files: readonly string[] } => {
+  if (!existsSync(spec)) throw new ClassifyError(`checkpoint ${spec} does not exist (give a .ckpt file or a job's checkpoint folder, e.g. checkpoints/spam-lstm)`)
+  const isFile = statSync(spec).isFile()
+  const m = isFile ? CKPT.exec(basename(spec)) : null
+  if (isFile && !m) throw new ClassifyError(`checkpoint ${spec}: not a checkpoint file name (v<version>.ckpt)`)
+  const jobDir = isFile ? dirname(dirname(spec)) : spec
+  const shards = readdirSync(jobDir).flatMap((d) => { const s = /^ps-(\d+)$/.exec(d); return s ? [Number(s[1])] : [] }).sort((a, b) => a - b)
+  if (shards.length === 0) throw new ClassifyError(`checkpoint folder ${jobDir} holds no ps-<shard> folders`)
+  if (shards[0] !== 0 || shards[shards.length - 1] !== shards.length - 1) throw new ClassifyError(`checkpoint folder ${jobDir}: shards ${shards.join(", ")} are not 0..${shards.length - 1}`)
+  let version: number
+  if (m) version = Number(m[1])
+  else {
+    const common = shards.map((k) => new Set(versionsIn(join(jobDir, `ps-${k}`))))
+    const all = [...common[0]].filter((v) => common.every((c) => c.has(v))).sort((a, b) => a - b)
+    if (all.length === 0) throw new ClassifyError(`checkpoint folder ${jobDir}: no version is held by every shard (${shards.map((k) => `ps-${k}`).join(", ")})`)
+    version = all[all.length - 1]
+  }
+  const files = shards.map((k) => {
+    const f = join(jobDir, `ps-${k}`, `v${String(version).padStart(8, "0")}.ckpt`)
+    if (!existsSync(f)) throw new ClassifyError(`shard ${k} has no checkpoint at version ${version} (${f}); the params are split over ${shards.length} shards`)
+    return f
+  })
+  return { version, files }
+}
+
+export interface Classifier {
+  readonly model: ModelDef
+  readonly labels: readonly string[]
+  readonly tokenizer: WordTokenizer
+  readonly params: Map<string, Float32Array>
+  readonly version: number
+  readonly job: string
+}
+
+/** Read and check a classifier from its checkpoint(s). */
+export const loadClassifier = (spec: string): Classifier => {
+  const { version, files } = resolveCheckpoint(spec)
+  const cks: ShardCheckpoint[] = files.map((f) => {
+    try {
+      return decodeCheckpoint(new Uint8Array(readFileSync(f)), f)
+    } catch (e) {
+      throw new ClassifyError(`${f}: ${(e as Error).message}`)
+    }
+  })
+  const data = cks[0].data as { model?: unknown; task?: string; labels?: unknown; tokenizer?: unknown } | undefined
+  if (data?.model === undefined) throw new ClassifyError(`${files[0]}: the checkpoint names no model (written before checkpoints carried it): it cannot be used for inference`)
+  const m = decodeValue(LstmModel, files[0], data.model)
+  if (Result.isFailure(m)) throw new ClassifyError(`${files[0]}: not a classifier checkpoint (model ${JSON.stringify((data.model as { kind?: unknown }).kind)}): ${m.failure.reason}`)
+  if (!Array.isArray(data.labels) || data.labels.length !== 2 || data.tokenizer === undefined) {
+    throw new ClassifyError(`${files[0]}: the checkpoint has no class names or tokenizer (the loader did not answer data.info before it was written); use a later checkpoint`)
+  }
+  let tokenizer: WordTokenizer
+  try {
+    tokenizer = tokenizerFromJson(data.tokenizer)
+  } catch (e) {
+    throw new ClassifyError(`${files[0]}: tokenizer: ${(e as Error).message}`)
+  }
+  const model = makeModel(m.success)
+  const params = new Map<string, Float32Array>()
+  for (const c of cks) for (const [k, v] of c.params) params.set(k, v)
+  try {
+    checkParams(model, params)
+  } catch (e) {
+    throw new ClassifyError(`${spec}: ${(e as Error).message}`)
+  }
+  return { model, labels: data.labels as string[], tokenizer, params, version, job: cks[0].job }
+}
+
+export interface Prediction {
+  readonly text: string
+  readonly label: string
+  /** the probability of `label` */
+  readonly probability: number
+  readonly probabilities: Record<string, number>
+}
+
+/** P(class 1) for each text, in batches of 256. */
+export const classify = (c: Classifier, texts: readonly string[]): Prediction[] => {
+  const out: Prediction[] = []
+  const named = toTensors(c.model, c.params)
+  try {
+    for (let i = 0; i < texts.length; i += 256) {
+      const chunk = texts.slice(i, i + 256)
+      const tokens = encodeMany(c.tokenizer, chunk)
+      const p1 = tf.tidy(() => tf.sigmoid(forward(c.model, named, batchOf(chunk.length, { tokens, labels: new Float32Array(chunk.length) }))).dataSync())
+      chunk.forEach((text, j) => {
+        const p = p1[j]
+        const k = p >= 0.5 ? 1 : 0
+        out.push({ text, label: c.labels[k], probability: k === 1 ? p : 1 - p, probabilities: { [c.labels[0]]: 1 - p, [c.labels[1]]: p } })
+      })
+    }
+  } finally {
+    for (const t of named.values()) t.dispose()
+  }
+  return out
+}
+
+export const classifyMain = async (o: { checkpoint: string; texts: readonly string[]; file?: string; json: boolean; backend?: BackendPreference }): Promise<void> => {
+  const texts = [...o.texts]
+  if (o.file !== undefined) {
+    let body: string
+    try {
+      body = readFileSync(o.file, "utf8")
+    } catch (e) {
+      throw new ClassifyError(`--file ${o.file}: ${(e as Error).message}`)
+    }
+    texts.push(...body.split(/\r?\n/).filter((l) => l.trim().length > 0))
+  }
+  if (texts.length === 0) throw new ClassifyError("nothing to classify: give texts after the checkpoint, or --file with one text per line")
+  const c = loadClassifier(o.checkpoint)
+  await initBackend(o.backend)
+  const preds = classify(c, texts)
+  if (o.json) {
+    process.stdout.write(JSON.stringify({ checkpoint: o.checkpoint, job: c.job, version: c.version, predictions: preds }) + "\n")
+    return
+  }
+  const w = Math.max(...c.labels.map((l) => l.length))
+  for (const p of preds) {
+    const shown = p.text.replace(/\s+/g, " ").trim()
+    process.stdout.write(`${p.label.padEnd(w)}  ${p.probability.toFixed(4)}  ${shown.length > 70 ? shown.slice(0, 67) + "..." : shown}\n`)
+  }
+}
