@@ -40,6 +40,15 @@ describe("job config", () => {
     expect([y.job, y.model.kind === "gpt" && y.model.contextLength, y.optimizer.kind]).toEqual(["b", 32, "sgd"])
   })
 
+  it("a job bounded by epochs: steps unbounded unless given, a per-epoch schedule's horizon in epochs, classifier defaults", () => {
+    const j = resolveJob({ model: { kind: "lstm-classifier", maxLen: 50 }, train: { epochs: 50, evalEvery: "epoch" }, schedule: { kind: "cosine", per: "epoch", lr: 0.01 } })
+    expect(j.train.steps).toBe(Number.MAX_SAFE_INTEGER)
+    expect(j.model).toEqual({ kind: "lstm-classifier", vocabSize: 10_000, embedDim: 64, hidden: 64, dense: 64, maxLen: 50, maskPadding: true })
+    expect(j.schedule).toMatchObject({ kind: "cosine", per: "epoch", totalSteps: 50 })
+    expect(resolveJob({ train: { epochs: 5, steps: 300 } }).train.steps).toBe(300)
+    expect(() => resolveJob({ train: { evalEvery: "weekly" } })).toThrow(/evalEvery/)
+  })
+
   it("names the bad field", () => {
     expect(error(() => resolveJob({ train: { steps: -1 } }))).toMatch(/steps/)
     expect(error(() => resolveJob({ train: { steps: "ten" } }))).toMatch(/steps/)

@@ -37,6 +37,26 @@ describe("evaluator reducer", () => {
     expect(evalStep(s, params(0, 5, 21))).toEqual([])
   })
 
+  it("evalEvery epoch: evaluates the first params after each epoch completes, and finishes at the last epoch", () => {
+    const s = initialEval({ shards: 2, steps: Number.MAX_SAFE_INTEGER, every: "epoch", epochs: 2 }, 0)
+    const at = (shard: number, version: number, epochsDone: number): EvalEvent => ({ ...params(shard, shard + 1, version), epochsDone }) as EvalEvent
+    evalStep(s, { _tag: "ValReady" })
+    for (const v of [1, 2, 3]) {
+      evalStep(s, at(0, v, 0))
+      expect(evaluated(evalStep(s, at(1, v, 0))), `version ${v}: epoch 0 still open`).toEqual([])
+    }
+    evalStep(s, at(0, 4, 1))
+    expect(evaluated(evalStep(s, at(1, 4, 0))), "shard 1's log not complete yet").toEqual([])
+    evalStep(s, at(0, 5, 1))
+    const first = evalStep(s, at(1, 5, 1))
+    expect(evaluated(first)).toEqual([5])
+    expect(first.find((e) => e._tag === "Evaluate")).toMatchObject({ epochsDone: 1 })
+    evalStep(s, at(0, 6, 1))
+    expect(evaluated(evalStep(s, at(1, 6, 1))), "once per epoch").toEqual([])
+    evalStep(s, at(0, 9, 2))
+    expect(evalStep(s, at(1, 9, 2)).map((e) => e._tag)).toEqual(["Evaluate", "Finish"])
+  })
+
   it("pulls what a heartbeat says it lacks, and everything after QUIET_MS of silence", () => {
     const s = initialEval({ shards: 2, steps: 100, every: 10, epochs: 0 }, 0)
     evalStep(s, params(0, 1, 3))

@@ -281,6 +281,25 @@ describe("parameter-server mailbox reducer", () => {
     expect(f.incarnation).toBe(6000)
   })
 
+  it("asks the LR of a version with the epoch of its batches, and ends once the applied log holds train.epochs whole epochs", () => {
+    const s = initialState({ ...cfg(0, 1), epochs: 2 }, fresh(), { incarnation: 1000, now: 0 })
+    step(s, { _tag: "MemberJoined", id: "w0" })
+    const withEpochs = (batchId: string, version: number): PsEvent => ({
+      _tag: "GradientsReceived", subject: "push", incarnation: 1000, push: { ...push("w0", batchId, 1, { version }), epochBatches: 2 }
+    })
+    expect(step(s, withEpochs("e0-b0", 0)).find((e) => e._tag === "RequestLr")).toEqual({ _tag: "RequestLr", version: 0, epoch: 0 })
+    step(s, { _tag: "LrResolved", version: 1, lr: 0.1 })
+    step(s, withEpochs("e0-b1", 1))
+    const v2 = step(s, { _tag: "LrResolved", version: 2, lr: 0.1 })
+    expect(published(v2, "StepApplied")[0]).toMatchObject({ version: 2, epoch: 0, epochsDone: 1, epochBatches: 2, final: false })
+    expect(step(s, withEpochs("e1-b1", 2)).find((e) => e._tag === "RequestLr")).toEqual({ _tag: "RequestLr", version: 2, epoch: 1 })
+    step(s, { _tag: "LrResolved", version: 3, lr: 0.1 })
+    step(s, withEpochs("e1-b0", 3))
+    const last = step(s, { _tag: "LrResolved", version: 4, lr: 0.1 })
+    expect(published(last, "StepApplied")[0]).toMatchObject({ version: 4, epoch: 1, epochsDone: 2, final: true })
+    expect(tags(last)).toContain("Finished")
+  })
+
   it("answers its applied log", () => {
     const s = actor(0, 1)
     step(s, { _tag: "MemberJoined", id: "w0" })

@@ -142,6 +142,13 @@ describe("progress formatting", () => {
       "train step  250/1000 (25%) loss 3.142 12.3k tok/s lr 3.0e-4 elapsed 42s eta 2m05s"
     )
   })
+
+  it("a classifier's line: the epoch, validation accuracy and samples/s", () => {
+    const cls = state({ valLoss: 0.21, valAccuracy: 0.9634, epoch: { done: 7, of: 50 }, unit: "samples", tokensPerSec: 690 })
+    expect(formatPlainLine(cls)).toBe("train step  250/1000 (25%) epoch 7/50 loss 3.142 val 0.2100 acc 96.3% 690 samples/s lr 3.0e-4 elapsed 42s eta 2m05s")
+    const tty = formatTtyLine(cls, 160)
+    for (const part of ["epoch 7/50", "val 0.2100 acc 96.3%", "690 samples/s"]) expect(tty).toContain(part)
+  })
 })
 
 describe("ETA", () => {

@@ -127,6 +127,9 @@ export const DEFAULT_JOB: JobConfig = {
   topology: { workers: 1, psShards: 1 }
 }
 
+/** The seed's classifier shape: what an lstm-classifier model block leaves out. */
+export const LSTM_DEFAULTS: LstmModel = { kind: "lstm-classifier", vocabSize: 10_000, embedDim: 64, hidden: 64, dense: 64, maxLen: 100, maskPadding: true }
+
 export class JobConfigError extends Error {
   readonly _tag = "JobConfigError"
 }
@@ -155,7 +158,7 @@ export const resolveJob = (partial: unknown, source = "job"): JobConfig => {
   for (const key of ["model", "optimizer", "schedule"] as const) {
     const block = p[key]
     if (isPlainObject(block) && "kind" in block && block.kind !== (DEFAULT_JOB[key] as { kind: unknown }).kind) {
-      base[key] = {}
+      base[key] = key === "model" && block.kind === "lstm-classifier" ? LSTM_DEFAULTS : {}
     }
   }
   // a job bounded by epochs only (no steps given) runs until its epochs are done
