@@ -106,6 +106,10 @@ describe("control plane over NATS", () => {
       const text = formatStatus(st)
       expect(text).toContain("worker-0")
       expect(text).toMatch(/state\s+paused/)
+      // a classifier's status adds its validation metrics and epochs
+      const cls = formatStatus({ ...st, valMetrics: { loss: 0.2, accuracy: 0.96, precision: 0.9, recall: 0.8, f1: 0.85 }, epoch: { done: 7, of: 50 } })
+      expect(cls).toMatch(/validation\s+accuracy 0\.9600\s+precision 0\.9000\s+recall 0\.8000\s+f1 0\.8500/)
+      expect(cls).toMatch(/epoch\s+7 of 50 complete/)
 
       yield* command(bus, job.job, "resume")
       yield* waitUntil("the version to advance after resume", () => run.version() >= held + 3)

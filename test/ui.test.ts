@@ -286,6 +286,16 @@ describe("loss-curve SVG", () => {
     expect(renderLossCurveSvg(curves())).not.toMatch(/NaN|Infinity|undefined/)
   })
 
+  it("draws a classifier's validation accuracy on the right axis (0-100%)", () => {
+    const acc: Array<[number, number]> = [[100, 0.7], [200, 0.9], [300, 0.95]]
+    const svg = parseXml(renderLossCurveSvg({ ...curves(), accuracy: acc }))
+    expect(byId(svg, "accuracy")!.attrs["data-count"]).toBe("3")
+    expect(byId(svg, "acc-ticks")!.children.filter((c) => c.name === "text").map((c) => c.text)).toEqual(["0%", "20%", "40%", "60%", "80%", "100%"])
+    expect(byId(svg, "lr-ticks")).toBeUndefined()
+    const legend = byId(svg, "legend")!.children.filter((c) => c.name === "text").map((c) => c.text).join(" ")
+    expect(legend).toContain("val accuracy (right axis) (last 95.0%)")
+  })
+
   it("handles empty, all-NaN and single-point series", () => {
     const cases = [
       { train: [], val: [], lr: [], title: "empty" },
