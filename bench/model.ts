@@ -97,7 +97,8 @@ const main = async () => {
     const cells = [r.firstMs.toFixed(0), r.medianMs.toFixed(0), r.rate, r.cpuMs.toFixed(0), r.cpuRate]
     console.log(`| ${r.run.padEnd(w)} | ${cells.join(" | ")} |`)
   }
-  const [fast, , slow] = rows
+  const fast = rows.find((r) => r.run === "gpt-mini, matMul2d gradients")!
+  const slow = rows.find((r) => r.run === "gpt-mini, stock matMul gradients")!
   console.log(
     `\nmatMul2d gradients vs stock on gpt-mini: ${(slow.medianMs / fast.medianMs).toFixed(2)}x wall, ` +
       `${(slow.cpuMs / fast.cpuMs).toFixed(2)}x CPU (same run)`

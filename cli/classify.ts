@@ -13,10 +13,10 @@
  * `{ text, label, probability, probabilities: { <class>: p } }`.
  * Does not own: the model's maths (shared/models), the checkpoint layout.
  */
-import { existsSync, readdirSync, readFileSync, statSync } from "node:fs"
-import { basename, dirname, join } from "node:path"
+import { readFileSync } from "node:fs"
 import * as tf from "@tensorflow/tfjs"
 import { decodeCheckpoint, type ShardCheckpoint } from "../actors/param-server/checkpoint.ts"
+import { resolveCheckpointFiles } from "../actors/param-server/init.ts"
 import { initBackend, type BackendPreference } from "../shared/compute/backend.ts"
 import { LstmModel } from "../shared/config/job.ts"
 import { encodeMany, tokenizerFromJson, type WordTokenizer } from "../shared/data/tokenizer.ts"
@@ -27,37 +27,6 @@ import { Result } from "effect"
 
 export class ClassifyError extends Error {
   readonly _tag = "ClassifyError"
-}
-
-const CKPT = /^v(\d+)\.ckpt$/
-
-const versionsIn = (dir: string): number[] =>
-  existsSync(dir) ? readdirSync(dir).flatMap((f) => { const m = CKPT.exec(f); return m ? [Number(m[1])] : [] }) : []
-
-/** The checkpoint files to read (one per shard) for a file or a job folder. */
-export const resolveCheckpoint = (spec: string): { readonly version: number; readonly files: readonly string[] } => {
-  if (!existsSync(spec)) throw new ClassifyError(`checkpoint ${spec} does not exist (give a .ckpt file or a job's checkpoint folder, e.g. checkpoints/spam-lstm)`)
-  const isFile = statSync(spec).isFile()
-  const m = isFile ? CKPT.exec(basename(spec)) : null
-  if (isFile && !m) throw new ClassifyError(`checkpoint ${spec}: not a checkpoint file name (v<version>.ckpt)`)
-  const jobDir = isFile ? dirname(dirname(spec)) : spec
-  const shards = readdirSync(jobDir).flatMap((d) => { const s = /^ps-(\d+)$/.exec(d); return s ? [Number(s[1])] : [] }).sort((a, b) => a - b)
-  if (shards.length === 0) throw new ClassifyError(`checkpoint folder ${jobDir} holds no ps-<shard> folders`)
-  if (shards[0] !== 0 || shards[shards.length - 1] !== shards.length - 1) throw new ClassifyError(`checkpoint folder ${jobDir}: shards ${shards.join(", ")} are not 0..${shards.length - 1}`)
-  let version: number
-  if (m) version = Number(m[1])
-  else {
-    const common = shards.map((k) => new Set(versionsIn(join(jobDir, `ps-${k}`))))
-    const all = [...common[0]].filter((v) => common.every((c) => c.has(v))).sort((a, b) => a - b)
-    if (all.length === 0) throw new ClassifyError(`checkpoint folder ${jobDir}: no version is held by every shard (${shards.map((k) => `ps-${k}`).join(", ")})`)
-    version = all[all.length - 1]
-  }
-  const files = shards.map((k) => {
-    const f = join(jobDir, `ps-${k}`, `v${String(version).padStart(8, "0")}.ckpt`)
-    if (!existsSync(f)) throw new ClassifyError(`shard ${k} has no checkpoint at version ${version} (${f}); the params are split over ${shards.length} shards`)
-    return f
-  })
-  return { version, files }
 }
 
 export interface Classifier {
@@ -71,7 +40,13 @@ export interface Classifier {
 
 /** Read and check a classifier from its checkpoint(s). */
 export const loadClassifier = (spec: string): Classifier => {
-  const { version, files } = resolveCheckpoint(spec)
+  let version: number
+  let files: readonly string[]
+  try {
+    ;({ version, files } = resolveCheckpointFiles(spec))
+  } catch (e) {
+    throw new ClassifyError((e as Error).message)
+  }
   const cks: ShardCheckpoint[] = files.map((f) => {
     try {
       return decodeCheckpoint(new Uint8Array(readFileSync(f)), f)

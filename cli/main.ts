@@ -7,6 +7,8 @@
  *   flotilla launch <loader|worker|evaluator|param-server|scheduler> --job NAME|FILE --nats URL
  *   flotilla ctl    <job> <verb> [args] [--nats URL]
  *   flotilla classify <checkpoint> [text ...] [--file F] [--json]
+ *   flotilla export <checkpoint> --safetensors out.safetensors [--json]
+ *   flotilla merge-lora <checkpoint> --out file.safetensors|file.ckpt [--json]
  *
  * Every command takes --help. Options override the job file, which overrides defaults.
  */
@@ -43,6 +45,22 @@ commands:
   launch   run one actor and join a job over NATS (from any host)
   ctl      send a control message to a running job (status, pause, set-lr, ...)
   classify label texts with a trained classifier's checkpoint
+  export   write a checkpoint as safetensors (Hugging Face GPT-2 names for a GPT)
+  merge-lora  fold a LoRA job's adapters into its base weights
+`,
+  export: `usage: flotilla export <checkpoint> --safetensors out.safetensors [--json]
+
+Writes a trained model as safetensors (float32) and a config.json beside it. A GPT is
+written with Hugging Face GPT-2's tensor names and layout (transformer.h.0.attn.c_attn.weight,
+...; the head is tied to wte) and a GPT2LMHeadModel config, so transformers can load it.
+<checkpoint> is a checkpoint file or a job's checkpoint folder (every shard at one
+version); a LoRA job's adapters are merged into its base first.
+`,
+  "merge-lora": `usage: flotilla merge-lora <checkpoint> --out file.safetensors|file.ckpt [--json]
+
+Merges a LoRA job's adapters into its base weights (W + alpha/r · A·B). The base is the
+job's init.from (or seeded init), rebuilt as its parameter servers do. A .ckpt output is
+a Flotilla checkpoint of the base model (usable by init.from); .safetensors as export.
 `,
   classify: `usage: flotilla classify <checkpoint> [text ...] [--file F] [--json] [--backend B]
 
@@ -216,6 +234,20 @@ export const main = async (argv: string[]): Promise<void> => {
         if (v.help || positionals.length === 0) return void process.stdout.write(HELP.classify)
         const { classifyMain } = await import("./classify.ts")
         await classifyMain({ checkpoint: positionals[0], texts: positionals.slice(1), file: v.file, json: v.json === true, backend: v.backend as BackendPreference | undefined })
+        return
+      }
+      case "export": {
+        const { values: v, positionals } = parse(rest, { safetensors: { type: "string" } })
+        if (v.help || positionals.length === 0) return void process.stdout.write(HELP.export)
+        const { exportMain } = await import("./export.ts")
+        await exportMain({ checkpoint: positionals[0], safetensors: v.safetensors, json: v.json === true })
+        return
+      }
+      case "merge-lora": {
+        const { values: v, positionals } = parse(rest, { out: { type: "string" } })
+        if (v.help || positionals.length === 0) return void process.stdout.write(HELP["merge-lora"])
+        const { mergeLoraMain } = await import("./export.ts")
+        await mergeLoraMain({ checkpoint: positionals[0], out: v.out, json: v.json === true })
         return
       }
       case "ctl": {

@@ -20,9 +20,9 @@ import { TracedBus } from "../shared/telemetry/traced-bus.ts"
 import { Compute, type BackendPreference } from "../shared/compute/backend.ts"
 import type { JobConfig } from "../shared/config/job.ts"
 import { decodeTokens, encodeText } from "../shared/data/corpus.ts"
-import { generate, makeGpt } from "../shared/models/gpt.ts"
+import { generate, type GptDef } from "../shared/models/gpt.ts"
 import { countParams } from "../shared/models/model.ts"
-import { makeModel } from "../shared/models/zoo.ts"
+import { modelForJob } from "../shared/models/zoo.ts"
 import { encodeMessage } from "../shared/protocol/decode.ts"
 import { PROTOCOL_VERSION, subjects } from "../shared/protocol/subjects.ts"
 import { asciiChart, writeLossCurveSvg } from "../shared/ui/plot.ts"
@@ -117,7 +117,7 @@ export const report = (
     writeFileSync(join(dir, "curves.json"), JSON.stringify(summary.curves))
     let sample = ""
     if (params && job.model.kind === "gpt" && (o.sample ?? 200) > 0) {
-      const model = makeGpt(job.model)
+      const model = modelForJob(job) as GptDef
       const prompt = encodeText("Call me ")
       sample = decodeTokens(generate(model, params, prompt, o.sample ?? 200, { temperature: 0.8, topK: 40, seed: job.train.seed }))
       sample = "Call me " + sample
@@ -160,7 +160,7 @@ export const startEmbedded = (o: StartOptions) =>
     const { job } = o
     const startedAt = Date.now()
     const compute = yield* Compute
-    const model = makeModel(job.model)
+    const model = modelForJob(job)
     if (!o.json) {
       process.stderr.write(`flotilla start: backend ${compute.reason}\n`)
       process.stderr.write(`model ${job.model.kind}: ${countParams(model).toLocaleString("en")} params; resolved job:\n${JSON.stringify(job)}\n`)

@@ -67,7 +67,10 @@ const numel = (shape: readonly number[]) => shape.reduce((a, b) => a * b, 1)
 const bySender = (a: { sender: string }, b: { sender: string }) => (a.sender < b.sender ? -1 : a.sender > b.sender ? 1 : 0)
 
 export class ShardState {
+  /** every tensor of this shard (params). */
   readonly specs: readonly Spec[]
+  /** the ones trained (not frozen): they take gradients and hold optimizer state. */
+  readonly trained: readonly Spec[]
   readonly params: Map<string, Float32Array>
   slots: Map<string, OptimizerSlots>
   optimizer: Optimizer
@@ -90,15 +93,18 @@ export class ShardState {
     updates?: number
     slots?: Map<string, OptimizerSlots>
     log?: AppliedLog
+    /** names of the tensors that are trained (default: all); the others are frozen. */
+    trainable?: ReadonlySet<string>
   }) {
     this.specs = o.specs
+    this.trained = o.trainable ? o.specs.filter((s) => o.trainable!.has(s.name)) : o.specs
     this.params = o.params
     this.optimizer = makeOptimizer(o.optimizer)
     this.consistency = o.consistency
     this.clipNorm = o.clipNorm
     this.version = o.version ?? 0
     this.updates = o.updates ?? 0
-    this.slots = o.slots ?? new Map(o.specs.map((s) => [s.name, this.optimizer.initState(numel(s.shape))]))
+    this.slots = o.slots ?? new Map(this.trained.map((s) => [s.name, this.optimizer.initState(numel(s.shape))]))
     this.log = o.log ?? new AppliedLog()
     for (const s of o.specs) {
       const p = o.params.get(s.name)
@@ -143,16 +149,17 @@ export class ShardState {
     if (c.mode === "bounded" && staleness > c.staleness) {
       return { ok: false, code: "stale", reason: `staleness ${staleness} > bound ${c.staleness}` }
     }
-    for (const s of this.specs) {
+    for (const s of this.trained) {
       const g = p.grads.get(s.name)
       if (!g) return { ok: false, code: "bad-tensor", reason: `gradient for ${s.name} is missing` }
       if (g.length !== numel(s.shape)) {
         return { ok: false, code: "bad-tensor", reason: `gradient ${s.name} has ${g.length} elements, expected ${numel(s.shape)} (shape [${s.shape}])` }
       }
     }
-    if (p.grads.size !== this.specs.length) {
-      const extra = [...p.grads.keys()].filter((n) => !this.specs.some((s) => s.name === n))
-      return { ok: false, code: "bad-tensor", reason: `tensors not owned by this shard: ${extra.join(", ")}` }
+    if (p.grads.size !== this.trained.length) {
+      const extra = [...p.grads.keys()].filter((n) => !this.trained.some((s) => s.name === n))
+      const frozen = extra.filter((n) => this.specs.some((s) => s.name === n))
+      return { ok: false, code: "bad-tensor", reason: frozen.length > 0 ? `tensors frozen in this job (train.freeze / train.lora): ${frozen.join(", ")}` : `tensors not owned by this shard: ${extra.join(", ")}` }
     }
     const bad = findNonFinite(p.grads)
     if (bad) return { ok: false, code: "non-finite", reason: `gradient ${bad.name}[${bad.index}] is ${bad.value}` }
@@ -193,7 +200,7 @@ export class ShardState {
     const samples = pushes.reduce((n, p) => n + p.samples, 0)
     const agg = new Map<string, Float32Array>()
     let sumSq = 0
-    for (const s of this.specs) {
+    for (const s of this.trained) {
       const out = new Float32Array(numel(s.shape))
       if (pushes.length === 1) out.set(pushes[0].grads.get(s.name)!)
       else {
@@ -227,7 +234,7 @@ export class ShardState {
       if (Number.isFinite(norm) && scale < 1) for (const g of agg.values()) for (let i = 0; i < g.length; i++) g[i] *= scale
     }
     this.updates++
-    for (const s of this.specs) this.optimizer.update(this.params.get(s.name)!, agg.get(s.name)!, this.slots.get(s.name)!, lr, this.updates)
+    for (const s of this.trained) this.optimizer.update(this.params.get(s.name)!, agg.get(s.name)!, this.slots.get(s.name)!, lr, this.updates)
     this.version++
     const chosen = new Set(pushes)
     let dropped: Held[] = []
@@ -280,7 +287,7 @@ export class ShardState {
     const stale = this.version - pushes[0].version >= 1
     let rawSq = 0
     let extSq = 0
-    for (const sp of this.specs) {
+    for (const sp of this.trained) {
       const g = agg.get(sp.name)!
       const sl = this.slots.get(sp.name)!
       const prev = sl[PREV_GRAD]

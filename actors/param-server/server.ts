@@ -18,7 +18,11 @@ import { onControl } from "../../shared/actor/control-listener.ts"
 import { runHeartbeat, trackMembership } from "../../shared/actor/membership.ts"
 import { makeReporter } from "../../shared/actor/report.ts"
 import type { JobConfig } from "../../shared/config/job.ts"
-import { makeModel } from "../../shared/models/zoo.ts"
+import { modelForJob, trainableNames } from "../../shared/models/zoo.ts"
+import { isLoraParam } from "../../shared/models/lora.ts"
+import { makeOptimizer, type OptimizerSlots } from "../../shared/optim/optimizers.ts"
+import { applyInit, loadInitWeights } from "./init.ts"
+import { resolve } from "node:path"
 import { resolveOptimizer } from "../../shared/optim/optimizers.ts"
 import { CONTROL_VERBS, type CommandVerb } from "../../shared/protocol/control.ts"
 import { decodeBytes, decodeValue, encodeMessage } from "../../shared/protocol/decode.ts"
@@ -73,36 +77,55 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
     const s = subjects(job.job)
     const reject = makeReporter(bus, s, id)
     const metrics = yield* currentMetrics
-    const model = makeModel(job.model)
+    const model = modelForJob(job)
     const specs = shardSpecs(model.specs, job.topology.psShards, shard)
+    const trainable = new Set(trainableNames(job, model))
+    const adapters = job.train.lora ? model.specs.filter((sp) => isLoraParam(sp.name)).map((sp) => sp.name) : []
     const optimizer = resolveOptimizer(job.optimizer as never)
     if (Result.isFailure(optimizer)) return yield* Effect.fail(new Error(`optimizer: ${optimizer.failure.message}`))
+    const optimizerOf = makeOptimizer(optimizer.success)
     const schedule = resolveSchedule(job.schedule as unknown as ScheduleInput)
     if (Result.isFailure(schedule)) return yield* Effect.fail(new Error(`schedule: ${schedule.failure.message}`))
     const store = o.store ?? makeFileStore(job.train.checkpointDir)
     const logCorrupt = (path: string, why: string) => Effect.logError(`ps ${id}: skipping checkpoint ${path}: ${why}`)
 
-    /** Shard state from a checkpoint (checked against the model), or a fresh deterministic init. */
+    /** The job's initial params (every tensor): its seeded init, or `init.from`'s weights checked against the model. */
+    let initial: { params: Map<string, Float32Array>; slots?: Map<string, OptimizerSlots>; from?: string } | undefined
+    const initialParams = Effect.gen(function* () {
+      if (initial) return initial
+      const fresh = model.init(job.train.seed)
+      if (!job.init) return (initial = { params: fresh })
+      const spec = job.init
+      const w = yield* loadInitWeights(spec, store)
+      const params = yield* Effect.try({ try: () => applyInit(model, fresh, w, spec, adapters), catch: (e) => (e instanceof Error ? e : new Error(String(e))) })
+      return (initial = { params, slots: spec.optimizer ? w.slots : undefined, from: `${w.from}${w.version !== undefined ? ` (version ${w.version})` : ""}` })
+    })
+
+    /** Shard state from a checkpoint (checked against the model), or the job's initial params. */
     const fromCheckpoint = (c: ShardCheckpoint | undefined): Effect.Effect<{ core: ShardState; schedule: unknown }, Error> =>
       Effect.gen(function* () {
         if (!c) {
-          const all = model.init(job.train.seed)
+          const init = yield* initialParams
+          const slots = init.slots
           const core = new ShardState({
-            specs, params: new Map(specs.map((sp) => [sp.name, all.get(sp.name)!])), optimizer: optimizer.success,
-            consistency: job.train.consistency, clipNorm: job.train.clipNorm
+            specs, params: new Map(specs.map((sp) => [sp.name, Float32Array.from(init.params.get(sp.name)!)])), optimizer: optimizer.success,
+            consistency: job.train.consistency, clipNorm: job.train.clipNorm, trainable,
+            ...(slots ? { slots: new Map(specs.filter((sp) => trainable.has(sp.name)).map((sp) => [sp.name, slots.get(sp.name) ?? optimizerOf.initState(numel(sp.shape))])) } : {})
           })
           return { core, schedule: shard === 0 ? initialSchedulerState(schedule.success) : undefined }
         }
+        // a LoRA job's checkpoints hold only what it trains: the frozen base comes from its init
+        const base = specs.some((sp) => !c.params.has(sp.name) && !trainable.has(sp.name)) ? (yield* initialParams).params : undefined
         for (const sp of specs) {
-          const p = c.params.get(sp.name)
+          const p = c.params.get(sp.name) ?? (trainable.has(sp.name) ? undefined : base?.get(sp.name))
           if (!p || p.length !== numel(sp.shape)) {
             return yield* Effect.fail(new Error(`checkpoint of version ${c.version} does not match the model: tensor ${sp.name} ${p ? `has ${p.length} values` : "is missing"}`))
           }
         }
         const core = new ShardState({
-          specs, params: new Map(specs.map((sp) => [sp.name, c.params.get(sp.name)!])), optimizer: c.optimizer,
-          consistency: c.consistency, clipNorm: job.train.clipNorm, version: c.version, updates: c.updates,
-          slots: new Map(specs.map((sp) => [sp.name, c.slots.get(sp.name) ?? {}])), log: AppliedLog.fromJSON(c.log)
+          specs, params: new Map(specs.map((sp) => [sp.name, c.params.get(sp.name) ?? Float32Array.from(base!.get(sp.name)!)])), optimizer: c.optimizer,
+          consistency: c.consistency, clipNorm: job.train.clipNorm, version: c.version, updates: c.updates, trainable,
+          slots: new Map(specs.filter((sp) => trainable.has(sp.name)).map((sp) => [sp.name, c.slots.get(sp.name) ?? {}])), log: AppliedLog.fromJSON(c.log)
         })
         return { core, schedule: c.schedule }
       })
@@ -123,8 +146,12 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
     yield* Effect.logInfo(
       found
         ? `ps ${id}: resumed shard ${shard} at version ${state.core.version} from ${found.path} (incarnation ${incarnation})`
-        : `ps ${id}: shard ${shard} starts fresh at version 0 (incarnation ${incarnation})`
+        : `ps ${id}: shard ${shard} starts fresh at version 0${initial?.from ? ` from the weights of ${initial.from}` : ""} (incarnation ${incarnation})`
     )
+    if (trainable.size < model.specs.length) {
+      const n = specs.filter((sp) => trainable.has(sp.name)).reduce((m, sp) => m + numel(sp.shape), 0)
+      yield* Effect.logInfo(`ps ${id}: trains ${specs.filter((sp) => trainable.has(sp.name)).length} of its ${specs.length} tensors (${n} params); the rest are frozen`)
+    }
     yield* Effect.logInfo(`ps ${id}: shard ${shard}/${job.topology.psShards} owns ${specs.length} tensors, ${specs.reduce((n, sp) => n + numel(sp.shape), 0)} params, ${state.core.consistency.mode}`)
 
     const finished = yield* Deferred.make<void>()
@@ -159,8 +186,11 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
       saveCheckpoint(store, {
         job: job.job, shard, version: state.core.version, updates: state.core.updates, optimizer: state.core.optimizer.config,
         consistency: state.core.consistency, log: state.core.log.toJSON(), schedule: state.schedule,
-        data: shard === 0 ? { model: job.model, ...(Ref.getUnsafe(dataInfo) ?? {}) } : undefined,
-        params: state.core.params, shapes: new Map(specs.map((sp) => [sp.name, sp.shape])), slots: state.core.slots
+        // init.from as an absolute path: merge-lora and export rebuild a LoRA job's base from it, from any folder
+        data: shard === 0 ? { model: job.model, lora: job.train.lora, init: job.init && { ...job.init, from: job.init.from.startsWith("store:") ? job.init.from : resolve(job.init.from) }, seed: job.train.seed, ...(Ref.getUnsafe(dataInfo) ?? {}) } : undefined,
+        // LoRA: only the adapters (the frozen base is the job's init, rebuilt on resume)
+        params: job.train.lora ? new Map([...state.core.params].filter(([k]) => trainable.has(k))) : state.core.params,
+        shapes: new Map(specs.filter((sp) => !job.train.lora || trainable.has(sp.name)).map((sp) => [sp.name, sp.shape])), slots: state.core.slots
       }).pipe(
         Effect.tap((r) => Effect.sync(() => void (savedVersion = r.version))),
         Effect.flatMap((r) => Effect.logInfo(`ps ${id}: checkpoint ${r.where} (${why})`))

@@ -21,7 +21,7 @@ import { runHeartbeat } from "../../shared/actor/membership.ts"
 import type { JobConfig } from "../../shared/config/job.ts"
 import { Compute } from "../../shared/compute/backend.ts"
 import { addSums, batchProblem, lossAndGrads, scoreBatch } from "../../shared/models/model.ts"
-import { makeModel } from "../../shared/models/zoo.ts"
+import { modelForJob, trainableNames } from "../../shared/models/zoo.ts"
 import { decodeBytes, encodeMessage } from "../../shared/protocol/decode.ts"
 import { Heartbeat, PushAck, Rejected, type GradMeta, type ValidationLoss, type WorkerStep } from "../../shared/protocol/messages.ts"
 import { assignShards } from "../../shared/protocol/sharding.ts"
@@ -60,7 +60,8 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
     const { job, id } = o
     const mode = o.mode ?? "train"
     const s = subjects(job.job)
-    const model = makeModel(job.model)
+    const model = modelForJob(job)
+    const trainable = new Set(trainableNames(job, model))
     const shards = job.topology.psShards
     const shardOf = assignShards(model.specs, shards)
     const codec: Codec = o.codec ?? "f32"
@@ -150,7 +151,7 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
         for (const c of state.cache.values()) for (const [k, v] of c.params) params.set(k, v)
         const v = Math.min(...e.versions.values())
         const g = yield* Effect.sync(() =>
-          accumulateGrads(e.micro.map((b) => ({ batchId: b.meta.batchId, samples: b.data.size, ...lossAndGrads(model, params, b.data) })))
+          accumulateGrads(e.micro.map((b) => ({ batchId: b.meta.batchId, samples: b.data.size, ...lossAndGrads(model, params, b.data, trainable) })))
         ).pipe(Effect.withSpan("worker.forward_backward", { attributes: { "flotilla.version": v, "flotilla.micro_batches": e.micro.length } }))
         const t3 = performance.now()
         let normSq = 0
@@ -159,8 +160,9 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
         const first = e.micro[0].meta
         const bundles = new Map<number, TensorBundle>()
         for (let k = 0; k < shards; k++) {
+          // frozen tensors (train.freeze, LoRA's base) are not sent: the shard holds no optimizer state for them
           const tensors = model.specs
-            .filter((sp) => shardOf.get(sp.name) === k)
+            .filter((sp) => shardOf.get(sp.name) === k && trainable.has(sp.name))
             .map((sp) => {
               let residual = residuals.get(sp.name)
               if (codec !== "f32" && !residual) residuals.set(sp.name, (residual = new Float32Array(g.grads.get(sp.name)!.length)))
@@ -293,7 +295,7 @@ interface EvalContext {
   readonly metrics: Effect.Success<typeof currentMetrics>
   readonly bus: BusShape
   readonly s: ReturnType<typeof subjects>
-  readonly model: ReturnType<typeof makeModel>
+  readonly model: ReturnType<typeof modelForJob>
 }
 
 /**

@@ -53,6 +53,30 @@ export type Consistency = typeof Consistency.Type
 
 const Loose = Schema.Record(Schema.String, Schema.Unknown)
 
+/** Start from pretrained weights instead of a random init (actors/param-server/init.ts). */
+export const InitFrom = Schema.Struct({
+  /** a Flotilla checkpoint file or a job's checkpoint folder, a .safetensors file (Flotilla or Hugging Face GPT-2 names), or `store:<job>[@<version>]` (that job's checkpoints in this job's checkpoint store). */
+  from: Schema.String,
+  /** patterns of model tensors the weights may lack: they keep their random init (a new head). */
+  allowMissing: Schema.optional(Schema.Array(Schema.String)),
+  /** patterns of tensors in the weights to leave out (an old head, another vocabulary's embedding). */
+  ignore: Schema.optional(Schema.Array(Schema.String)),
+  /** also take the optimizer state (Flotilla checkpoints only); default: fresh. */
+  optimizer: Schema.optional(Schema.Boolean)
+})
+export type InitFrom = typeof InitFrom.Type
+
+/** LoRA adapters on the GPT's linear layers: only they are trained (shared/models/lora.ts). */
+export const Lora = Schema.Struct({
+  rank: PosInt,
+  alpha: Schema.Finite.check(Schema.isGreaterThan(0)),
+  /** linear layers, as patterns over their names without `.weight`: `h.*.attn.c_attn`, `h.*.mlp`. */
+  targets: Schema.Array(Schema.String),
+  /** accepted for compatibility; Flotilla's models have no dropout, so only 0. */
+  dropout: Schema.optional(Schema.Literal(0))
+})
+export type Lora = typeof Lora.Type
+
 export const JobConfig = Schema.Struct({
   /** job name: the `<job>` token of every subject. */
   job: Schema.String.check(Schema.isPattern(TOKEN_PATTERN)),
@@ -85,6 +109,10 @@ export const JobConfig = Schema.Struct({
     /** checkpoint every N versions (0 = only on stop). */
     checkpointEvery: NonNegInt,
     checkpointDir: Schema.String,
+    /** patterns of tensors that are not trained: no gradient is pushed for them, no optimizer state held (shared/models/patterns.ts). */
+    freeze: Schema.Array(Schema.String),
+    /** LoRA: train low-rank adapters only (the base weights are frozen). */
+    lora: Schema.optional(Lora),
     /** where parameter servers keep checkpoints: "file" (checkpointDir) or "jetstream" (a JetStream object store on the job's NATS, so a server relaunched on another host finds them). */
     checkpointStore: Schema.Literals(["file", "jetstream"]),
     /** global-norm gradient clipping (0 = off). */
@@ -95,6 +123,7 @@ export const JobConfig = Schema.Struct({
     /** an actor silent for this long is dropped from the membership. */
     livenessMs: PosInt
   }),
+  init: Schema.optional(InitFrom),
   optimizer: Loose,
   schedule: Loose,
   topology: Schema.Struct({ workers: PosInt, psShards: PosInt })
@@ -116,6 +145,7 @@ export const DEFAULT_JOB: JobConfig = {
     checkpointEvery: 250,
     checkpointDir: "checkpoints",
     checkpointStore: "file",
+    freeze: [],
     clipNorm: 1,
     leaseTimeoutMs: 30_000,
     heartbeatMs: 500,

@@ -2,8 +2,11 @@
 // ops over named parameters): token + position embeddings, pre-LayerNorm blocks of
 // causal multi-head self-attention and a 4x GELU MLP, final LayerNorm, and a head tied
 // to the token embedding. Also sampling text from it (`generate`).
-// Owns: the GPT maths, its config defaults, param names/shapes and init. Does not own:
-// tensor bookkeeping around a loss (model.ts), training, or data.
+// Also optional LoRA adapters (Hu et al. 2021) on its linear layers: a targeted layer L
+// computes x@W + b + (alpha/r)·((x@A)@B) with L.lora_A [in, r] and L.lora_B [r, out].
+// Owns: the GPT maths, its config defaults, param names/shapes and init (adapters
+// included). Does not own: tensor bookkeeping around a loss (model.ts), training, data,
+// or what to do with adapters afterwards (lora.ts: merging, which tensors train).
 //
 // Shapes, used in every comment below:
 //   B batch size, T sequence length (<= contextLength), C width, V vocab size,
@@ -14,12 +17,13 @@
 // means the loader cuts a corpus once and ships no duplicated tokens.
 // Blocks (model.ts): embed (wte, wpe) → h.0 … h.{layers-1} → head (ln_f, and wte again:
 // the head is tied to the token embedding, so a cut that separates embed from head
-// shares wte between those stages).
+// shares wte between those stages). Adapters belong to their h.N block.
 
 import * as tf from "@tensorflow/tfjs"
 import { batchMatMul, gelu, layerNorm, linear, matMul2d, softmaxCrossEntropy } from "../compute/ops.ts"
 import type { Batch, Block, ModelDef, ParamSpec, Params } from "./model.ts"
 import { batchOf, sizeOf } from "./model.ts"
+import { matchesAny, unmatched } from "./patterns.ts"
 import { Rng } from "./rng.ts"
 
 export interface GptConfig {
@@ -35,6 +39,17 @@ export interface GptConfig {
   readonly width: number
   /** Accepted for config compatibility and ignored: Flotilla's GPT has no dropout. */
   readonly dropout: number
+  /** LoRA adapters on the linear layers `targets` matches (none when absent). */
+  readonly lora?: GptLora
+}
+
+export interface GptLora {
+  /** r: the adapters' inner width (>= 1). */
+  readonly rank: number
+  /** The update is scaled by alpha / r (> 0). */
+  readonly alpha: number
+  /** Patterns (patterns.ts) over linear layer names without `.weight`: `h.*.attn.c_attn`, `h.*.mlp`. */
+  readonly targets: readonly string[]
 }
 
 export const gptDefaults: GptConfig = {
@@ -66,11 +81,57 @@ export const resolveGptConfig = (config: Partial<GptConfig> = {}): GptConfig => 
     if (!Number.isInteger(c[k]) || c[k] < 1) throw new Error(`gpt: ${k} must be a positive integer, got ${c[k]}`)
   }
   if (c.width % c.heads !== 0) throw new Error(`gpt: width ${c.width} is not divisible by heads ${c.heads}`)
+  if (c.lora === undefined) {
+    const { lora: _, ...base } = c // an explicit `lora: undefined` is no LoRA
+    return base
+  }
+  const { rank, alpha, targets } = c.lora
+  if (!Number.isInteger(rank) || rank < 1) throw new Error(`gpt: lora.rank must be a positive integer, got ${rank}`)
+  if (!Number.isFinite(alpha) || alpha <= 0) throw new Error(`gpt: lora.alpha must be a positive number, got ${alpha}`)
+  if (!Array.isArray(targets) || targets.length === 0) throw new Error("gpt: lora.targets must list at least one linear layer pattern")
+  const names = gptLinears(c).map((l) => l.name)
+  const bad = unmatched(names, targets)
+  if (bad.length > 0) {
+    throw new Error(
+      `gpt: lora.targets ${bad.map((t) => JSON.stringify(t)).join(", ")} match${bad.length === 1 ? "es" : ""} no linear layer ` +
+        `(they are ${names.slice(0, 4).join(", ")}, ... for each block h.N; name layers without ".weight")`
+    )
+  }
   return c
 }
 
+/** A linear layer: `name` without `.weight`/`.bias`; weight [inDim, outDim]. */
+export interface GptLinear {
+  readonly name: string
+  readonly inDim: number
+  readonly outDim: number
+}
+
+/** Every linear layer, in block order (c_attn, attn c_proj, c_fc, mlp c_proj per block). */
+export const gptLinears = (c: GptConfig): GptLinear[] => {
+  const C = c.width
+  return Array.from({ length: c.layers }, (_, l) => [
+    { name: `h.${l}.attn.c_attn`, inDim: C, outDim: 3 * C },
+    { name: `h.${l}.attn.c_proj`, inDim: C, outDim: C },
+    { name: `h.${l}.mlp.c_fc`, inDim: C, outDim: 4 * C },
+    { name: `h.${l}.mlp.c_proj`, inDim: 4 * C, outDim: C }
+  ]).flat()
+}
+
+/** The linear layers LoRA adapts (none without `lora`), in gptLinears order. */
+export const gptLoraLayers = (c: GptConfig): GptLinear[] =>
+  c.lora === undefined ? [] : gptLinears(c).filter((l) => matchesAny(l.name, c.lora!.targets))
+
+/** Adapter specs, after the base specs: for each adapted layer L, L.lora_A [in, r] then L.lora_B [r, out]. */
+const loraSpecs = (c: GptConfig): ParamSpec[] =>
+  gptLoraLayers(c).flatMap((l) => [
+    { name: `${l.name}.lora_A`, shape: [l.inDim, c.lora!.rank] },
+    { name: `${l.name}.lora_B`, shape: [c.lora!.rank, l.outDim] }
+  ])
+
 /** Parameter names follow nanoGPT/GPT-2 (`h.0.attn.c_attn.weight`, ...); linear weights
- *  are stored [in, out] so that y = x @ W. */
+ *  are stored [in, out] so that y = x @ W. LoRA adapters come after every base spec, so
+ *  the base order (and a checkpoint without adapters) is the same with or without them. */
 export const gptSpecs = (c: GptConfig): ParamSpec[] => {
   const C = c.width
   const specs: ParamSpec[] = [
@@ -95,17 +156,26 @@ export const gptSpecs = (c: GptConfig): ParamSpec[] => {
     )
   }
   specs.push({ name: "ln_f.weight", shape: [C] }, { name: "ln_f.bias", shape: [C] })
-  return specs
+  return [...specs, ...loraSpecs(c)]
 }
 
+/** Seed offset of the adapters' own stream (so the base stream is the one without LoRA). */
+const LORA_SEED = 0x10a4
+
 /** GPT-2 init: weights and embeddings N(0, 0.02), residual projections (c_proj)
- *  N(0, 0.02/sqrt(2·layers)), biases 0, LayerNorm gains 1. One RNG stream in spec order. */
+ *  N(0, 0.02/sqrt(2·layers)), biases 0, LayerNorm gains 1. One RNG stream in spec order.
+ *  LoRA (Hu et al.): lora_A ~ N(0, 1/r) (std 1/sqrt(r)) from a second stream seeded
+ *  seed + LORA_SEED, lora_B = 0, so step 0 is exactly the base model and the base values
+ *  are those of the same seed without adapters. */
 export const gptInit = (c: GptConfig, specs: readonly ParamSpec[], seed: number): Map<string, Float32Array> => {
   const rng = new Rng(seed)
+  const loraRng = new Rng(seed + LORA_SEED)
   const out = new Map<string, Float32Array>()
   for (const s of specs) {
     const v = new Float32Array(sizeOf(s.shape))
-    if (/ln_\w+\.weight$/.test(s.name)) v.fill(1)
+    if (s.name.endsWith(".lora_A")) loraRng.fillNormal(v, 1 / Math.sqrt(s.shape[1]))
+    else if (s.name.endsWith(".lora_B")) v.fill(0)
+    else if (/ln_\w+\.weight$/.test(s.name)) v.fill(1)
     else if (s.name.endsWith(".bias")) v.fill(0)
     else if (s.name.endsWith("c_proj.weight")) rng.fillNormal(v, 0.02 / Math.sqrt(2 * c.layers))
     else rng.fillNormal(v, 0.02)
@@ -132,12 +202,29 @@ const get = (p: Params, name: string): tf.Tensor => {
   return t
 }
 
+/** Adapted layer names per config object (the forward asks once per layer per call). */
+const adaptedCache = new WeakMap<GptConfig, ReadonlySet<string>>()
+const adapted = (c: GptConfig): ReadonlySet<string> => {
+  let s = adaptedCache.get(c)
+  if (s === undefined) adaptedCache.set(c, (s = new Set(gptLoraLayers(c).map((l) => l.name))))
+  return s
+}
+
+/** Linear layer `name`: x [N, in] -> [N, out]; x@W + b, plus (alpha/r)·((x@A)@B) when LoRA adapts it.
+ *  The scale goes on x@A [N, r], the narrowest product. */
+const dense = (c: GptConfig, p: Params, name: string, x: tf.Tensor2D): tf.Tensor2D => {
+  const y = linear(x, get(p, name + ".weight"), get(p, name + ".bias")) // [N, out]
+  if (c.lora === undefined || !adapted(c).has(name)) return y
+  const xa = tf.mul(matMul2d(x, get(p, name + ".lora_A") as tf.Tensor2D), c.lora.alpha / c.lora.rank) as tf.Tensor2D // [N, r]
+  return tf.add(y, matMul2d(xa, get(p, name + ".lora_B") as tf.Tensor2D)) // [N, out]
+}
+
 /** Causal multi-head self-attention. x: [B*T, C] -> [B*T, C]. */
 const attention = (c: GptConfig, p: Params, pre: string, x: tf.Tensor2D, B: number, T: number): tf.Tensor2D => {
   const C = c.width
   const H = c.heads
   const D = C / H
-  const qkv = linear(x, get(p, pre + "c_attn.weight"), get(p, pre + "c_attn.bias")) // [B*T, 3C]
+  const qkv = dense(c, p, pre + "c_attn", x) // [B*T, 3C]
   const [q, k, v] = tf.split(qkv, 3, 1) // each [B*T, C]
   // [B*T, C] -> [B, T, H, D] -> [B, H, T, D] -> [B*H, T, D]
   const heads = (t: tf.Tensor): tf.Tensor3D =>
@@ -147,13 +234,13 @@ const attention = (c: GptConfig, p: Params, pre: string, x: tf.Tensor2D, B: numb
   const att = tf.add(batchMatMul(qs as tf.Tensor3D, kT), causalMask(T)) // [B*H, T, T]
   const y = batchMatMul(tf.softmax(att) as tf.Tensor3D, heads(v)) // [B*H, T, D]
   const merged = tf.reshape(tf.transpose(tf.reshape(y, [B, H, T, D]), [0, 2, 1, 3]), [B * T, C]) as tf.Tensor2D // [B*T, C]
-  return linear(merged, get(p, pre + "c_proj.weight"), get(p, pre + "c_proj.bias"))
+  return dense(c, p, pre + "c_proj", merged)
 }
 
 /** MLP: x: [B*T, C] -> [B*T, 4C] -> GELU -> [B*T, C]. */
-const mlp = (p: Params, pre: string, x: tf.Tensor2D): tf.Tensor2D => {
-  const h = gelu(linear(x, get(p, pre + "c_fc.weight"), get(p, pre + "c_fc.bias"))) // [B*T, 4C]
-  return linear(h, get(p, pre + "c_proj.weight"), get(p, pre + "c_proj.bias"))
+const mlp = (c: GptConfig, p: Params, pre: string, x: tf.Tensor2D): tf.Tensor2D => {
+  const h = gelu(dense(c, p, pre + "c_fc", x)) // [B*T, 4C]
+  return dense(c, p, pre + "c_proj", h)
 }
 
 /** Token + position embeddings. idx: [B, T] -> residual stream [B*T, C]. */
@@ -172,7 +259,7 @@ const block = (c: GptConfig, p: Params, l: number, x: tf.Tensor2D, B: number, T:
   const a = layerNorm(x, get(p, pre + "ln_1.weight"), get(p, pre + "ln_1.bias"))
   const y = tf.add<tf.Tensor2D>(x, attention(c, p, pre + "attn.", a, B, T))
   const m = layerNorm(y, get(p, pre + "ln_2.weight"), get(p, pre + "ln_2.bias"))
-  return tf.add<tf.Tensor2D>(y, mlp(p, pre + "mlp.", m))
+  return tf.add<tf.Tensor2D>(y, mlp(c, p, pre + "mlp.", m))
 }
 
 /** Final LayerNorm and the head tied to wte: [B*T, C] -> logits [B*T, V]. */
@@ -207,8 +294,10 @@ export const gptInputsTargets = (batch: Batch): { x: Int32Array; y: Int32Array; 
   return { x, y, B, T }
 }
 
+/** The chain. Block h.N reads every `h.N.` spec: its base tensors, then its adapters. */
 export const gptBlocks = (c: GptConfig): Block[] => {
-  const layerParams = (l: number) => gptSpecs(c).filter((s) => s.name.startsWith(`h.${l}.`)).map((s) => s.name)
+  const specs = gptSpecs(c)
+  const layerParams = (l: number) => specs.filter((s) => s.name.startsWith(`h.${l}.`)).map((s) => s.name)
   return [
     {
       name: "embed",

@@ -118,24 +118,27 @@ const readFloats = (t: tf.Tensor): Float32Array => {
 }
 
 /**
- * Loss and gradients of every parameter, as plain arrays. Leaves no tensor behind.
+ * Loss and gradients of every parameter (or of those in `only`: the others are constants,
+ * a frozen tensor's gradient is never computed), as plain arrays. Leaves no tensor behind.
  * A parameter the loss does not reach gets a zero gradient.
  */
 export const lossAndGrads = (
   def: ModelDef,
   params: ReadonlyMap<string, Float32Array>,
-  batch: Batch
+  batch: Batch,
+  only?: ReadonlySet<string>
 ): { loss: number; grads: Map<string, Float32Array> } => {
   let loss = Number.NaN
   const grads = new Map<string, Float32Array>()
   tf.tidy(() => {
     checkBatch(def, batch)
     const named = toTensors(def, params)
-    const xs = [...named.values()]
+    const wrt = def.specs.filter((s) => only === undefined || only.has(s.name))
+    const xs = wrt.map((s) => named.get(s.name)!)
     // allowNoGradients: a null gradient becomes zeros below instead of an exception.
     const res = tf.engine().gradients(() => lossOf(def, named, batch), xs, undefined, true)
     loss = res.value.dataSync()[0]
-    def.specs.forEach((s, i) => {
+    wrt.forEach((s, i) => {
       const g = res.grads[i]
       grads.set(s.name, g == null ? new Float32Array(sizeOf(s.shape)) : readFloats(g))
     })

@@ -382,22 +382,23 @@ export const observe = async (url: string, job: JobConfig): Promise<Observer> =>
  */
 export const useCluster = () => {
   let nats: AcquiredNats | undefined
-  let cluster: Cluster | undefined
-  let obs: Observer | undefined
+  // every cluster a file starts (several tests may each start one): all are stopped after the file
+  const started: Array<{ cluster: Cluster; obs?: Observer }> = []
   beforeAll(async () => {
     nats = await acquireNats()
   })
   afterAll(async () => {
-    await obs?.close()
-    await cluster?.stop()
+    for (const s of started) await s.obs?.close()
+    await Promise.all(started.map((s) => s.cluster.stop()))
     await nats?.stop()
   })
   return {
     url: () => nats!.url,
     start: async (patch: Parameters<typeof makeCluster>[1], env: NodeJS.ProcessEnv = {}) => {
-      cluster = makeCluster(nats!.url, patch, env)
-      obs = await observe(nats!.url, cluster.job)
-      return { cluster, obs }
+      const entry: { cluster: Cluster; obs?: Observer } = { cluster: makeCluster(nats!.url, patch, env) }
+      started.push(entry)
+      entry.obs = await observe(nats!.url, entry.cluster.job)
+      return { cluster: entry.cluster, obs: entry.obs }
     }
   }
 }
