@@ -112,6 +112,16 @@ describe("the classify plan", () => {
     expect((a.split as { counts: { val: Record<string, number> } }).counts.val).toEqual({ ham: 12, spam: 6 })
   })
 
+  it("with data.labels: the declared order sets the ids; a label that is neither class is named with its line", () => {
+    const file = corpus(tmp())
+    const plan = makePlanForJob(job(file, { data: { corpus: file, batchSize: 8, valFraction: 0.2, labels: ["spam", "ham"] } }))
+    expect(plan.labels).toEqual(["spam", "ham"])
+    const tok = tokenizerFromJson(plan.tokenizer)
+    for (const [head, y] of rows(plan.trainBatch(0, 0), tok)) expect(head === "omega" ? 0 : 1).toBe(y)
+    const bad = corpus(tmp(), (i) => (i === 41 ? "hma" : i % 3 === 0 ? "spam" : "ham"))
+    expect(() => makePlanForJob(job(bad, { data: { corpus: bad, batchSize: 8, labels: ["ham", "spam"] } }))).toThrow(/label "hma" at .*mail\.jsonl:42 is neither "ham" nor "spam"/)
+  })
+
   it("refuses a corpus with one class, and a batch larger than the train split, saying why", () => {
     expect(() => makePlanForJob(job(corpus(tmp(), () => "ham")))).toThrow(/one class|only/i)
     expect(() => makePlanForJob(job(corpus(tmp()), { data: { corpus: corpus(tmp()), batchSize: 500, valFraction: 0.2 } }))).toThrow(/fewer than one batch of 500/)

@@ -78,7 +78,7 @@ const classifyPlan = (job: JobConfig, model: ModelDef): DataPlan => {
   if (job.model.kind !== "lstm-classifier") throw new CorpusError(`the classify plan needs a classifier model, got ${job.model.kind}`)
   const { maxLen, vocabSize } = job.model
   const B = job.data.batchSize
-  const corpus = loadLabelled(job.data.corpus)
+  const corpus = loadLabelled(job.data.corpus, job.data.labels)
   const split = stratifiedSplit(corpus.y, job.data.valFraction, job.data.seed)
   const nTrain = split.train.length
   const batchesPerEpoch = Math.floor(nTrain / B)

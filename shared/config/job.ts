@@ -88,6 +88,8 @@ export const JobConfig = Schema.Struct({
      * class, or a .jsonl / .csv file with text and label (shared/data/labelled.ts).
      */
     corpus: Schema.String,
+    /** classifiers: the two classes, in label-id order (default: the corpus' two names, sorted). A label that is neither is an error naming where it is. */
+    labels: Schema.optional(Schema.Tuple([Schema.String, Schema.String])),
     valFraction: Fraction,
     /** global batch: sequences per optimizer step, split across the live workers. */
     batchSize: PosInt,

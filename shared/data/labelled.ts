@@ -126,7 +126,14 @@ const twoLabels = (names: Iterable<string>, where: string): readonly [string, st
   return [sorted[0], sorted[1]]
 }
 
-const loadFolder = (spec: string): LabelledCorpus => {
+/** Declared classes (data.labels): every label must be one of them, named by where it is. */
+const checkDeclared = (label: string, where: string, classes: readonly [string, string] | undefined): void => {
+  if (classes && !classes.includes(label)) {
+    throw new LabelledDataError(`labelled data: the label ${JSON.stringify(label)} at ${where} is neither ${JSON.stringify(classes[0])} nor ${JSON.stringify(classes[1])} (data.labels)`)
+  }
+}
+
+const loadFolder = (spec: string, declared?: readonly [string, string]): LabelledCorpus => {
   const classes = readdirSync(spec, { withFileTypes: true })
     .filter((d) => d.isDirectory() && !d.name.startsWith("."))
     .map((d) => d.name)
@@ -135,12 +142,14 @@ const loadFolder = (spec: string): LabelledCorpus => {
       `labelled data folder ${spec} has no class subfolders: give one subfolder of .txt files per class (e.g. ham/, spam/)`
     )
   }
-  const labels = twoLabels(classes, `folder ${spec}`)
+  for (const c of classes) checkDeclared(c, `${join(spec, c)}/`, declared)
+  const labels = declared ?? twoLabels(classes, `folder ${spec}`)
   const texts: string[] = []
   const sources: string[] = []
   const ys: number[] = []
   labels.forEach((label, id) => {
     const dir = join(spec, label)
+    if (declared && !classes.includes(label)) throw new LabelledDataError(`labelled data: empty class ${JSON.stringify(label)}: ${spec} has no ${label}/ subfolder`)
     const files = readdirSync(dir, { withFileTypes: true })
       .filter((d) => d.isFile() && !d.name.startsWith(".") && /\.txt$/i.test(d.name))
       .map((d) => d.name)
@@ -163,9 +172,11 @@ const labelOf = (v: unknown): string | undefined =>
   typeof v === "string" && v !== "" ? v : Number.isInteger(v) ? String(v) : undefined
 
 /** Rows → corpus: label names sorted, ids by that order. */
-const fromRows = (spec: string, rows: { text: string; label: string; source: string }[]): LabelledCorpus => {
+const fromRows = (spec: string, rows: { text: string; label: string; source: string }[], declared?: readonly [string, string]): LabelledCorpus => {
   if (rows.length === 0) throw new LabelledDataError(`labelled data ${spec} is empty: it holds no examples`)
-  const labels = twoLabels(
+  for (const r of rows) checkDeclared(r.label, r.source, declared)
+  if (declared) for (const c of declared) if (!rows.some((r) => r.label === c)) throw new LabelledDataError(`labelled data: empty class ${JSON.stringify(c)}: ${spec} has no example labelled ${JSON.stringify(c)}`)
+  const labels = declared ?? twoLabels(
     rows.map((r) => r.label),
     spec
   )
@@ -178,7 +189,7 @@ const fromRows = (spec: string, rows: { text: string; label: string; source: str
   }
 }
 
-const loadJsonl = (spec: string): LabelledCorpus => {
+const loadJsonl = (spec: string, declared?: readonly [string, string]): LabelledCorpus => {
   const lines = readText(spec).split("\n")
   const rows: { text: string; label: string; source: string }[] = []
   lines.forEach((line, i) => {
@@ -205,7 +216,7 @@ const loadJsonl = (spec: string): LabelledCorpus => {
     }
     rows.push({ text: r.text, label, source: where })
   })
-  return fromRows(spec, rows)
+  return fromRows(spec, rows, declared)
 }
 
 /**
@@ -280,7 +291,7 @@ const parseCsv = (src: string, where: string): { line: number; fields: string[] 
   return out
 }
 
-const loadCsv = (spec: string): LabelledCorpus => {
+const loadCsv = (spec: string, declared?: readonly [string, string]): LabelledCorpus => {
   const records = parseCsv(readText(spec), spec)
   if (records.length === 0) throw new LabelledDataError(`labelled data ${spec} is empty: give a header row naming text and label`)
   const header = records[0].fields.map((h) => h.trim().toLowerCase())
@@ -304,13 +315,23 @@ const loadCsv = (spec: string): LabelledCorpus => {
     if (label === "") throw new LabelledDataError(`labelled data ${where} has an empty label: give every row a label`)
     return { text: r.fields[ti], label, source: where }
   })
-  return fromRows(spec, rows)
+  return fromRows(spec, rows, declared)
 }
 
-/** Load a labelled corpus: a bundled name, a folder of class subfolders, a .jsonl or a .csv file. */
-export const loadLabelled = (spec: string): LabelledCorpus => {
+/**
+ * Load a labelled corpus: a bundled name, a folder of class subfolders, a .jsonl or a .csv
+ * file. `classes` (a job's data.labels) declares the two classes in id order: a label that
+ * is neither is an error naming where it is, and a class without examples is an empty class.
+ */
+export const loadLabelled = (spec: string, classes?: readonly [string, string]): LabelledCorpus => {
   const named = bundled[spec]
-  if (named) return named()
+  if (named) {
+    const c = named()
+    if (classes && (classes[0] !== c.labels[0] || classes[1] !== c.labels[1])) {
+      throw new LabelledDataError(`labelled data ${spec} has the classes ${JSON.stringify(c.labels)}; data.labels says ${JSON.stringify(classes)}`)
+    }
+    return c
+  }
   let st
   try {
     st = statSync(spec)
@@ -320,9 +341,9 @@ export const loadLabelled = (spec: string): LabelledCorpus => {
         `(bundled: ${bundledLabelled.join(", ")}; or give a folder of class subfolders, a .jsonl or a .csv file)`
     )
   }
-  if (st.isDirectory()) return loadFolder(spec)
-  if (/\.jsonl$/i.test(spec)) return loadJsonl(spec)
-  if (/\.csv$/i.test(spec)) return loadCsv(spec)
+  if (st.isDirectory()) return loadFolder(spec, classes)
+  if (/\.jsonl$/i.test(spec)) return loadJsonl(spec, classes)
+  if (/\.csv$/i.test(spec)) return loadCsv(spec, classes)
   throw new LabelledDataError(
     `labelled data ${spec} is neither a folder, a .jsonl nor a .csv file ` +
       `(bundled: ${bundledLabelled.join(", ")}): give one of those`
