@@ -22,6 +22,8 @@ import * as Layer from "effect/Layer"
 import * as Option from "effect/Option"
 import type * as Scope from "effect/Scope"
 import { CheckpointStore, CheckpointStoreError, loadNewest, makeFileStore, makeJetStreamStore } from "../shared/checkpoint/store.ts"
+import { encodeCheckpoint } from "../actors/param-server/checkpoint.ts"
+import { loadInitWeights } from "../actors/param-server/init.ts"
 import type { CheckpointRef, CheckpointStoreShape } from "../shared/checkpoint/store.ts"
 import { acquireNats } from "./support/nats.ts"
 
@@ -155,6 +157,28 @@ const contract = (name: string, harness: Layer.Layer<Harness, unknown>) =>
         expect(all.map((r) => r.where)).toEqual([r1.where, r3.where])
         expect(str(decode(yield* store.load(all[0]), "v10"))).toBe("ten")
         expect(str(decode(yield* store.load(all[1]), "v30"))).toBe("thirty")
+      }))
+
+    it.effect("init.from store:<job>: every shard at the newest version they all hold, merged (a fine-tune on another host)", () =>
+      Effect.gen(function*() {
+        const { store } = yield* Harness
+        const job = uniq()
+        const ck = (shard: number, version: number, name: string, value: number) =>
+          encodeCheckpoint({
+            job, shard, version, updates: version, optimizer: { kind: "sgd", momentum: 0, dampening: 0, nesterov: false, weightDecay: 0 } as never,
+            consistency: { mode: "sync" }, log: { completeBelow: 0, epochs: [] }, params: new Map([[name, Float32Array.of(value, value)]]),
+            shapes: new Map([[name, [2]]]), slots: new Map()
+          })
+        yield* store.save(job, 0, 10, ck(0, 10, "a", 1))
+        yield* store.save(job, 0, 20, ck(0, 20, "a", 2))
+        yield* store.save(job, 1, 10, ck(1, 10, "b", 3))
+        const w = yield* loadInitWeights({ from: `store:${job}` }, store)
+        expect(w.version).toBe(10)
+        expect([...w.params].map(([k, v]) => [k, [...v]])).toEqual([["a", [1, 1]], ["b", [3, 3]]])
+        const at = yield* loadInitWeights({ from: `store:${job}@9` }, store).pipe(Effect.flip)
+        expect(at.message).toMatch(/no version at or below 9 is held by every one of its 2 shards/)
+        const none = yield* loadInitWeights({ from: `store:${job}-nope` }, store).pipe(Effect.flip)
+        expect(none.message).toMatch(/has no checkpoints of job/)
       }))
 
     it.effect("the file layer's layout, the JetStream layer's address", () =>

@@ -102,7 +102,8 @@ export const decodeCheckpoint = (bytes: Uint8Array, what = "checkpoint"): ShardC
     fail(`header is not JSON (${(e as Error).message})`)
   }
   if (header?.format !== FORMAT) fail(`unknown format ${header?.format} (this build reads format ${FORMAT})`)
-  const payload = bytes.slice(start) // copy: aligned, and independent of the file buffer
+  // a copy (aligned, independent of the source): Uint8Array's slice, since a Node Buffer's slice is a view
+  const payload = Uint8Array.prototype.slice.call(bytes, start)
   if (payload.length !== header.payloadBytes) fail(`payload is ${payload.length} bytes, header says ${header.payloadBytes} (truncated?)`)
   if (crc32(payload) !== header.crc32) fail("CRC32 mismatch")
   const dec = decodeBundle(header.manifest, payload)

@@ -157,7 +157,7 @@ const toFloat32 = (raw: Uint8Array, dtype: string, n: number): Float32Array => {
   const dv = new DataView(raw.buffer, raw.byteOffset, raw.byteLength)
   const out = new Float32Array(n)
   if (dtype === "F32") {
-    if (littleEndianHost) out.set(new Float32Array(raw.slice().buffer, 0, n)) // slice: aligned copy
+    if (littleEndianHost) out.set(new Float32Array(Uint8Array.prototype.slice.call(raw).buffer, 0, n)) // an aligned copy (a Buffer's own slice is a view)
     else for (let i = 0; i < n; i++) out[i] = dv.getFloat32(4 * i, true)
   } else if (dtype === "F16") {
     const table = halves()

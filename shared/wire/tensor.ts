@@ -282,5 +282,6 @@ export const decodeBundle = (manifest: unknown, payload: Uint8Array): Result.Res
 const viewF32 = (payload: Uint8Array, offset: number, length: number): Float32Array => {
   const at = payload.byteOffset + offset
   if (at % 4 === 0) return new Float32Array(payload.buffer, at, length)
-  return new Float32Array(payload.slice(offset, offset + length * 4).buffer)
+  // Uint8Array's slice copies (a Node Buffer's slice would be a view of its whole pool)
+  return new Float32Array(Uint8Array.prototype.slice.call(payload, offset, offset + length * 4).buffer)
 }
