@@ -10,7 +10,9 @@
 //   - train.lora (on a corpus of six words in random order): the validation loss falls; checkpoints hold only the
 //     adapters; merge-lora (.ckpt) and export (safetensors, GPT-2 names) give weights whose
 //     logits equal the LoRA model's within 1e-5; init.from reads the exported safetensors.
-// Run: npx vitest run test/finetune.test.ts   (~60-90 s on 2 cores: 8 short runs)
+//   - over NATS (`flotilla up`, 2 workers, 2 shards): LoRA from store:<job> trains; each
+//     shard's checkpoint holds only its adapters.
+// Run: npx vitest run test/finetune.test.ts   (~60-90 s on 2 cores: 9 short runs)
 import { spawnSync } from "node:child_process"
 import { createRequire } from "node:module"
 import { mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync } from "node:fs"
@@ -116,4 +118,20 @@ describe("fine-tuning from pretrained weights", () => {
     const again = run("ft-st", fineTune(["init: { from: export/ft.safetensors }", "train: { steps: 2, evalEvery: 0, checkpointEvery: 0 }"]))
     expect(again.summary.firstTrainLoss).toBeLessThan(pretrainedLoss + 1)
   }, 240_000)
+
+  it("over NATS (flotilla up, 2 workers, 2 shards): LoRA from store:<job>; each shard checkpoints only its adapters", () => {
+    writeFileSync(join(cwd, "up.yaml"), [
+      "job: ft-up", `model: ${MODEL}`, `data: { corpus: ${sotu}, batchSize: 8, valBatches: 2 }`, "schedule: { kind: constant, lr: 0.01 }",
+      'init: { from: "store:base" }', 'train: { steps: 6, evalEvery: 0, checkpointEvery: 0, lora: { rank: 2, alpha: 4, targets: ["h.*.attn.c_attn", "h.*.mlp.c_fc"] } }',
+      "topology: { workers: 2, psShards: 2 }"
+    ].join("\n") + "\n")
+    const r = spawnSync(process.execPath, [BIN, "up", "up.yaml", "--json", "--sample", "0"], { cwd, encoding: "utf8", timeout: 120_000, env: { ...process.env, FLOTILLA_BACKEND: "cpu" } })
+    expect(r.status, r.stderr.slice(-3000)).toBe(0)
+    const s = JSON.parse(r.stdout.trim().split("\n").pop()!)
+    expect(s.steps).toBe(6)
+    expect(s.firstTrainLoss).toBeLessThan(pretrainedLoss + 1)
+    const names = s.checkpoints.flatMap((c: string) => [...ckpt(c).params.keys()])
+    expect(names.length).toBe(8) // 2 layers × 2 targets × (A, B), split over the shards
+    expect(names.every((k: string) => /\.lora_[AB]$/.test(k)), names.join(", ")).toBe(true)
+  }, 180_000)
 })
