@@ -9,6 +9,7 @@ import { crc32, crc32Combine, crc32Table } from "../shared/wire/crc32.ts"
 import { BufferPool, DEFAULT_HEADROOM, frameMessage, H, headerBytes, Reassembler } from "../shared/wire/frames.ts"
 import type { AcceptResult, Frame } from "../shared/wire/frames.ts"
 import { decodeBundle, encodeBundle, manifestToJson, parseManifest } from "../shared/wire/tensor.ts"
+import { denseGrads, toSparseRows } from "../shared/wire/rows.ts"
 import type { BundleMeta, TensorBundle, WireTensor } from "../shared/wire/tensor.ts"
 
 const meta: BundleMeta = { kind: "grads", job: "gpt", version: 7, step: 42, sender: "w-1", batchId: "b-9", codec: "f32", extra: { loss: 2.5, note: "ü" } }
@@ -405,5 +406,43 @@ describe("BufferPool", () => {
     const second = completed(feed(new Reassembler({ alloc: pool.take }), frame(other, { id: "p2" })))
     expect(second.payload.buffer).toBe(first.payload.buffer)
     expect(sameBytes(second.payload, other)).toBe(true)
+  })
+})
+
+describe("row-sparse gradients (shared/wire/rows.ts)", () => {
+  it("sends an embedding's non-zero rows and indices, and the receiver rebuilds the dense gradient exactly", () => {
+    const R = 40
+    const C = 3
+    const g = new Float32Array(R * C)
+    for (const r of [2, 7, 39]) for (let c = 0; c < C; c++) g[r * C + c] = r + c / 10
+    g[7 * C + 1] = 0 // a row is non-zero if any of its values is
+    const wire = toSparseRows("embedding", [R, C], g)!
+    expect(wire.map((t) => [t.name, t.dtype, t.shape])).toEqual([["embedding", "float32", [3, C]], ["embedding@rows", "int32", [3]]])
+    expect(Array.from(wire[1].data)).toEqual([2, 7, 39])
+    // through a real bundle, then back to dense
+    const enc = encodeBundle({ tensors: wire, meta: { kind: "grads", job: "j", version: 0, step: 0, sender: "w", codec: "f32" } })
+    if (Result.isFailure(enc)) throw enc.failure
+    const dec = decodeBundle(JSON.parse(manifestToJson(enc.success.manifest)), enc.success.payload)
+    if (Result.isFailure(dec)) throw dec.failure
+    const back = denseGrads(dec.success.tensors.map((t) => ({ name: t.name, shape: t.shape, values: t.data as Float32Array | Int32Array })), () => [R, C])
+    if ("problem" in back) throw new Error(back.problem)
+    expect(Array.from(back.grads.get("embedding")!)).toEqual(Array.from(g))
+    // dense enough, or not a matrix: sent as it is
+    expect(toSparseRows("w", [R, C], new Float32Array(R * C).fill(1))).toBeUndefined()
+    expect(toSparseRows("b", [R * C], g)).toBeUndefined()
+  })
+
+  it("refuses rows that do not describe the tensor, saying why", () => {
+    const t = (rows: number[], k = rows.length, C = 2) => [
+      { name: "e", shape: [k, C], values: new Float32Array(k * C) },
+      { name: "e@rows", shape: [rows.length], values: Int32Array.from(rows) }
+    ]
+    const shape = () => [10, 2]
+    expect(denseGrads(t([3, 3]), shape)).toMatchObject({ problem: expect.stringMatching(/must ascend within \[0, 10\)/) })
+    expect(denseGrads(t([4, 10]), shape)).toMatchObject({ problem: expect.stringMatching(/e@rows\[1\] = 10/) })
+    expect(denseGrads(t([1, 2], 3), shape)).toMatchObject({ problem: expect.stringMatching(/do not fit/) })
+    expect(denseGrads(t([1], 1, 3), shape)).toMatchObject({ problem: expect.stringMatching(/do not fit \[10, 2\]/) })
+    expect(denseGrads([{ name: "x@rows", shape: [1], values: Int32Array.of(0) }], shape)).toMatchObject({ problem: expect.stringMatching(/without x/) })
+    expect(denseGrads(t([1]), () => undefined)).toMatchObject({ problem: expect.stringMatching(/no 2-D tensor/) })
   })
 })

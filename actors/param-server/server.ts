@@ -33,6 +33,7 @@ import { resolveSchedule, type ScheduleInput } from "../../shared/schedule/sched
 import { initialState as initialSchedulerState, lrFrom, parseState } from "../../shared/schedule/state.ts"
 import { currentMetrics } from "../../shared/telemetry/metrics.ts"
 import { fromWire } from "../../shared/wire/codec.ts"
+import { denseGrads } from "../../shared/wire/rows.ts"
 import type { TensorBundle } from "../../shared/wire/tensor.ts"
 import { receiveBundles, replyWithBundle, sendBundle } from "../../shared/wire/transport.ts"
 import { AppliedLog } from "../../shared/protocol/applied-log.ts"
@@ -80,6 +81,7 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
     const model = modelForJob(job)
     const specs = shardSpecs(model.specs, job.topology.psShards, shard)
     const trainable = new Set(trainableNames(job, model))
+    const specShapes = new Map(specs.map((sp) => [sp.name, sp.shape]))
     const adapters = job.train.lora ? model.specs.filter((sp) => isLoraParam(sp.name)).map((sp) => sp.name) : []
     const optimizer = resolveOptimizer(job.optimizer as never)
     if (Result.isFailure(optimizer)) return yield* Effect.fail(new Error(`optimizer: ${optimizer.failure.message}`))
@@ -305,8 +307,14 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
         const g = decodeValue(GradMeta, `${info.subject} meta.extra`, m.extra ?? {})
         if (Result.isFailure(g)) return yield* bad("bad-message", g.failure.reason)
         const x = g.success
-        const grads = new Map<string, Float32Array>()
-        for (const t of bundle.tensors) grads.set(t.name, fromWire(t))
+        // an embedding's gradient may come as its non-zero rows (shared/wire/rows.ts)
+        const dense = denseGrads(bundle.tensors.map((t) => ({ name: t.name, shape: t.shape, values: t.dtype === "int32" ? (t.data as Int32Array) : fromWire(t) })), (n) => specShapes.get(n))
+        if ("problem" in dense) {
+          return yield* reject({ code: "bad-tensor", reason: dense.problem, subject: info.subject, sender: m.sender }).pipe(
+            Effect.flatMap((msg) => (/^[A-Za-z0-9_-]{1,64}$/.test(m.sender) ? bus.publish(s.psAck(shard, m.sender), encodeMessage(msg)).pipe(Effect.ignore) : Effect.void))
+          )
+        }
+        const grads = dense.grads
         yield* offerTraced({
           _tag: "GradientsReceived", subject: info.subject, incarnation: x.incarnation,
           push: { sender: m.sender, version: m.version, batchId: m.batchId ?? x.micro, samples: x.samples, tokens: x.tokens, loss: x.loss, grads, epochBatches: x.epochBatches, normSq: x.normSq }

@@ -28,6 +28,7 @@ import { assignShards } from "../../shared/protocol/sharding.ts"
 import { PROTOCOL_VERSION, subjects } from "../../shared/protocol/subjects.ts"
 import { currentMetrics } from "../../shared/telemetry/metrics.ts"
 import { toWire } from "../../shared/wire/codec.ts"
+import { toSparseRows } from "../../shared/wire/rows.ts"
 import type { Codec, TensorBundle } from "../../shared/wire/tensor.ts"
 import { receiveBundles, sendBundle } from "../../shared/wire/transport.ts"
 import { LoaderClient } from "../loader/protocol.ts"
@@ -163,10 +164,13 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
           // frozen tensors (train.freeze, LoRA's base) are not sent: the shard holds no optimizer state for them
           const tensors = model.specs
             .filter((sp) => shardOf.get(sp.name) === k && trainable.has(sp.name))
-            .map((sp) => {
+            .flatMap((sp) => {
+              // f32: an embedding's gradient goes as its non-zero rows when that is smaller (shared/wire/rows.ts)
+              const rows = codec === "f32" ? toSparseRows(sp.name, sp.shape, g.grads.get(sp.name)!) : undefined
+              if (rows) return rows
               let residual = residuals.get(sp.name)
               if (codec !== "f32" && !residual) residuals.set(sp.name, (residual = new Float32Array(g.grads.get(sp.name)!.length)))
-              return toWire(sp.name, sp.shape, g.grads.get(sp.name)!, codec, { residual })
+              return [toWire(sp.name, sp.shape, g.grads.get(sp.name)!, codec, { residual })]
             })
           const extra: GradMeta = {
             samples: g.samples, tokens, loss: g.loss, normSq, micro: g.batchId, gen: first.gen, epochBatches: first.epochBatches,
