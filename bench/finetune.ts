@@ -12,7 +12,7 @@
 // Owns: nothing but measurement. Run: node bench/finetune.ts [--pretrain N] [--steps N]   (~5-8 min on 2 cores)
 import { spawnSync } from "node:child_process"
 import { createRequire } from "node:module"
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs"
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { dirname, join } from "node:path"
 import { resolveJob } from "../shared/config/job.ts"
@@ -35,7 +35,8 @@ const start = (name: string, job: Record<string, unknown>) => {
   const r = spawnSync(process.execPath, [BIN, "start", `${name}.json`, "--json", "--sample", "0"], { cwd, encoding: "utf8" })
   if (r.status !== 0) throw new Error(`${name}: ${r.stderr.slice(-2000)}`)
   const s = JSON.parse(r.stdout.trim().split("\n").pop()!)
-  return { ...s, wall: (Date.now() - t0) / 1000 }
+  const curves = JSON.parse(readFileSync(join(cwd, "runs", name, "curves.json"), "utf8")) as { val: Array<[number, number]> }
+  return { ...s, val: curves.val, wall: (Date.now() - t0) / 1000 }
 }
 
 const schedule = { kind: "cosine", lr: 3e-3, minLr: 3e-4 }
@@ -52,16 +53,19 @@ const runs: Array<[string, Record<string, unknown>, Record<string, unknown>]> = 
 ]
 const rows = runs.map(([name, top, train], i) => {
   console.log(`  fine-tune ${name}: ${STEPS} steps on sotu ...`)
-  const job = { ...top, data, train: { steps: STEPS, evalEvery: STEPS, checkpointEvery: 0, ...train }, schedule }
+  const job = { ...top, data, train: { steps: STEPS, evalEvery: Math.max(1, Math.floor(STEPS / 6)), checkpointEvery: 0, ...train }, schedule }
   const s = start(`ft-${i}`, job)
   const resolved = resolveJob({ job: "x", ...job })
   const def = modelForJob(resolved)
   const trained = new Set(trainableNames(resolved, def))
   const params = def.specs.filter((sp) => trained.has(sp.name)).reduce((n, sp) => n + sizeOf(sp.shape), 0)
-  return { name, val0: s.firstValLoss, val: s.finalValLoss, params, bytes: s.bytesOnWire / s.steps, wall: s.wall }
+  const [v0, l0] = s.val[0] ?? [Number.NaN, Number.NaN]
+  return { name, first: `${l0.toFixed(4)} (v${v0})`, curve: s.val.map(([v, l]: [number, number]) => `${v}:${l.toFixed(3)}`).join(" "), val: s.finalValLoss, params, bytes: s.bytesOnWire / s.steps, wall: s.wall }
 })
 console.log(`\nfine-tuning on sotu, ${STEPS} steps each (batch 16 × 64 tokens), from the default GPT pretrained ${PRETRAIN} steps on moby-dick:`)
-console.log("| run | val loss at step 0 | val loss at the end | trained params | gradient bytes / step | wall s |")
+console.log("| run | first val loss (version) | val loss at the end | trained params | gradient bytes / step | wall s |")
 console.log("| --- | ---: | ---: | ---: | ---: | ---: |")
-for (const r of rows) console.log(`| ${r.name} | ${r.val0.toFixed(4)} | ${r.val.toFixed(4)} | ${r.params.toLocaleString("en")} | ${Math.round(r.bytes).toLocaleString("en")} | ${r.wall.toFixed(0)} |`)
+for (const r of rows) console.log(`| ${r.name} | ${r.first} | ${r.val.toFixed(4)} | ${r.params.toLocaleString("en")} | ${Math.round(r.bytes).toLocaleString("en")} | ${r.wall.toFixed(0)} |`)
+console.log("\nvalidation curves (version:loss):")
+for (const r of rows) console.log(`  ${r.name.padEnd(18)} ${r.curve}`)
 rmSync(cwd, { recursive: true, force: true })
