@@ -13,6 +13,7 @@ import { isLoraParam, loraParamNames, loraTrainable, mergeLora, withoutLora } fr
 import type { Batch, ModelDef } from "../shared/models/model.ts"
 import { batchOf, countParams, cutStages, evalLoss, lossAndGrads, runStage, toTensors } from "../shared/models/model.ts"
 import { Rng } from "../shared/models/rng.ts"
+import { finiteDifferences, mismatches } from "./support/gradcheck.ts"
 
 beforeAll(async () => {
   await initBackend("cpu")
@@ -119,57 +120,9 @@ describe("merge", () => {
 // eps 1e-2 and 1e-3 (float32 loss noise ~1e-7, so eps 1e-2 keeps rounding near 1e-5),
 // each adapter tensor probed along its largest-gradient coordinate, two random
 // coordinates and one random ±1/√n direction; a probe passes if either eps agrees.
-const EPS = [1e-2, 1e-3] as const
-const ATOL = 5e-4
-const RTOL = 3e-2
 
-interface Probe {
-  readonly tensor: string
-  readonly what: string
-  readonly fd: readonly number[]
-  readonly u: Map<number, number>
-}
 
-const finiteDifferences = (def: ModelDef, params: Map<string, Float32Array>, batch: Batch, grads: ReadonlyMap<string, Float32Array>, names: readonly string[]): Probe[] => {
-  const rng = new Rng(11)
-  const probes: Probe[] = []
-  for (const name of names) {
-    const p = params.get(name)!
-    const g = grads.get(name)!
-    let top = 0
-    for (let i = 1; i < g.length; i++) if (Math.abs(g[i]) > Math.abs(g[top])) top = i
-    const dirs: Array<[string, Map<number, number>]> = [
-      [`coord ${top} (largest |g|)`, new Map([[top, 1]])],
-      ...[0, 1].map((): [string, Map<number, number>] => {
-        const i = rng.int(g.length)
-        return [`coord ${i}`, new Map([[i, 1]])]
-      }),
-      ["random direction", new Map(Array.from(p, (_, i): [number, number] => [i, (rng.uniform() < 0.5 ? -1 : 1) / Math.sqrt(p.length)]))]
-    ]
-    for (const [what, u] of dirs) {
-      const saved = Float32Array.from(p)
-      const fd = EPS.map((eps) => {
-        for (const [i, w] of u) p[i] = saved[i] + eps * w
-        const lp = evalLoss(def, params, batch)
-        for (const [i, w] of u) p[i] = saved[i] - eps * w
-        const lm = evalLoss(def, params, batch)
-        p.set(saved)
-        return (lp - lm) / (2 * eps)
-      })
-      probes.push({ tensor: name, what, fd, u })
-    }
-  }
-  return probes
-}
 
-const mismatches = (probes: readonly Probe[], grads: ReadonlyMap<string, Float32Array>): string[] =>
-  probes.flatMap((pr) => {
-    const g = grads.get(pr.tensor)!
-    let an = 0
-    for (const [i, w] of pr.u) an += g[i] * w
-    const ok = pr.fd.some((fd) => Math.abs(an - fd) <= ATOL + RTOL * Math.max(Math.abs(an), Math.abs(fd)))
-    return ok ? [] : [`${pr.tensor} ${pr.what}: analytic ${an.toExponential(3)} vs finite-diff ${pr.fd.map((f) => f.toExponential(3)).join(" / ")}`]
-  })
 
 describe("gradients", () => {
   it("lora_A and lora_B gradients match finite differences (every adapted layer kind)", () => {

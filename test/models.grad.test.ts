@@ -15,28 +15,14 @@ import type { Batch, ModelDef } from "../shared/models/model.ts"
 import { batchOf } from "../shared/models/model.ts"
 import { countParams, evalLoss, lossAndGrads, toTensors } from "../shared/models/model.ts"
 import { Rng } from "../shared/models/rng.ts"
+import { finiteDifferences, mismatches } from "./support/gradcheck.ts"
 
 beforeAll(async () => {
   expect((await initBackend("wasm")).name).toBe("wasm")
 })
 
 // ---------------------------------------------------------------------------------
-// Finite-difference gradient check.
-// float32 losses carry ~1e-7 relative noise, so eps = 1e-2 keeps the difference quotient's
-// rounding error near 1e-5 while its O(eps²) truncation error stays small for the
-// perturbed (not init-scale) params used here (agreement seen: < 1% relative). A ReLU
-// kink (the classifier's dense layer) inside ±eps makes that quotient an average of two
-// slopes, so each probe is also taken at eps/10, and a probe passes if either agrees.
-const EPS = [1e-2, 1e-3] as const
-const ATOL = 5e-4
-const RTOL = 3e-2
-
-interface Probe {
-  readonly tensor: string
-  readonly what: string
-  readonly fd: readonly number[] // finite-difference directional derivative, one per EPS
-  readonly u: Map<number, number> // the unit direction: coordinate -> weight
-}
+// Finite-difference gradient check (the probes and tolerances: test/support/gradcheck.ts).
 
 /** Params from init, then perturbed so gains/biases are not 1/0 and gradients are O(0.1). */
 const perturbed = (def: ModelDef, seed: number, noise: number): Map<string, Float32Array> => {
@@ -46,55 +32,7 @@ const perturbed = (def: ModelDef, seed: number, noise: number): Map<string, Floa
   return params
 }
 
-/** Finite differences, for each tensor: along its largest-gradient coordinate, two random
- *  coordinates and one random unit direction (±1/√n) over the whole tensor. */
-const finiteDifferences = (
-  def: ModelDef,
-  params: Map<string, Float32Array>,
-  batch: Batch,
-  grads: ReadonlyMap<string, Float32Array>
-): Probe[] => {
-  const rng = new Rng(11)
-  const probes: Probe[] = []
-  for (const spec of def.specs) {
-    const p = params.get(spec.name)!
-    const g = grads.get(spec.name)!
-    let top = 0
-    for (let i = 1; i < g.length; i++) if (Math.abs(g[i]) > Math.abs(g[top])) top = i
-    const dirs: Array<[string, Map<number, number>]> = [
-      [`coord ${top} (largest |g|)`, new Map([[top, 1]])],
-      ...[0, 1].map((): [string, Map<number, number>] => {
-        const i = rng.int(g.length)
-        return [`coord ${i}`, new Map([[i, 1]])]
-      }),
-      ["random direction", new Map(Array.from(p, (_, i): [number, number] => [i, (rng.uniform() < 0.5 ? -1 : 1) / Math.sqrt(p.length)]))]
-    ]
-    for (const [what, u] of dirs) {
-      const saved = Float32Array.from(p)
-      const fd = EPS.map((eps) => {
-        for (const [i, w] of u) p[i] = saved[i] + eps * w
-        const lp = evalLoss(def, params, batch)
-        for (const [i, w] of u) p[i] = saved[i] - eps * w
-        const lm = evalLoss(def, params, batch)
-        p.set(saved)
-        return (lp - lm) / (2 * eps)
-      })
-      probes.push({ tensor: spec.name, what, fd, u })
-    }
-  }
-  return probes
-}
 
-/** The probes where `grads` disagrees with the finite differences. */
-const mismatches = (probes: readonly Probe[], grads: ReadonlyMap<string, Float32Array>) =>
-  probes.flatMap((pr) => {
-    const g = grads.get(pr.tensor)!
-    let an = 0
-    for (const [i, w] of pr.u) an += g[i] * w
-    const ok = pr.fd.some((fd) => Math.abs(an - fd) <= ATOL + RTOL * Math.max(Math.abs(an), Math.abs(fd)))
-    const fds = pr.fd.map((fd) => fd.toExponential(3)).join(" / ")
-    return ok ? [] : [`${pr.tensor} ${pr.what}: analytic ${an.toExponential(3)} vs finite-diff ${fds} (eps ${EPS.join(" / ")})`]
-  })
 
 const scaled = (grads: ReadonlyMap<string, Float32Array>, k: number) =>
   new Map([...grads].map(([n, g]) => [n, g.map((v) => v * k)]))
