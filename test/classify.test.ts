@@ -20,6 +20,10 @@ import { resolveJob } from "../shared/config/job.ts"
 import { decode, tokenizerFromJson } from "../shared/data/tokenizer.ts"
 import type { Batch } from "../shared/models/model.ts"
 import type { BatchLeased } from "../shared/protocol/messages.ts"
+import { loadClassifier } from "../cli/classify.ts"
+import { tokenizerToJson } from "../shared/data/tokenizer.ts"
+
+const loadClassifierTokenizer = (ckpt: string) => tokenizerToJson(loadClassifier(ckpt).tokenizer)
 
 const dirs: string[] = []
 const tmp = () => {
@@ -176,5 +180,16 @@ describe("flotilla start on spam-assassin, then flotilla classify", () => {
     const bad = flotilla(cwd, ["classify", join(cwd, "nope"), "x"])
     expect(bad.status).toBe(2)
     expect(bad.stderr).toMatch(/does not exist/)
+    // fine-tuning from this checkpoint on other texts keeps its tokenizer (its embedding rows are those words)
+    const other = corpus(tmp())
+    const ft = makePlanForJob(resolveJob({
+      job: "spam-ft", model: { kind: "lstm-classifier", vocabSize: 4000, embedDim: 16, hidden: 16, dense: 16, maxLen: 60 },
+      data: { corpus: other, batchSize: 8 }, init: { from: join(cwd, "checkpoints", "spam-short") }
+    }))
+    expect(ft.tokenizer).toEqual(loadClassifierTokenizer(join(cwd, "checkpoints", "spam-short")))
+    expect(ft.describe).toMatch(/tokenizer from init\.from/)
+    expect(() => makePlanForJob(resolveJob({
+      job: "spam-ft2", model: { kind: "lstm-classifier", vocabSize: 5000, maxLen: 60 }, data: { corpus: other, batchSize: 8 }, init: { from: join(cwd, "checkpoints", "spam-short") }
+    }))).toThrow(/its tokenizer has vocabSize 4000 and maxLen 60; the model says 5000 and 60/)
   }, 300_000)
 })

@@ -3,7 +3,8 @@
  *
  *   lm        byte-level windows of a text corpus (plan.ts): tokens [B, T+1].
  *   classify  a labelled corpus (shared/data/labelled.ts), split stratified and seeded into
- *             train/val, a word tokenizer fitted on the train texts (shared/data/tokenizer.ts),
+ *             train/val, a word tokenizer fitted on the train texts (shared/data/tokenizer.ts;
+ *             a job fine-tuned from a classifier checkpoint keeps that checkpoint's tokenizer),
  *             every text encoded once to maxLen ids: tokens [B, maxLen] int32, labels [B]
  *             float32. Train rows are shuffled per epoch by a seeded permutation (the same
  *             on every host and restart); an epoch is ⌊train / B⌋ batches (the few rows past
@@ -17,7 +18,10 @@
 import type { JobConfig } from "../../shared/config/job.ts"
 import { CorpusError, loadCorpus } from "../../shared/data/corpus.ts"
 import { loadLabelled, splitRecord, stratifiedSplit } from "../../shared/data/labelled.ts"
-import { encodeMany, fitTokenizer, tokenizerToJson } from "../../shared/data/tokenizer.ts"
+import { encodeMany, fitTokenizer, tokenizerFromJson, tokenizerToJson, type WordTokenizer } from "../../shared/data/tokenizer.ts"
+import { readFileSync } from "node:fs"
+import { decodeCheckpoint } from "../param-server/checkpoint.ts"
+import { resolveCheckpointFiles } from "../param-server/init.ts"
 import { gptBatch } from "../../shared/models/gpt.ts"
 import { lstmBatch } from "../../shared/models/lstm-classifier.ts"
 import { batchProblem, type Batch, type ModelDef, type Task } from "../../shared/models/model.ts"
@@ -74,6 +78,15 @@ const lmPlan = (job: JobConfig, model: ModelDef): DataPlan => {
   return out
 }
 
+/** The tokenizer in shard 0's checkpoint of `init.from` (a checkpoint file or folder), if it has one. */
+const inheritedTokenizer = (job: JobConfig): WordTokenizer | undefined => {
+  const from = job.init?.from
+  if (from === undefined || from.startsWith("store:") || from.endsWith(".safetensors")) return undefined
+  const { files } = resolveCheckpointFiles(from)
+  const data = decodeCheckpoint(new Uint8Array(readFileSync(files[0])), files[0]).data as { tokenizer?: unknown } | undefined
+  return data?.tokenizer === undefined ? undefined : tokenizerFromJson(data.tokenizer)
+}
+
 const classifyPlan = (job: JobConfig, model: ModelDef): DataPlan => {
   if (job.model.kind !== "lstm-classifier") throw new CorpusError(`the classify plan needs a classifier model, got ${job.model.kind}`)
   const { maxLen, vocabSize } = job.model
@@ -85,7 +98,13 @@ const classifyPlan = (job: JobConfig, model: ModelDef): DataPlan => {
   if (batchesPerEpoch < 1) {
     throw new CorpusError(`corpus ${job.data.corpus}: its train split has ${nTrain} texts, fewer than one batch of ${B}; lower data.batchSize or give more data`)
   }
-  const tokenizer = fitTokenizer(split.train.map((i) => corpus.texts[i]), vocabSize, maxLen)
+  // a classifier fine-tuned from a classifier's checkpoint keeps that checkpoint's words:
+  // its embedding rows are those words (a tokenizer fitted anew would give them other ids)
+  const inherited = inheritedTokenizer(job)
+  if (inherited && (inherited.vocabSize !== vocabSize || inherited.maxLen !== maxLen)) {
+    throw new CorpusError(`init.from ${job.init!.from}: its tokenizer has vocabSize ${inherited.vocabSize} and maxLen ${inherited.maxLen}; the model says ${vocabSize} and ${maxLen}`)
+  }
+  const tokenizer = inherited ?? fitTokenizer(split.train.map((i) => corpus.texts[i]), vocabSize, maxLen)
   const ids = encodeMany(tokenizer, corpus.texts as string[]) // [n, maxLen]
   const rows = (which: readonly number[]): Batch => {
     const tokens = new Int32Array(which.length * maxLen)
@@ -120,7 +139,12 @@ const classifyPlan = (job: JobConfig, model: ModelDef): DataPlan => {
     valSamples: nVal,
     describe:
       `corpus ${corpus.name}: ${corpus.texts.length} texts (${corpus.labels.map((l, k) => `${count(split.train, k) + count(split.val, k)} ${l}`).join(", ")}), ` +
-      `${nTrain} train / ${nVal} val, vocabulary ${tokenizer.words.length + 2} of ${vocabSize}, ${batchesPerEpoch} batches of ${B}×${maxLen} per epoch`,
+      `${nTrain} train / ${nVal} val, vocabulary ${tokenizer.words.length + 2} of ${vocabSize}, ${batchesPerEpoch} batches of ${B}×${maxLen} per epoch; ` +
+      (inherited
+        ? `tokenizer from init.from ${job.init!.from}`
+        : job.init?.from.startsWith("store:")
+          ? `tokenizer fitted anew: its word ids need not match the weights of init.from ${job.init.from} (give that job's checkpoint folder to keep its tokenizer)`
+          : "tokenizer fitted on the train split"),
     trainBatch: (epoch, index) => {
       if (index < 0 || index >= batchesPerEpoch) throw new RangeError(`batch index ${index} out of range`)
       const p = permOf(epoch)
