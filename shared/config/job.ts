@@ -91,7 +91,7 @@ export const JobConfig = Schema.Struct({
     /** classifiers: the two classes, in label-id order (default: the corpus' two names, sorted). A label that is neither is an error naming where it is. */
     labels: Schema.optional(Schema.Tuple([Schema.String, Schema.String])),
     valFraction: Fraction,
-    /** global batch: sequences per optimizer step, split across the live workers. */
+    /** rows per batch a worker leases (sequences, or texts): a sync step averages one batch (× accumulate) per live worker. */
     batchSize: PosInt,
     seed: NonNegInt,
     /** validation batches per evaluation (language models; a classifier evaluates its whole validation split). */
