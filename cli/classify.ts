@@ -15,15 +15,10 @@
  */
 import { readFileSync } from "node:fs"
 import * as tf from "@tensorflow/tfjs"
-import { decodeCheckpoint, type ShardCheckpoint } from "../actors/param-server/checkpoint.ts"
-import { resolveCheckpointFiles } from "../actors/param-server/init.ts"
 import { initBackend, type BackendPreference } from "../shared/compute/backend.ts"
-import { LstmModel } from "../shared/config/job.ts"
 import { encodeMany, tokenizerFromJson, type WordTokenizer } from "../shared/data/tokenizer.ts"
 import { batchOf, checkParams, forward, toTensors, type ModelDef } from "../shared/models/model.ts"
-import { makeModel } from "../shared/models/zoo.ts"
-import { decodeValue } from "../shared/protocol/decode.ts"
-import { Result } from "effect"
+import { loadTrained, type Trained } from "./export.ts"
 
 export class ClassifyError extends Error {
   readonly _tag = "ClassifyError"
@@ -38,44 +33,32 @@ export interface Classifier {
   readonly job: string
 }
 
-/** Read and check a classifier from its checkpoint(s). */
-export const loadClassifier = (spec: string): Classifier => {
-  let version: number
-  let files: readonly string[]
+/** Read and check a classifier from its checkpoint(s) (every shard merged: export.ts loadTrained). */
+export const loadClassifier = async (spec: string): Promise<Classifier> => {
+  let t: Trained
   try {
-    ;({ version, files } = resolveCheckpointFiles(spec))
+    t = await loadTrained(spec)
   } catch (e) {
     throw new ClassifyError((e as Error).message)
   }
-  const cks: ShardCheckpoint[] = files.map((f) => {
-    try {
-      return decodeCheckpoint(new Uint8Array(readFileSync(f)), f)
-    } catch (e) {
-      throw new ClassifyError(`${f}: ${(e as Error).message}`)
-    }
-  })
-  const data = cks[0].data as { model?: unknown; task?: string; labels?: unknown; tokenizer?: unknown } | undefined
-  if (data?.model === undefined) throw new ClassifyError(`${files[0]}: the checkpoint names no model (written before checkpoints carried it): it cannot be used for inference`)
-  const m = decodeValue(LstmModel, files[0], data.model)
-  if (Result.isFailure(m)) throw new ClassifyError(`${files[0]}: not a classifier checkpoint (model ${JSON.stringify((data.model as { kind?: unknown }).kind)}): ${m.failure.reason}`)
+  const where = t.files[0]
+  const data = t.first.data as { model?: { kind?: unknown }; labels?: unknown; tokenizer?: unknown }
+  if (t.def.task !== "classify") throw new ClassifyError(`${where}: not a classifier checkpoint (model ${JSON.stringify(data.model?.kind)})`)
   if (!Array.isArray(data.labels) || data.labels.length !== 2 || data.tokenizer === undefined) {
-    throw new ClassifyError(`${files[0]}: the checkpoint has no class names or tokenizer (the loader did not answer data.info before it was written); use a later checkpoint`)
+    throw new ClassifyError(`${where}: the checkpoint has no class names or tokenizer (the loader did not answer data.info before it was written); use a later checkpoint`)
   }
   let tokenizer: WordTokenizer
   try {
     tokenizer = tokenizerFromJson(data.tokenizer)
   } catch (e) {
-    throw new ClassifyError(`${files[0]}: tokenizer: ${(e as Error).message}`)
+    throw new ClassifyError(`${where}: tokenizer: ${(e as Error).message}`)
   }
-  const model = makeModel(m.success)
-  const params = new Map<string, Float32Array>()
-  for (const c of cks) for (const [k, v] of c.params) params.set(k, v)
   try {
-    checkParams(model, params)
+    checkParams(t.def, t.params)
   } catch (e) {
     throw new ClassifyError(`${spec}: ${(e as Error).message}`)
   }
-  return { model, labels: data.labels as string[], tokenizer, params, version, job: cks[0].job }
+  return { model: t.def, labels: data.labels as string[], tokenizer, params: t.params, version: t.version, job: t.first.job }
 }
 
 export interface Prediction {
@@ -119,7 +102,7 @@ export const classifyMain = async (o: { checkpoint: string; texts: readonly stri
     texts.push(...body.split(/\r?\n/).filter((l) => l.trim().length > 0))
   }
   if (texts.length === 0) throw new ClassifyError("nothing to classify: give texts after the checkpoint, or --file with one text per line")
-  const c = loadClassifier(o.checkpoint)
+  const c = await loadClassifier(o.checkpoint)
   await initBackend(o.backend)
   const preds = classify(c, texts)
   if (o.json) {

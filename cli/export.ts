@@ -21,13 +21,13 @@ import { mkdirSync, readFileSync, writeFileSync } from "node:fs"
 import { dirname, join } from "node:path"
 import { Effect, Result } from "effect"
 import { decodeCheckpoint, encodeCheckpoint, type ShardCheckpoint } from "../actors/param-server/checkpoint.ts"
-import { applyInit, loadInitWeights, mergeShards, resolveCheckpointFiles } from "../actors/param-server/init.ts"
+import { initialWeights, mergeShards, resolveCheckpointFiles } from "../actors/param-server/init.ts"
 import { makeFileStore } from "../shared/checkpoint/store.ts"
 import { encodeSafetensors } from "../shared/checkpoint/safetensors.ts"
 import { GptModel, InitFrom, Lora, LstmModel } from "../shared/config/job.ts"
 import type { GptConfig } from "../shared/models/gpt.ts"
 import { HF_GPT2_METADATA, hfGpt2Config, toHfGpt2 } from "../shared/models/hf-gpt2.ts"
-import { isLoraParam, mergeLora, withoutLora } from "../shared/models/lora.ts"
+import { mergeLora, withoutLora } from "../shared/models/lora.ts"
 import type { ModelDef } from "../shared/models/model.ts"
 import { makeModel } from "../shared/models/zoo.ts"
 import { decodeValue } from "../shared/protocol/decode.ts"
@@ -44,6 +44,8 @@ export interface Trained {
   readonly lora?: Lora
   readonly version: number
   readonly first: ShardCheckpoint
+  /** the checkpoint files read, shard 0 first */
+  readonly files: readonly string[]
 }
 
 const Data = Schema.Struct({
@@ -76,14 +78,10 @@ export const loadTrained = async (spec: string, checkpointDir = "checkpoints"): 
   const params = new Map(w.params)
   if (def.specs.some((s) => !params.has(s.name))) {
     // frozen tensors not in the checkpoint (a LoRA job's base): its init, as its parameter servers rebuild it
-    const fresh = def.init(data.seed ?? 0)
-    const adapters = def.specs.filter((s) => isLoraParam(s.name)).map((s) => s.name)
-    const base = data.init
-      ? applyInit(def, fresh, await Effect.runPromise(loadInitWeights(data.init, makeFileStore(checkpointDir))), data.init, adapters)
-      : fresh
-    for (const s of def.specs) if (!params.has(s.name)) params.set(s.name, base.get(s.name)!)
+    const base = await Effect.runPromise(initialWeights(def, data.seed ?? 0, data.init, makeFileStore(checkpointDir)))
+    for (const s of def.specs) if (!params.has(s.name)) params.set(s.name, base.params.get(s.name)!)
   }
-  return { def, params, lora: data.lora, version: cks[0].version, first: cks[0] }
+  return { def, params, lora: data.lora, version: cks[0].version, first: cks[0], files: resolved.files }
 }
 
 /** The model without adapters, and its params with them merged in. */

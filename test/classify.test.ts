@@ -23,7 +23,7 @@ import type { BatchLeased } from "../shared/protocol/messages.ts"
 import { loadClassifier } from "../cli/classify.ts"
 import { tokenizerToJson } from "../shared/data/tokenizer.ts"
 
-const loadClassifierTokenizer = (ckpt: string) => tokenizerToJson(loadClassifier(ckpt).tokenizer)
+const loadClassifierTokenizer = async (ckpt: string) => tokenizerToJson((await loadClassifier(ckpt)).tokenizer)
 
 const dirs: string[] = []
 const tmp = () => {
@@ -136,7 +136,7 @@ const BIN = join(import.meta.dirname, "..", "bin", "flotilla.ts")
 const flotilla = (cwd: string, args: string[]) => spawnSync(process.execPath, [BIN, ...args], { cwd, encoding: "utf8", timeout: 240_000, env: { ...process.env, FLOTILLA_BACKEND: "wasm" } })
 
 describe("flotilla start on spam-assassin, then flotilla classify", () => {
-  it("a short run beats the majority class on validation; classify labels texts from the checkpoint", () => {
+  it("a short run beats the majority class on validation; classify labels texts from the checkpoint", async () => {
     const cwd = tmp()
     writeFileSync(
       join(cwd, "job.yaml"),
@@ -186,7 +186,7 @@ describe("flotilla start on spam-assassin, then flotilla classify", () => {
       job: "spam-ft", model: { kind: "lstm-classifier", vocabSize: 4000, embedDim: 16, hidden: 16, dense: 16, maxLen: 60 },
       data: { corpus: other, batchSize: 8 }, init: { from: join(cwd, "checkpoints", "spam-short") }
     }))
-    expect(ft.tokenizer).toEqual(loadClassifierTokenizer(join(cwd, "checkpoints", "spam-short")))
+    expect(ft.tokenizer).toEqual(await loadClassifierTokenizer(join(cwd, "checkpoints", "spam-short")))
     expect(ft.describe).toMatch(/tokenizer from init\.from/)
     expect(() => makePlanForJob(resolveJob({
       job: "spam-ft2", model: { kind: "lstm-classifier", vocabSize: 5000, maxLen: 60 }, data: { corpus: other, batchSize: 8 }, init: { from: join(cwd, "checkpoints", "spam-short") }

@@ -74,18 +74,26 @@ export const makeLmPlan = (bytes: Uint8Array, o: PlanOptions): LmPlan => {
   return { ...o, train, val, trainWindows, batchesPerEpoch }
 }
 
-const epochPerms = new WeakMap<LmPlan, Map<number, Uint32Array>>()
+/** The seeded shuffle of `n` train items for each epoch (the same on every host), the last few cached. */
+export const epochPermutations = (n: number, seed: number): ((epoch: number) => Uint32Array) => {
+  const byEpoch = new Map<number, Uint32Array>()
+  return (epoch) => {
+    let p = byEpoch.get(epoch)
+    if (!p) {
+      p = permutation(n, (seed * 1_000_003 + epoch) >>> 0)
+      if (byEpoch.size > 4) byEpoch.clear()
+      byEpoch.set(epoch, p)
+    }
+    return p
+  }
+}
+
+const epochPerms = new WeakMap<LmPlan, (epoch: number) => Uint32Array>()
 
 const epochPermutation = (plan: LmPlan, epoch: number): Uint32Array => {
-  let byEpoch = epochPerms.get(plan)
-  if (!byEpoch) epochPerms.set(plan, (byEpoch = new Map()))
-  let p = byEpoch.get(epoch)
-  if (!p) {
-    p = permutation(plan.trainWindows, (plan.seed * 1_000_003 + epoch) >>> 0)
-    if (byEpoch.size > 4) byEpoch.clear()
-    byEpoch.set(epoch, p)
-  }
-  return p
+  let perms = epochPerms.get(plan)
+  if (!perms) epochPerms.set(plan, (perms = epochPermutations(plan.trainWindows, plan.seed)))
+  return perms(epoch)
 }
 
 const cut = (src: Uint8Array, starts: ArrayLike<number>, T: number): Int32Array => {

@@ -26,7 +26,7 @@ import { gptBatch } from "../../shared/models/gpt.ts"
 import { lstmBatch } from "../../shared/models/lstm-classifier.ts"
 import { batchProblem, type Batch, type ModelDef, type Task } from "../../shared/models/model.ts"
 import { makeModel } from "../../shared/models/zoo.ts"
-import { makeLmPlan, permutation, trainBatch as lmTrainBatch, valBatch as lmValBatch } from "./plan.ts"
+import { epochPermutations, makeLmPlan, trainBatch as lmTrainBatch, valBatch as lmValBatch } from "./plan.ts"
 
 export interface DataPlan {
   readonly task: Task
@@ -115,16 +115,7 @@ const classifyPlan = (job: JobConfig, model: ModelDef): DataPlan => {
     })
     return lstmBatch(tokens, labels)
   }
-  const perms = new Map<number, Uint32Array>()
-  const permOf = (epoch: number) => {
-    let p = perms.get(epoch)
-    if (!p) {
-      p = permutation(nTrain, (job.data.seed * 1_000_003 + epoch) >>> 0)
-      if (perms.size > 4) perms.clear()
-      perms.set(epoch, p)
-    }
-    return p
-  }
+  const permOf = epochPermutations(nTrain, job.data.seed)
   const nVal = split.val.length
   const valBatches = nVal === 0 ? 0 : Math.ceil(nVal / B)
   const count = (idx: readonly number[], label: number) => idx.filter((i) => corpus.y[i] === label).length

@@ -24,15 +24,13 @@
  * I/O, no clocks (time arrives in events), no randomness.
  */
 import type { BusMessage } from "../../shared/bus/Bus.ts"
-import type { Consistency } from "../../shared/config/job.ts"
-import { makeOptimizer, setHyperparams, type OptimizerPatch } from "../../shared/optim/optimizers.ts"
 import type { ControlApplied } from "../../shared/protocol/control.ts"
 import { rejected, type GradientsHeld, type NormShare, type StepDecided } from "../../shared/protocol/messages.ts"
 import type { Rejection } from "../../shared/actor/report.ts"
-import { Result } from "effect"
 import type { AppliedStep, GradientPush, Held, ShardState } from "./aggregate.ts"
 import type { Subjects } from "../../shared/protocol/subjects.ts"
 import * as P from "./protocol.ts"
+import { control } from "./control.ts"
 
 export interface PsConfig {
   readonly subjects: Subjects
@@ -129,7 +127,8 @@ export type PsEffect =
   | { readonly _tag: "Finished" }
   | { readonly _tag: "Log"; readonly level: "info" | "warn"; readonly message: string }
 
-export const initialState = (cfg: PsConfig, core: ShardState, o: { incarnation: number; schedule?: unknown; now: number }): PsState => ({
+export const initialState = (cfg: PsConfig, core: ShardState, o: { incarnation: number; schedule?: unknown; now: number }): PsState => {
+  const s: PsState = {
   cfg,
   core,
   incarnation: o.incarnation,
@@ -139,7 +138,7 @@ export const initialState = (cfg: PsConfig, core: ShardState, o: { incarnation: 
   resumedAt: core.version > 0 ? o.now : undefined,
   paused: false,
   stopped: false,
-  done: core.version >= cfg.steps || (cfg.epochs > 0 && core.log.openFrom >= cfg.epochs),
+  done: false,
   epochBatches: 0,
   phase: { _tag: "Idle" },
   heldBy: new Map(),
@@ -153,7 +152,10 @@ export const initialState = (cfg: PsConfig, core: ShardState, o: { incarnation: 
   lastProgress: o.now,
   now: o.now,
   rollingBack: false
-})
+  }
+  s.done = finished(s)
+  return s
+}
 
 const isSync = (s: PsState) => s.core.consistency.mode === "sync", isLeader = (s: PsState) => s.cfg.shard === 0
 /** sync with several shards: the shards agree on every version through shard 0. */
@@ -430,7 +432,7 @@ const finishApply = (s: PsState, pushes: readonly Held[], lr: number, globalSumS
   // bounded/async: tell each sender its gradient is applied — it computes its next one only
   // then (worker core.ts pushDone), so the held queue stays at most one gradient per worker
   if (!isSync(s)) for (const p of pushes) out.push({ _tag: "Publish", subject: s.cfg.subjects.psAck(s.cfg.shard, p.sender), message: P.pushAck(s, p, "applied") })
-  out.push({ _tag: "Publish", subject: s.cfg.subjects.psApplied(s.cfg.shard), message: P.stepApplied(s, step, s.done) })
+  out.push({ _tag: "Publish", subject: s.cfg.subjects.psApplied(s.cfg.shard), message: P.stepApplied(s, step, s.done, epochOf(pushes)) })
   out.push({ _tag: "Applied", step, final: s.done })
   if (s.done) out.push({ _tag: "Checkpoint", why: "final version" }, { _tag: "Finished" })
   else if (s.cfg.checkpointEvery > 0 && step.version % s.cfg.checkpointEvery === 0) out.push({ _tag: "Checkpoint", why: `every ${s.cfg.checkpointEvery}` })
@@ -482,39 +484,4 @@ const completeNorms = (s: PsState, out: PsEffect[]) => {
   let total = 0
   for (let k = 0; k < s.cfg.shards; k++) total += s.norms.get(k) ?? Number.NaN
   if (!Number.isNaN(total)) finishApply(s, ph.pushes, ph.lr, total, out)
-}
-
-const control = (s: PsState, ev: ControlApplied, out: PsEffect[]) => {
-  const c = ev.command as Record<string, unknown>
-  switch (ev.verb) {
-    case "pause":
-    case "resume":
-      s.paused = ev.verb === "pause" || s.stopped
-      break
-    case "checkpoint":
-      out.push({ _tag: "Checkpoint", why: `ctl checkpoint #${ev.seq}` })
-      break
-    case "stop":
-      s.paused = true
-      if (!s.done && !s.stopped) out.push({ _tag: "Checkpoint", why: `ctl stop #${ev.seq}` })
-      s.stopped = true
-      break
-    case "set-optimizer": {
-      // new hyperparameters, same slots (setHyperparams refuses a change of state layout)
-      const next = setHyperparams(s.core.optimizer.config, c.patch as OptimizerPatch)
-      if (Result.isFailure(next)) out.push({ _tag: "Log", level: "warn", message: `set-optimizer: ${next.failure.message}` })
-      else {
-        s.core.optimizer = makeOptimizer(next.success)
-        out.push({ _tag: "Log", level: "info", message: `optimizer → ${JSON.stringify(next.success)}` })
-      }
-      break
-    }
-    case "set-consistency": {
-      const mode = c.mode as Consistency["mode"]
-      s.core.consistency = mode === "bounded" ? { mode, staleness: Number(c.staleness ?? 0) } : { mode }
-      s.barrier = new Set(s.members)
-      out.push({ _tag: "Log", level: "info", message: `consistency → ${JSON.stringify(s.core.consistency)}` })
-      break
-    }
-  }
 }

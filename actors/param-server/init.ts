@@ -27,6 +27,7 @@ import type { InitFrom } from "../../shared/config/job.ts"
 import { fromHfGpt2, isHfGpt2Buffer } from "../../shared/models/hf-gpt2.ts"
 import { sizeOf, type ModelDef } from "../../shared/models/model.ts"
 import { matchesAny } from "../../shared/models/patterns.ts"
+import { isLoraParam } from "../../shared/models/lora.ts"
 import type { OptimizerSlots } from "../../shared/optim/optimizers.ts"
 import { decodeCheckpoint, type ShardCheckpoint } from "./checkpoint.ts"
 
@@ -160,6 +161,27 @@ export const loadInitWeights = (spec: InitFrom, store: CheckpointStoreShape): Ef
     catch: (e) => (e instanceof Error ? e : new InitError(String(e)))
   })
 }
+
+/**
+ * A job's initial params, every tensor: its model's seeded init, or (with `init`) the
+ * weights it names checked against the model (LoRA adapters always start fresh), with
+ * their optimizer slots when `init.optimizer` asks. What a parameter server starts from,
+ * and what `merge-lora` / `export` rebuild a LoRA job's frozen base from.
+ */
+export const initialWeights = (
+  def: ModelDef,
+  seed: number,
+  init: InitFrom | undefined,
+  store: CheckpointStoreShape
+): Effect.Effect<{ readonly params: Map<string, Float32Array>; readonly slots?: Map<string, OptimizerSlots>; readonly from?: string }, Error> =>
+  Effect.gen(function* () {
+    const fresh = def.init(seed)
+    if (!init) return { params: fresh }
+    const w = yield* loadInitWeights(init, store)
+    const adapters = def.specs.filter((s) => isLoraParam(s.name)).map((s) => s.name)
+    const params = yield* Effect.try({ try: () => applyInit(def, fresh, w, init, adapters), catch: (e) => (e instanceof Error ? e : new InitError(String(e))) })
+    return { params, slots: init.optimizer ? w.slots : undefined, from: `${w.from}${w.version !== undefined ? ` (version ${w.version})` : ""}` }
+  })
 
 /**
  * The model's initial params: `fresh` (its seeded init) overwritten by the weights, after

@@ -7,7 +7,7 @@
  */
 import { Effect, Result } from "effect"
 import type { BusShape } from "../../shared/bus/Bus.ts"
-import { AppliedLog as AppliedLogBits, parseBatchId } from "../../shared/protocol/applied-log.ts"
+import { AppliedLog as AppliedLogBits } from "../../shared/protocol/applied-log.ts"
 import { decodeBytes, encodeMessage } from "../../shared/protocol/decode.ts"
 import {
   AppliedLog,
@@ -46,11 +46,11 @@ export const normShare = (s: PsState, version: number, sumSq: number): NormShare
   _tag: "NormShare", v, shard: s.cfg.shard, incarnation: s.incarnation, version, sumSq
 })
 
-export const stepApplied = (s: PsState, step: AppliedStep, final: boolean): StepApplied => ({
+export const stepApplied = (s: PsState, step: AppliedStep, final: boolean, epoch: number): StepApplied => ({
   _tag: "StepApplied", v, shard: s.cfg.shard, incarnation: s.incarnation, version: step.version, batchIds: step.batchIds,
   contributors: step.contributors, samples: step.samples, tokens: step.tokens, loss: step.loss, lr: step.lr,
   gradNorm: Number.isFinite(step.gradNorm) ? step.gradNorm : -1, maxStaleness: step.maxStaleness, aggregateMs: 0, at: 0, final,
-  epoch: Math.max(0, ...step.batchIds.flatMap((id) => id.split("+")).map((id) => parseBatchId(id)?.epoch ?? 0)),
+  epoch,
   epochsDone: s.core.log.openFrom,
   ...(s.epochBatches > 0 ? { epochBatches: s.epochBatches } : {})
 })

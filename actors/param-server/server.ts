@@ -19,9 +19,8 @@ import { runHeartbeat, trackMembership } from "../../shared/actor/membership.ts"
 import { makeReporter } from "../../shared/actor/report.ts"
 import type { JobConfig } from "../../shared/config/job.ts"
 import { modelForJob, trainableNames } from "../../shared/models/zoo.ts"
-import { isLoraParam } from "../../shared/models/lora.ts"
 import { makeOptimizer, type OptimizerSlots } from "../../shared/optim/optimizers.ts"
-import { applyInit, loadInitWeights } from "./init.ts"
+import { initialWeights } from "./init.ts"
 import { resolve } from "node:path"
 import { resolveOptimizer } from "../../shared/optim/optimizers.ts"
 import { CONTROL_VERBS, type CommandVerb } from "../../shared/protocol/control.ts"
@@ -82,7 +81,6 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
     const specs = shardSpecs(model.specs, job.topology.psShards, shard)
     const trainable = new Set(trainableNames(job, model))
     const specShapes = new Map(specs.map((sp) => [sp.name, sp.shape]))
-    const adapters = job.train.lora ? model.specs.filter((sp) => isLoraParam(sp.name)).map((sp) => sp.name) : []
     const optimizer = resolveOptimizer(job.optimizer as never)
     if (Result.isFailure(optimizer)) return yield* Effect.fail(new Error(`optimizer: ${optimizer.failure.message}`))
     const optimizerOf = makeOptimizer(optimizer.success)
@@ -93,15 +91,7 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
 
     /** The job's initial params (every tensor): its seeded init, or `init.from`'s weights checked against the model. */
     let initial: { params: Map<string, Float32Array>; slots?: Map<string, OptimizerSlots>; from?: string } | undefined
-    const initialParams = Effect.gen(function* () {
-      if (initial) return initial
-      const fresh = model.init(job.train.seed)
-      if (!job.init) return (initial = { params: fresh })
-      const spec = job.init
-      const w = yield* loadInitWeights(spec, store)
-      const params = yield* Effect.try({ try: () => applyInit(model, fresh, w, spec, adapters), catch: (e) => (e instanceof Error ? e : new Error(String(e))) })
-      return (initial = { params, slots: spec.optimizer ? w.slots : undefined, from: `${w.from}${w.version !== undefined ? ` (version ${w.version})` : ""}` })
-    })
+    const initialParams = Effect.suspend(() => (initial ? Effect.succeed(initial) : initialWeights(model, job.train.seed, job.init, store).pipe(Effect.tap((w) => Effect.sync(() => void (initial = w))))))
 
     /** Shard state from a checkpoint (checked against the model), or the job's initial params. */
     const fromCheckpoint = (c: ShardCheckpoint | undefined): Effect.Effect<{ core: ShardState; schedule: unknown }, Error> =>
