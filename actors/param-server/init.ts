@@ -21,7 +21,7 @@
 import { existsSync, readdirSync, readFileSync, statSync } from "node:fs"
 import { basename, dirname, join } from "node:path"
 import { Effect } from "effect"
-import type { CheckpointRef, CheckpointStoreShape } from "../../shared/checkpoint/store.ts"
+import { CKPT_NAME, checkpointFileName, type CheckpointRef, type CheckpointStoreShape } from "../../shared/checkpoint/store.ts"
 import { decodeSafetensors } from "../../shared/checkpoint/safetensors.ts"
 import type { InitFrom } from "../../shared/config/job.ts"
 import { fromHfGpt2, isHfGpt2Buffer } from "../../shared/models/hf-gpt2.ts"
@@ -49,15 +49,14 @@ export interface InitWeights {
   readonly data?: unknown
 }
 
-const CKPT = /^v(\d+)\.ckpt$/
 const versionsIn = (dir: string): number[] =>
-  existsSync(dir) ? readdirSync(dir).flatMap((f) => { const m = CKPT.exec(f); return m ? [Number(m[1])] : [] }) : []
+  existsSync(dir) ? readdirSync(dir).flatMap((f) => { const m = CKPT_NAME.exec(f); return m ? [Number(m[1])] : [] }) : []
 
 /** The checkpoint files to read (one per shard) for a file or a job's checkpoint folder. */
 export const resolveCheckpointFiles = (spec: string): { readonly version: number; readonly files: readonly string[] } => {
   if (!existsSync(spec)) throw new InitError(`checkpoint ${spec} does not exist (give a .ckpt file or a job's checkpoint folder, e.g. checkpoints/<job>)`)
   const isFile = statSync(spec).isFile()
-  const m = isFile ? CKPT.exec(basename(spec)) : null
+  const m = isFile ? CKPT_NAME.exec(basename(spec)) : null
   // a file outside a store's ps-<k> folders (merge-lora's output, a copied checkpoint): all one shard
   if (isFile && !/^ps-\d+$/.test(basename(dirname(spec)))) return { version: m ? Number(m[1]) : 0, files: [spec] }
   if (isFile && !m) throw new InitError(`checkpoint ${spec}: not a checkpoint file name (v<version>.ckpt)`)
@@ -74,7 +73,7 @@ export const resolveCheckpointFiles = (spec: string): { readonly version: number
     version = all[all.length - 1]
   }
   const files = shards.map((k) => {
-    const f = join(jobDir, `ps-${k}`, `v${String(version).padStart(8, "0")}.ckpt`)
+    const f = join(jobDir, `ps-${k}`, checkpointFileName(version))
     if (!existsSync(f)) throw new InitError(`shard ${k} has no checkpoint at version ${version} (${f}); the params are split over ${shards.length} shards`)
     return f
   })

@@ -158,10 +158,11 @@ export const validKeep = (keep: number | undefined): number => {
 // ---------------------------------------------------------------------------------------
 // File layer.
 
-const CKPT_NAME = /^v(\d+)\.ckpt$/
+/** A checkpoint file's name in a shard's folder, and its version. */
+export const CKPT_NAME = /^v(\d+)\.ckpt$/
 const TEMP_NAME = /^v(\d+)\.ckpt\.tmp-/
 
-const fileName = (version: number) => `v${String(version).padStart(VERSION_DIGITS, "0")}.ckpt`
+export const checkpointFileName = (version: number) => `v${String(version).padStart(VERSION_DIGITS, "0")}.ckpt`
 
 export const makeFileStore = (dir: string, opts?: FileStoreOptions): CheckpointStoreShape => {
   const keep = validKeep(opts?.keep)
@@ -204,7 +205,7 @@ export const makeFileStore = (dir: string, opts?: FileStoreOptions): CheckpointS
     checkArgs("save", job, shard, version).pipe(
       Effect.andThen(() => {
         const d = shardDir(job, shard)
-        const where = join(d, fileName(version))
+        const where = join(d, checkpointFileName(version))
         const tmp = `${where}.tmp-${process.pid}-${randomBytes(4).toString("hex")}`
         return Effect.tryPromise({
           try: async () => {
@@ -257,7 +258,7 @@ export const makeFileStore = (dir: string, opts?: FileStoreOptions): CheckpointS
   const load: CheckpointStoreShape["load"] = (ref) =>
     checkArgs("load", ref.job, ref.shard, ref.version).pipe(
       Effect.andThen(() => {
-        const where = join(shardDir(ref.job, ref.shard), fileName(ref.version))
+        const where = join(shardDir(ref.job, ref.shard), checkpointFileName(ref.version))
         return Effect.tryPromise({
           try: async () => new Uint8Array(await fsp.readFile(where)),
           catch: ioError("load", where)
