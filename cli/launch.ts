@@ -22,6 +22,7 @@ import { Telemetry } from "../shared/telemetry/otel.ts"
 import { TracedBus } from "../shared/telemetry/traced-bus.ts"
 import type { Codec } from "../shared/wire/tensor.ts"
 import { UsageError } from "./main.ts"
+import { stageId } from "../actors/worker/stage.ts"
 import { ACTOR_ROLES, finishesOnItsOwn, isActorRole, runActor, wireRole } from "./topology.ts"
 
 /** The roles `flotilla launch` takes (defined in cli/topology.ts). */
@@ -48,7 +49,18 @@ export const launch = (o: { role: string; values: Record<string, unknown> }) => 
   if (!(Number.isInteger(shard) && shard >= 0 && shard < job.topology.psShards)) {
     throw new UsageError(`--shard must be in [0, ${job.topology.psShards}) for this job, got ${v.shard}`)
   }
-  const id = (v.id as string | undefined) ?? `${role === "param-server" ? `ps${shard}` : role}-${hostname().replace(/[^A-Za-z0-9_-]/g, "")}-${process.pid}`
+  // a pipeline job's worker hosts one stage of one replica; stage 0's id is the replica's
+  const pipeline = role === "worker" && job.topology.stages > 1
+  if (!pipeline && (v.stage !== undefined || v.replica !== undefined)) throw new UsageError(`--stage and --replica are for workers of a pipeline job (topology.stages > 1); job ${job.job} has ${job.topology.stages} stage`)
+  const stage = v.stage === undefined ? undefined : Number(v.stage)
+  if (pipeline && !(stage !== undefined && Number.isInteger(stage) && stage >= 0 && stage < job.topology.stages)) {
+    throw new UsageError(`job ${job.job} is a pipeline of ${job.topology.stages} stages: --stage must be in [0, ${job.topology.stages}), got ${v.stage ?? "none"}`)
+  }
+  const replicaFlag = (v.replica as string | undefined) ?? "0"
+  const replica = /^\d+$/.test(replicaFlag) ? `worker-${replicaFlag}` : replicaFlag
+  const id = pipeline
+    ? stage === 0 ? replica : ((v.id as string | undefined) ?? stageId(replica, stage!))
+    : ((v.id as string | undefined) ?? `${role === "param-server" ? `ps${shard}` : role}-${hostname().replace(/[^A-Za-z0-9_-]/g, "")}-${process.pid}`)
   const codec = codecFromFlag(v.codec)
   const minWorkers = v["min-workers"] === undefined ? undefined : Number(v["min-workers"])
   const bus = TracedBus.layer(NatsBus.layer({ servers, name: `flotilla-${job.job}-${id}`, waitOnFirstConnect: true }))
@@ -59,7 +71,7 @@ export const launch = (o: { role: string; values: Record<string, unknown> }) => 
     yield* Effect.logInfo(`launch ${role} ${id} for job ${job.job} on ${servers.join(",")}`)
     const stop = yield* stopRequested(subjects(job.job))
     const actor = yield* runActor(
-      { role, id, shard },
+      { role, id, shard, ...(pipeline ? { stage, replica } : {}) },
       {
         job,
         // only workers and evaluators build it (the backend is not loaded for the other roles)

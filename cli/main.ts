@@ -26,6 +26,9 @@ const COMMON = {
   steps: { type: "string" },
   workers: { type: "string" },
   "ps-shards": { type: "string" },
+  stages: { type: "string" },
+  "micro-batches": { type: "string" },
+  pipeline: { type: "string" },
   job: { type: "string" },
   consistency: { type: "string" },
   backend: { type: "string" },
@@ -85,6 +88,9 @@ options:
   --steps N          optimizer steps (versions) to train
   --workers N        data-parallel workers (each its own replica)
   --ps-shards N      parameter-server shards
+  --stages S         pipeline stages per replica (S > 1: each replica is S stage workers; psShards S)
+  --micro-batches M  pipeline: micro-batches (loader batches) per step and replica, M ≥ S (default max(4, S))
+  --pipeline P       pipeline schedule: 1f1b (default) | gpipe
   --consistency M    sync | async | bounded:S
   --backend B        tensorflow | wasm | cpu (default: best available; env FLOTILLA_BACKEND)
   --json             print a machine-readable summary instead of the report
@@ -97,7 +103,8 @@ processes talking over NATS; starts a local nats-server when --nats is not given
 
 options:
   --nats URL         an existing NATS server (default: start one on a free port)
-  --steps N, --workers N, --ps-shards N, --consistency M, --backend B   as for start
+  --steps N, --workers N, --ps-shards N, --stages S, --micro-batches M, --pipeline P,
+  --consistency M, --backend B   as for start (--workers R --stages S starts R×S workers)
   --codec C          gradient codec on the wire: f32 | int8
   --json             print a machine-readable summary at the end
   --max-restarts N   restarts allowed per actor within the restart window (default ${DEFAULT_RESTART_POLICY.maxRestarts}; 0 = none)
@@ -117,6 +124,8 @@ options:
   --nats URL         NATS server(s), comma separated (default nats://127.0.0.1:4222)
   --id ID            actor id (default <role>-<host>-<pid>)
   --shard K          param-server: which shard (default 0)
+  --stage K          worker of a pipeline job (topology.stages > 1): which stage it hosts (required there)
+  --replica R        worker of a pipeline job: which replica (a number, or an id; default 0 = worker-0)
   --codec C          worker: gradient codec f32 | int8
   --no-resume        param-server: start fresh at version 0, removing this shard's earlier checkpoints
                      (up passes it on the first start only, so a restart resumes)
@@ -170,6 +179,19 @@ export const jobFromArgs = (file: string | undefined, v: Record<string, unknown>
   if (w) patch.topology.workers = w
   const k = int("ps-shards", v["ps-shards"] as string | undefined)
   if (k) patch.topology.psShards = k
+  // a pipeline: each stage gets its own shard unless --ps-shards says otherwise
+  const st = int("stages", v.stages as string | undefined)
+  if (st) {
+    patch.topology.stages = st
+    if (!k) patch.topology.psShards = st
+    if (base.topology?.microBatches === undefined || base.topology.microBatches < st) patch.topology.microBatches = Math.max(4, st)
+  }
+  const mb = int("micro-batches", v["micro-batches"] as string | undefined)
+  if (mb) patch.topology.microBatches = mb
+  if (v.pipeline !== undefined) {
+    if (v.pipeline !== "1f1b" && v.pipeline !== "gpipe") throw new UsageError(`--pipeline must be 1f1b or gpipe, got ${JSON.stringify(v.pipeline)}`)
+    patch.topology.schedule = v.pipeline
+  }
   if (typeof v.jobName === "string") patch.job = v.jobName
   const merged: Record<string, any> = { ...base, train: { ...base.train, ...patch.train }, topology: { ...base.topology, ...patch.topology } }
   if (patch.job) merged.job = patch.job
@@ -220,6 +242,8 @@ export const main = async (argv: string[]): Promise<void> => {
           nats: { type: "string" },
           id: { type: "string" },
           shard: { type: "string" },
+          stage: { type: "string" },
+          replica: { type: "string" },
           codec: { type: "string" },
           "no-resume": { type: "boolean" },
           "min-workers": { type: "string" }

@@ -9,7 +9,8 @@
  *   scheduler-0                    the LR scheduler, with the job's controller in the same process
  *   ps-0 … ps-<K-1>                parameter-server shards
  *   evaluator-0                    when evalEvery is not 0, valBatches > 0 and valFraction > 0
- *   worker-0 … worker-<N-1>        data-parallel workers
+ *   worker-0 … worker-<N-1>        data-parallel workers; with topology.stages S > 1 each is a
+ *                                  replica of S stage workers: worker-r (stage 0), worker-r-s1 …
  *
  * Does not own: the actors (actors/*), the bus layer (each command picks its own),
  * processes and restarts (cli/up.ts, cli/supervisor.ts).
@@ -20,6 +21,7 @@ import { runLoader } from "../actors/loader/loader.ts"
 import { runParamServer } from "../actors/param-server/server.ts"
 import { runScheduler } from "../actors/scheduler/scheduler.ts"
 import { runWorker } from "../actors/worker/worker.ts"
+import { runStageWorker, stageId } from "../actors/worker/stage.ts"
 import type { Bus } from "../shared/bus/Bus.ts"
 import type { BackendUnavailableError, Compute } from "../shared/compute/backend.ts"
 import type { JobConfig } from "../shared/config/job.ts"
@@ -52,6 +54,9 @@ export interface ActorSpec {
   readonly id: string
   /** param-server: which shard (0 for the other roles). */
   readonly shard: number
+  /** worker of a pipeline job: its stage and replica (the replica is stage 0's id). */
+  readonly stage?: number
+  readonly replica?: string
 }
 
 /** Workers and evaluators are done at the job's final version; the other roles run until stopped. */
@@ -66,7 +71,11 @@ export const jobActors = (job: JobConfig): ActorSpec[] => [
   { role: "scheduler", id: "scheduler-0", shard: 0 },
   ...Array.from({ length: job.topology.psShards }, (_, k): ActorSpec => ({ role: "param-server", id: `ps-${k}`, shard: k })),
   ...(hasEvaluator(job) ? [{ role: "evaluator", id: "evaluator-0", shard: 0 } satisfies ActorSpec] : []),
-  ...Array.from({ length: job.topology.workers }, (_, w): ActorSpec => ({ role: "worker", id: `worker-${w}`, shard: 0 }))
+  ...Array.from({ length: job.topology.workers }, (_, w): ActorSpec[] =>
+    job.topology.stages === 1
+      ? [{ role: "worker", id: `worker-${w}`, shard: 0 }]
+      : Array.from({ length: job.topology.stages }, (_, k): ActorSpec => ({ role: "worker", id: stageId(`worker-${w}`, k), shard: 0, stage: k, replica: `worker-${w}` }))
+  ).flat()
 ]
 
 /** The controller that runs beside scheduler `id`. */
@@ -123,6 +132,12 @@ export const runActor = (
       }
       case "worker":
       case "evaluator": {
+        if (spec.role === "worker" && job.topology.stages > 1) {
+          if (spec.stage === undefined) return yield* Effect.fail(new Error(`job ${job.job} is a pipeline of ${job.topology.stages} stages: a worker needs its stage (flotilla launch worker --stage K [--replica R])`))
+          const h = yield* runStageWorker({ job, replica: spec.replica ?? "worker-0", stage: spec.stage, id }).pipe(Effect.provide(o.compute))
+          const st = h.state.stats
+          return { spec, finished: Deferred.await(h.finished), describe: () => `${id}: stage ${spec.stage} done (${st.steps} steps, ${st.retries} retried, ${st.dropped} dropped)` }
+        }
         const h = yield* runWorker({ job, id, mode: spec.role === "evaluator" ? "eval" : "train", codec: o.codec }).pipe(Effect.provide(o.compute))
         const st = h.stats
         return {

@@ -61,7 +61,7 @@ export const launchArgs = (spec: ActorSpec, restarts: number, o: { jobFile: stri
     case "evaluator":
       return [spec.role, ...common, ...backend]
     case "worker":
-      return [spec.role, ...common, ...(o.codec ? ["--codec", o.codec] : []), ...backend]
+      return [spec.role, ...common, ...(spec.stage !== undefined ? ["--stage", String(spec.stage), "--replica", spec.replica ?? "0"] : []), ...(o.codec ? ["--codec", o.codec] : []), ...backend]
   }
 }
 

@@ -21,6 +21,7 @@ import { decodeBytes, encodeMessage } from "../../shared/protocol/decode.ts"
 import {
   AppliedLog as AppliedLogReply,
   BatchFailed,
+  FetchBatch,
   Heartbeat,
   LeaseBatch,
   PushAck,
@@ -33,7 +34,8 @@ import { makePlanForJob, type DataPlan } from "./tasks.ts"
 import { encodeBatch, getAppliedLog, noBatch } from "./protocol.ts"
 import { mkdirSync, writeFileSync } from "node:fs"
 import { join } from "node:path"
-import { GetDataInfo, type DataInfo } from "../../shared/protocol/messages.ts"
+import { GetDataInfo, type BatchLeased, type DataInfo } from "../../shared/protocol/messages.ts"
+import { parseBatchId } from "../../shared/protocol/applied-log.ts"
 import { PROTOCOL_VERSION } from "../../shared/protocol/subjects.ts"
 
 export interface LoaderOptions {
@@ -214,6 +216,21 @@ export const runLoader = (o: LoaderOptions): Effect.Effect<LoaderHandle, Error, 
       (m) => {
         const r = decodeBytes(GetDataInfo, m.subject, m.data)
         return Result.isSuccess(r) ? bus.respond(m, infoBytes).pipe(Effect.ignore) : reject({ code: "bad-message", reason: r.failure.reason, subject: m.subject }, m).pipe(Effect.asVoid)
+      },
+      { queue: queues.loader }
+    )
+    // a batch by id (a pipeline's last stage: the targets of its micro-batch): from the plan, outside the mailbox
+    yield* bus.subscribe(
+      s.dataFetch,
+      (m) => {
+        const r = decodeBytes(FetchBatch, m.subject, m.data)
+        if (Result.isFailure(r)) return reject({ code: "bad-message", reason: r.failure.reason, subject: m.subject }, m).pipe(Effect.asVoid)
+        const ref = parseBatchId(r.success.batchId)
+        if (ref === undefined || ref.index >= plan.batchesPerEpoch) {
+          return reject({ code: "unknown-batch", reason: `no train batch ${JSON.stringify(r.success.batchId)} (an epoch has ${plan.batchesPerEpoch}, ids e<epoch>-b<index>)`, subject: m.subject, sender: r.success.worker }, m).pipe(Effect.asVoid)
+        }
+        const meta: BatchLeased = { _tag: "BatchLeased", v: PROTOCOL_VERSION, batchId: r.success.batchId, epoch: ref.epoch, index: ref.index, split: "train", B: plan.B, T: plan.T, attempt: 0, leaseMs: 0, gen: 0, epochBatches: plan.batchesPerEpoch }
+        return replyBatch(m, meta)
       },
       { queue: queues.loader }
     )

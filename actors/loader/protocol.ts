@@ -17,6 +17,7 @@ import {
   HEADER_BATCH,
   LeaseReply,
   type BatchFailed,
+  type FetchBatch,
   type GetAppliedLog,
   type GetDataInfo,
   type LeaseBatch,
@@ -47,6 +48,8 @@ export const batchFailed = (worker: string, batchId: string, gen: number, reason
 export const noBatch = (reason: NoBatch["reason"], retryAfterMs: number): NoBatch => ({ _tag: "NoBatch", v: PROTOCOL_VERSION, reason, retryAfterMs })
 
 export const getAppliedLog = (from: string): GetAppliedLog => ({ _tag: "GetAppliedLog", v: PROTOCOL_VERSION, from })
+
+export const fetchBatch = (worker: string, batchId: string): FetchBatch => ({ _tag: "FetchBatch", v: PROTOCOL_VERSION, worker, batchId })
 
 export const getDataInfo = (from: string): GetDataInfo => ({ _tag: "GetDataInfo", v: PROTOCOL_VERSION, from })
 
@@ -108,6 +111,12 @@ export const LoaderClient = {
   /** Lease the next train batch (or val batch `index`). Never fails: a failure is `Failed`. */
   lease: (bus: BusShape, s: Subjects, worker: string, split: "train" | "val", index?: number, timeoutMs = 5_000): Effect.Effect<LeaseResult> =>
     bus.request(s.dataLease, encodeMessage(leaseBatch(worker, split, index)), { timeoutMs }).pipe(
+      Effect.map(decodeBatch),
+      Effect.catch((e) => Effect.succeed<LeaseResult>({ _tag: "Failed", reason: `${e._tag}: ${e.message}` }))
+    ),
+  /** A train batch by id, read only (a pipeline's last stage fetches its labels). Never fails: a failure is `Failed`. */
+  fetch: (bus: BusShape, s: Subjects, worker: string, batchId: string, timeoutMs = 5_000): Effect.Effect<LeaseResult> =>
+    bus.request(s.dataFetch, encodeMessage(fetchBatch(worker, batchId)), { timeoutMs }).pipe(
       Effect.map(decodeBatch),
       Effect.catch((e) => Effect.succeed<LeaseResult>({ _tag: "Failed", reason: `${e._tag}: ${e.message}` }))
     ),

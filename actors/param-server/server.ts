@@ -26,7 +26,7 @@ import { resolveOptimizer } from "../../shared/optim/optimizers.ts"
 import { CONTROL_VERBS, type CommandVerb } from "../../shared/protocol/control.ts"
 import { decodeBytes, decodeValue, encodeMessage } from "../../shared/protocol/decode.ts"
 import { GetDecision, GradientsHeld, GradMeta, Heartbeat, LrForStep, NormShare, PullParams, GetAppliedLog, StepDecided } from "../../shared/protocol/messages.ts"
-import { shardSpecs } from "../../shared/protocol/sharding.ts"
+import { shardOfForJob } from "../../shared/models/pipeline.ts"
 import { PROTOCOL_VERSION, subjects } from "../../shared/protocol/subjects.ts"
 import { resolveSchedule, type ScheduleInput } from "../../shared/schedule/schedules.ts"
 import { initialState as initialSchedulerState, lrFrom, parseState } from "../../shared/schedule/state.ts"
@@ -78,7 +78,10 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
     const reject = makeReporter(bus, s, id)
     const metrics = yield* currentMetrics
     const model = modelForJob(job)
-    const specs = shardSpecs(model.specs, job.topology.psShards, shard)
+    // a pipeline job's shards each hold one stage's tensors (shared/models/pipeline.ts)
+    const shardOf = yield* Effect.try({ try: () => shardOfForJob(job, model), catch: (e) => new Error(`topology: ${e instanceof Error ? e.message : String(e)}`) })
+    const specs = model.specs.filter((sp) => shardOf.get(sp.name) === shard)
+    if (specs.length === 0) return yield* Effect.fail(new Error(`shard ${shard} of ${job.topology.psShards} owns no tensor of this model: use fewer shards`))
     const trainable = new Set(trainableNames(job, model))
     const specShapes = new Map(specs.map((sp) => [sp.name, sp.shape]))
     const optimizer = resolveOptimizer(job.optimizer as never)

@@ -24,7 +24,7 @@ import { addSums, batchProblem, lossAndGrads, scoreBatch } from "../../shared/mo
 import { modelForJob, trainableNames } from "../../shared/models/zoo.ts"
 import { decodeBytes, encodeMessage } from "../../shared/protocol/decode.ts"
 import { Heartbeat, PushAck, Rejected, type GradMeta, type ValidationLoss, type WorkerStep } from "../../shared/protocol/messages.ts"
-import { assignShards } from "../../shared/protocol/sharding.ts"
+import { shardOfForJob } from "../../shared/models/pipeline.ts"
 import { PROTOCOL_VERSION, subjects } from "../../shared/protocol/subjects.ts"
 import { currentMetrics } from "../../shared/telemetry/metrics.ts"
 import { toWire } from "../../shared/wire/codec.ts"
@@ -64,7 +64,7 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
     const model = modelForJob(job)
     const trainable = new Set(trainableNames(job, model))
     const shards = job.topology.psShards
-    const shardOf = assignShards(model.specs, shards)
+    const shardOf = shardOfForJob(job, model)
     const codec: Codec = o.codec ?? "f32"
     const residuals = new Map<string, Float32Array>()
     const stats = { steps: 0, stale: 0, tokens: 0, bytesSent: 0, resent: 0, pulls: 0 }

@@ -128,7 +128,19 @@ export const JobConfig = Schema.Struct({
   init: Schema.optional(InitFrom),
   optimizer: Loose,
   schedule: Loose,
-  topology: Schema.Struct({ workers: PosInt, psShards: PosInt })
+  topology: Schema.Struct({
+    /** data-parallel replicas (each a whole model, or a pipeline of `stages` workers). */
+    workers: PosInt,
+    psShards: PosInt,
+    /** pipeline stages per replica (1 = no pipeline). Stage k's tensors live on their own PS shards. */
+    stages: PosInt,
+    /** pipeline: loader batches (micro-batches) per step and replica; at least `stages`. */
+    microBatches: PosInt,
+    /** pipeline schedule: 1F1B (default: at most S micro-batches stashed per stage) or GPipe (fill, then drain; M stashed). */
+    schedule: Schema.Literals(["1f1b", "gpipe"]),
+    /** how the model is cut: balanced by FLOPs (default) or params, or blocks / layers per stage ([2, 2]). */
+    partition: Schema.Union([Schema.Literals(["flops", "params"]), Schema.Array(PosInt)])
+  })
 })
 export type JobConfig = typeof JobConfig.Type
 
@@ -156,7 +168,7 @@ export const DEFAULT_JOB: JobConfig = {
   },
   optimizer: { kind: "adamw", weightDecay: 0.01 },
   schedule: { kind: "cosine", lr: 3e-3, totalSteps: 1000, minLr: 3e-4 }, // warmup: steps / 15 unless given
-  topology: { workers: 1, psShards: 1 }
+  topology: { workers: 1, psShards: 1, stages: 1, microBatches: 1, schedule: "1f1b", partition: "flops" }
 }
 
 /** The seed's classifier shape: what an lstm-classifier model block leaves out. */
@@ -197,6 +209,16 @@ export const resolveJob = (partial: unknown, source = "job"): JobConfig => {
   const pTrain = isPlainObject(p.train) ? p.train : {}
   if (Number(pTrain.epochs) > 0 && pTrain.steps === undefined) base.train = { ...DEFAULT_JOB.train, steps: Number.MAX_SAFE_INTEGER }
   // the schedule's horizon follows the step count (or, per epoch, the epoch count) unless given
+  // a pipeline's stages each get their own PS shard unless the job says otherwise; M defaults to max(4, S)
+  const pTop = isPlainObject(p.topology) ? p.topology : {}
+  const stages = Number(pTop.stages ?? 1)
+  if (stages > 1) {
+    base.topology = {
+      ...DEFAULT_JOB.topology,
+      ...(pTop.psShards === undefined ? { psShards: stages } : {}),
+      ...(pTop.microBatches === undefined ? { microBatches: Math.max(4, stages) } : {})
+    }
+  }
   const merged = deepMerge(base, p) as Record<string, unknown>
   const sched = merged.schedule as Record<string, unknown>
   const perEpoch = isPlainObject(sched) && sched.per === "epoch"
@@ -216,11 +238,26 @@ export const resolveJob = (partial: unknown, source = "job"): JobConfig => {
   if (job.model.kind === "gpt" && job.model.width % job.model.heads !== 0) {
     throw new JobConfigError(`${source}: model.width (${job.model.width}) must be divisible by model.heads (${job.model.heads})`)
   }
+  pipelineProblem(job, source)
   const opt = resolveOptimizer(job.optimizer as never)
   if (Result.isFailure(opt)) throw new JobConfigError(`${source}: ${opt.failure.message}`)
   const schedR = resolveSchedule(job.schedule as never)
   if (Result.isFailure(schedR)) throw new JobConfigError(`${source}: ${schedR.failure.message}`)
   return { ...job, optimizer: { ...opt.success }, schedule: { ...schedR.success } }
+}
+
+/** A pipeline topology the rest of the system cannot run, as a JobConfigError (the cut itself is checked against the model: shared/models/pipeline.ts). */
+const pipelineProblem = (job: JobConfig, source: string): void => {
+  const t = job.topology
+  if (t.stages === 1) return
+  const fail = (m: string) => {
+    throw new JobConfigError(`${source}: topology: ${m}`)
+  }
+  if (t.microBatches < t.stages) fail(`microBatches (${t.microBatches}) must be at least stages (${t.stages}): with fewer micro-batches than stages a stage idles through every step`)
+  if (t.psShards % t.stages !== 0) fail(`psShards (${t.psShards}) must be a multiple of stages (${t.stages}): each stage's tensors live on their own parameter-server shards`)
+  if (job.train.consistency.mode !== "sync") fail(`a pipeline (stages ${t.stages}) updates synchronously, once per step after the flush; train.consistency ${job.train.consistency.mode} is not supported`)
+  if (job.train.accumulate !== 1) fail(`a pipeline's micro-batches are topology.microBatches; train.accumulate must be 1 (got ${job.train.accumulate})`)
+  if (Array.isArray(t.partition) && t.partition.length !== t.stages) fail(`partition [${t.partition}] names ${t.partition.length} stages, topology.stages is ${t.stages}`)
 }
 
 /** Read a job file (JSON or YAML) and resolve it. */

@@ -305,14 +305,17 @@ export const gptBlocks = (c: GptConfig): Block[] => {
       forward: (p, _x, batch) => {
         const { x, B, T } = gptInputsTargets(batch)
         return embed(c, p, tf.tensor2d(x, [B, T], "int32"))
-      }
+      },
+      flops: (T) => 2 * T * c.width // a lookup and an add
     },
     ...Array.from({ length: c.layers }, (_, l): Block => ({
       name: `h.${l}`,
       params: layerParams(l),
-      forward: (p, x, batch) => block(c, p, l, x as tf.Tensor2D, batch.size, seqLenOf(batch))
+      forward: (p, x, batch) => block(c, p, l, x as tf.Tensor2D, batch.size, seqLenOf(batch)),
+      // per position: qkv, proj and the 4× MLP (12 d² multiply-adds), and the attention scores and mix (2 T d)
+      flops: (T) => 2 * T * (12 * c.width * c.width + 2 * T * c.width)
     })),
-    { name: "head", params: ["ln_f.weight", "ln_f.bias", "wte"], forward: (p, x) => head(p, x as tf.Tensor2D) }
+    { name: "head", params: ["ln_f.weight", "ln_f.bias", "wte"], forward: (p, x) => head(p, x as tf.Tensor2D), flops: (T) => 2 * T * c.width * c.vocabSize }
   ]
 }
 
@@ -325,7 +328,7 @@ export const makeGpt = (config: Partial<GptConfig> = {}): GptDef => {
     task: "lm",
     config: c,
     specs,
-    batch: [{ name: "tokens", dtype: "int32", shape: ["B", "*"], doc: `B windows of T+1 token ids (T ≤ ${c.contextLength}): inputs [:T], targets [1:]` }],
+    batch: [{ name: "tokens", dtype: "int32", shape: ["B", "*"], doc: `B windows of T+1 token ids (T ≤ ${c.contextLength}): inputs [:T], targets [1:]`, below: c.vocabSize }],
     blocks: gptBlocks(c),
     init: (seed) => gptInit(c, specs, seed),
     // mean next-token cross-entropy over B*T positions

@@ -203,10 +203,11 @@ export const lstmBlocks = (c: LstmClassifierConfig): Block[] => [
       const B = batch.size
       if (!(tokens instanceof Int32Array) || tokens.length % B !== 0) throw new Error(`lstm-classifier batch: tokens must be int32 [B, L], B = ${B}`)
       return (c.recurrence === "ops" ? lstmEncodePlain : lstmEncode)(c, p, tf.tensor2d(tokens, [B, tokens.length / B], "int32"))
-    }
+    },
+    flops: (L) => 2 * L * 4 * c.hidden * (c.embedDim + c.hidden)
   },
-  { name: "dense", params: ["dense.kernel", "dense.bias"], forward: (p, h) => lstmDense(p, h as tf.Tensor2D) },
-  { name: "out", params: ["out.kernel", "out.bias"], forward: (p, d) => lstmOut(p, d as tf.Tensor2D) }
+  { name: "dense", params: ["dense.kernel", "dense.bias"], forward: (p, h) => lstmDense(p, h as tf.Tensor2D), flops: () => 2 * c.hidden * c.dense },
+  { name: "out", params: ["out.kernel", "out.bias"], forward: (p, d) => lstmOut(p, d as tf.Tensor2D), flops: () => 2 * c.dense }
 ]
 
 /** Binary metrics from logits and labels: sums (loss·n, n, tp, fp, tn, fn). */
@@ -251,7 +252,7 @@ export const makeLstmClassifier = (config: Partial<LstmClassifierConfig> = {}): 
     config: c,
     specs,
     batch: [
-      { name: "tokens", dtype: "int32", shape: ["B", c.maxLen], doc: `word ids per text, truncated/padded to maxLen ${c.maxLen} (0 = padding)` },
+      { name: "tokens", dtype: "int32", shape: ["B", c.maxLen], doc: `word ids per text, truncated/padded to maxLen ${c.maxLen} (0 = padding)`, below: c.vocabSize },
       { name: "labels", dtype: "float32", shape: ["B"], doc: "the class of each text: 0 or 1" }
     ],
     blocks: lstmBlocks(c),

@@ -34,6 +34,8 @@ export interface BatchTensorSpec {
   readonly dtype: BatchDType
   readonly shape: readonly (number | "B" | "*")[]
   readonly doc: string
+  /** int32 ids: every value must be in [0, below) (a vocabulary's size). */
+  readonly below?: number
 }
 
 /** A batch: `size` rows of named tensors, row-major, as the model's `batch` spec says. */
@@ -49,6 +51,8 @@ export interface Block {
   readonly name: string
   readonly params: readonly string[]
   forward(p: Params, x: tf.Tensor | undefined, batch: Batch): tf.Tensor
+  /** forward multiply-adds ×2 for one batch row of `length` positions (a FLOPs-balanced pipeline cut); default 2 per param per position. */
+  flops?(length: number): number
 }
 
 /** A validation metric the model reports: its key, and how the progress line prints it. */
@@ -190,6 +194,11 @@ export const batchProblem = (def: ModelDef, batch: Batch): string | undefined =>
     if (free ? v.length === 0 || v.length % n !== 0 : v.length !== n) {
       return `${def.kind} batch: tensor "${t.name}" has ${v.length} values, shape [${t.shape.map((d) => (d === "B" ? batch.size : d))}] needs ${free ? `a positive multiple of ${n}` : n}`
     }
+    if (t.below !== undefined) {
+      for (let i = 0; i < v.length; i++) {
+        if (!(v[i] >= 0 && v[i] < t.below)) return `${def.kind} batch: tensor "${t.name}"[${i}] is ${v[i]}, outside [0, ${t.below}) (the model's vocabulary)`
+      }
+    }
   }
   for (const name of batch.tensors.keys()) {
     if (!def.batch.some((t) => t.name === name)) return `${def.kind} batch: unexpected tensor "${name}" (the model takes ${def.batch.map((t) => t.name).join(", ")})`
@@ -245,30 +254,53 @@ export interface Stage {
   readonly last: boolean
 }
 
+/** How to cut: balanced by params or by forward FLOPs (at `length` positions per row), or blocks per stage. */
+export type Partition =
+  | { readonly by: "params" }
+  | { readonly by: "flops"; readonly length: number }
+  | { readonly blocks: readonly number[] }
+
 /**
- * Cut a model into `n` stages of consecutive blocks, balancing parameter counts (greedy:
- * a stage closes once it holds its share, leaving a block for each stage after it).
+ * Cut a model into `n` stages of consecutive blocks. Balanced (the default, by params):
+ * greedy, a stage closes once it holds its share of the weight, leaving a block for each
+ * stage after it. `{ blocks }`: that many blocks per stage, in order.
  */
-export const cutStages = (def: ModelDef, n: number): Stage[] => {
+export const cutStages = (def: ModelDef, n: number, partition: Partition = { by: "params" }): Stage[] => {
   const blocks = def.blocks
-  if (!Number.isInteger(n) || n < 1 || n > blocks.length) throw new Error(`${def.kind}: cannot cut ${blocks.length} blocks into ${n} stages`)
-  const size = new Map(def.specs.map((s) => [s.name, sizeOf(s.shape)]))
-  const weight = (b: Block) => b.params.reduce((m, p) => m + (size.get(p) ?? 0), 0)
-  const total = blocks.reduce((m, b) => m + weight(b), 0)
+  if (!Number.isInteger(n) || n < 1 || n > blocks.length) throw new Error(`${def.kind}: cannot cut ${blocks.length} blocks (${blocks.map((b) => b.name).join(", ")}) into ${n} stages`)
   const groups: Block[][] = []
-  let cur: Block[] = []
-  let acc = 0
-  blocks.forEach((b, i) => {
-    cur.push(b)
-    acc += weight(b)
-    const left = blocks.length - i - 1
-    const stagesLeft = n - groups.length - 1
-    if (stagesLeft > 0 && (left === stagesLeft || acc >= (total * (groups.length + 1)) / n)) {
-      groups.push(cur)
-      cur = []
+  if ("blocks" in partition) {
+    const counts = partition.blocks
+    const sum = counts.reduce((a, b) => a + b, 0)
+    if (counts.length !== n || sum !== blocks.length || counts.some((c) => !(Number.isInteger(c) && c >= 1))) {
+      throw new Error(`${def.kind}: partition [${counts}] must give each of ${n} stages at least one of the ${blocks.length} blocks (${blocks.map((b) => b.name).join(", ")})`)
     }
-  })
-  if (cur.length > 0) groups.push(cur)
+    let at = 0
+    for (const c of counts) {
+      groups.push(blocks.slice(at, at + c))
+      at += c
+    }
+  } else {
+    const size = new Map(def.specs.map((s) => [s.name, sizeOf(s.shape)]))
+    const params = (b: Block) => b.params.reduce((m, p) => m + (size.get(p) ?? 0), 0)
+    const weight = partition.by === "params" ? params : (b: Block) => (b.flops ? b.flops(partition.length) : 2 * params(b) * partition.length)
+    const total = blocks.reduce((m, b) => m + weight(b), 0)
+    let cur: Block[] = []
+    let acc = 0
+    blocks.forEach((b, i) => {
+      // close before this block when adding it overshoots the stage's share by more than stopping short does
+      const share = (total * (groups.length + 1)) / n
+      const stagesLeft = n - groups.length - 1
+      const left = blocks.length - i
+      if (cur.length > 0 && stagesLeft > 0 && (left === stagesLeft || acc + weight(b) - share > share - acc)) {
+        groups.push(cur)
+        cur = []
+      }
+      cur.push(b)
+      acc += weight(b)
+    })
+    if (cur.length > 0) groups.push(cur)
+  }
   const readers = new Map<string, Set<number>>()
   groups.forEach((g, k) => {
     for (const b of g) for (const p of b.params) readers.set(p, (readers.get(p) ?? new Set()).add(k))

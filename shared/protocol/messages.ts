@@ -52,6 +52,19 @@ export const LeaseBatch = Schema.Struct({
 export type LeaseBatch = typeof LeaseBatch.Type
 
 /**
+ * on `data.fetch` (request/reply, queue group `loader`): a pipeline's last stage asks for
+ * the batch of a micro-batch it holds activations of (its labels / targets), by id. Read
+ * only: no lease is taken or changed. The reply is a batch like a lease's.
+ */
+export const FetchBatch = Schema.Struct({
+  _tag: Schema.Literal("FetchBatch"),
+  v: V,
+  worker: Id,
+  batchId: Schema.String
+})
+export type FetchBatch = typeof FetchBatch.Type
+
+/**
  * The `Flotilla-Batch` header of a lease reply that carries a batch; the payload is the
  * batch's tensors as a tensor bundle (shared/wire/tensor.ts; its manifest in the
  * `Flotilla-Manifest` header), as the model's batch spec names them (shared/models/model.ts):
@@ -315,6 +328,51 @@ export const WorkerStep = Schema.Struct({
   bytesSent: NonNegInt
 })
 export type WorkerStep = typeof WorkerStep.Type
+
+/**
+ * `meta.extra` of a bundle on `pipe.<replica>.<k>.fwd|bwd` (shared/wire/tensor.ts): which step
+ * (meta.version = the params version, meta.batchId = the step's micro-batch ids joined by
+ * "+", `attempt`), which micro-batch, and what it is. kind "activation": stage k−1's output
+ * for micro-batch `micro` (tensor `x`), with that micro-batch's id, rows and length;
+ * "activation-grad": the gradient of the step's summed loss for stage k's output (`dx`) and
+ * the micro-batch's mean loss; "tied-grad": the last stage's part of the tied weights'
+ * gradient for the whole step (summed over its micro-batches), one tensor per tied weight.
+ */
+export const PipeMeta = Schema.Struct({
+  attempt: NonNegInt,
+  micro: Schema.optional(NonNegInt),
+  micros: Schema.Int.check(Schema.isGreaterThan(0)),
+  microBatch: Schema.optional(Schema.String),
+  rows: Schema.optional(Schema.Int.check(Schema.isGreaterThan(0))),
+  length: Schema.optional(NonNegInt),
+  units: Schema.optional(NonNegInt),
+  gen: Schema.optional(NonNegInt),
+  epochBatches: Schema.optional(NonNegInt),
+  loss: Schema.optional(Schema.Finite)
+})
+export type PipeMeta = typeof PipeMeta.Type
+
+/** on `metrics.stage`: one pipeline stage's step (bench/pipeline.ts reads the bubble and the stash from it). */
+export const StageStep = Schema.Struct({
+  _tag: Schema.Literal("StageStep"),
+  v: V,
+  worker: Id,
+  replica: Id,
+  stage: NonNegInt,
+  version: NonNegInt,
+  attempt: NonNegInt,
+  micros: NonNegInt,
+  /** from this stage's first op of the step to its flush. */
+  spanMs: NonNeg,
+  /** computing: forwards, backwards (which recompute the forward on every stage but the last). */
+  forwardMs: NonNeg,
+  backwardMs: NonNeg,
+  /** the most micro-batch inputs held at once for their backward, and their bytes. */
+  stashPeak: NonNegInt,
+  stashPeakBytes: NonNegInt,
+  loss: Schema.Number
+})
+export type StageStep = typeof StageStep.Type
 
 export const ValidationLoss = Schema.Struct({
   _tag: Schema.Literal("ValidationLoss"),

@@ -29,7 +29,7 @@ export const assertToken = (what: string, value: string): string => {
 }
 
 /** Every actor role, as it appears in `hb.<role>.<id>` and `metrics.<role>`. */
-export const ROLES = ["loader", "worker", "evaluator", "ps", "scheduler", "quantizer", "driver", "ctl"] as const
+export const ROLES = ["loader", "worker", "stage", "evaluator", "ps", "scheduler", "quantizer", "driver", "ctl"] as const
 export type Role = (typeof ROLES)[number]
 
 /** All subjects of one job. Built once per actor: `const s = subjects("gpt")`. */
@@ -41,6 +41,8 @@ export const subjects = (job: string) => {
     dataLease: `${p}.data.lease`,
     /** a worker reports a batch failed (or given up); done-ness comes from `psApplied`. */
     dataAck: `${p}.data.ack`,
+    /** request/reply, queue group `loader`: a train batch by id, read only (a pipeline's last stage: its labels). */
+    dataFetch: `${p}.data.fetch`,
     /** request/reply, queue group `loader`: what the data is (DataInfo: task, sizes, labels, tokenizer). */
     dataInfo: `${p}.data.info`,
     /** gradients for param shard k (chunked wire bundles). */
@@ -69,7 +71,7 @@ export const subjects = (job: string) => {
     psDecision: `${p}.ps.0.decision`,
     /** request/reply: shard k's applied log (AppliedLog). */
     psLog: (shard: number) => `${p}.ps.${shard}.log`,
-    /** pipeline activations / activation gradients (reserved for the pipeline issue). */
+    /** pipeline: activations into stage k of a replica (from stage k−1), and activation gradients into stage k (from k+1; the tied-weight gradient into stage 0). */
     pipeFwd: (replica: string, stage: number) => `${p}.pipe.${assertToken("replica", replica)}.${stage}.fwd`,
     pipeBwd: (replica: string, stage: number) => `${p}.pipe.${assertToken("replica", replica)}.${stage}.bwd`,
     /** request/reply, queue group `scheduler`: the LR for a step. */

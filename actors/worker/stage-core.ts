@@ -1,0 +1,548 @@
+/**
+ * Implements: a pipeline stage worker's mailbox reducer — what stage k of replica r does
+ * next, as `step(state, event) → effects` over a closed union of events. The shell
+ * (stage.ts) turns params bundles, server heartbeats, lease and label replies,
+ * activations from stage k−1, activation gradients from stage k+1, push acknowledgements
+ * and a Tick into events on one queue, and performs the effects (lease, fetch the labels,
+ * run a forward or a backward and send its output, push, pull, release).
+ *
+ * A step (docs/ARCHITECTURE.md "Pipelines"):
+ *  - stage 0 drives it: once it holds M leased batches (the micro-batches) and every shard
+ *    it reads is at one version v, it runs their forwards; each stage's output goes to the
+ *    next as (v, step id, attempt, micro-batch); the last stage fetches the micro-batch's
+ *    targets from the loader, runs forward and backward in one call, and sends the
+ *    activation gradient back; a middle stage recomputes its forward from the stashed
+ *    input when that gradient arrives (tfjs keeps no tape);
+ *  - the order of the ready work is the schedule: 1F1B runs a backward whenever one is
+ *    ready and holds at most S−k stashed inputs (stage 0: S); GPipe runs every forward
+ *    first (M stashed);
+ *  - after its M backwards a stage pushes its own tensors' gradient (the sum over the
+ *    micro-batches ÷ the step's rows) to its own shards as the replica (one sender per
+ *    replica, so the shards' one synchronous update per step sees every stage's part of
+ *    the same gradient); the last stage first sends the tied weights' part to stage 0;
+ *  - no progress on a step for `stepTimeoutMs` (a stage died): stage 0 runs it again as
+ *    attempt a+1 on the same batches and params; every stage drops what it had of an
+ *    older attempt; a push is idempotent at the shards, so nothing is applied twice.
+ * Params, restarts and pushes follow the worker's rules (core.ts). No I/O, no clocks.
+ */
+import type { BatchLeased, PushAck, Rejected } from "../../shared/protocol/messages.ts"
+import type { Batch as ModelBatch } from "../../shared/models/model.ts"
+import type { Activation } from "../../shared/models/pipeline.ts"
+import type { TensorBundle, WireTensor } from "../../shared/wire/tensor.ts"
+import { LEASE_GRACE_MS, isNewer, type CachedShard } from "./core.ts"
+
+export interface StageConfig {
+  /** this process (stage 0: the replica's id). */
+  readonly id: string
+  /** the replica: the gradient's sender at the shards, the lease owner. */
+  readonly replica: string
+  readonly job: string
+  readonly stage: number
+  readonly stages: number
+  readonly micros: number
+  readonly schedule: "1f1b" | "gpipe"
+  /** shards this stage reads params from; shards it pushes to, with their tensors (trainable, in spec order). */
+  readonly reads: readonly number[]
+  readonly pushes: ReadonlyMap<number, readonly { readonly name: string; readonly shape: readonly number[] }[]>
+  /** tied weights this stage reads but another owns (last stage: sends their gradient to stage 0); stage 0: those it receives. */
+  readonly tied: readonly { readonly name: string; readonly shape: readonly number[] }[]
+  readonly steps: number
+  readonly ackTimeoutMs: number
+  readonly watchdogMs: number
+  readonly stepTimeoutMs: number
+}
+
+export interface MicroMeta {
+  readonly batchId: string
+  readonly rows: number
+  readonly length: number
+  /** tokens or samples (throughput). */
+  readonly units: number
+  readonly gen: number
+  readonly epochBatches: number
+}
+
+/** A leased batch (stage 0). */
+export interface LeasedBatch {
+  readonly meta: BatchLeased
+  readonly data: ModelBatch
+  readonly micro: MicroMeta
+}
+
+/** One attempt of one step, as this stage sees it. */
+export interface Run {
+  readonly key: string
+  readonly version: number
+  readonly attempt: number
+  readonly stepId: string
+  readonly micros: (MicroMeta | undefined)[]
+  /** stage 0: the batches; others: the activation received. Kept until the micro-batch's backward. */
+  readonly inputs: Map<number, ModelBatch | Activation>
+  /** last stage: the micro-batches' batches (targets), fetched from the loader. */
+  readonly labels: Map<number, ModelBatch>
+  readonly fetching: Set<number>
+  readonly forwarded: Set<number>
+  readonly dys: Map<number, Activation>
+  readonly done: Set<number>
+  readonly losses: Map<number, number>
+  /** summed gradients of this stage's trainable params over the done micro-batches. */
+  acc?: Map<string, Float32Array>
+  /** stage 0: the last stage's summed part of the tied weights' gradient. */
+  tiedIn?: ReadonlyMap<string, Float32Array>
+  flushed: boolean
+  startedAt: number
+  lastProgress: number
+  forwardMs: number
+  backwardMs: number
+  stashPeak: number
+  stashPeakBytes: number
+  /** stage 0: the leased batches of this step (handed back when it is dropped). */
+  readonly leased: readonly LeasedBatch[]
+}
+
+export interface StagePush {
+  readonly key: string
+  readonly version: number
+  readonly stepId: string
+  readonly bundles: ReadonlyMap<number, TensorBundle>
+  readonly acked: Set<number>
+  readonly leased: readonly LeasedBatch[]
+  sentAt: number
+}
+
+export interface StageState {
+  readonly cfg: StageConfig
+  readonly cache: Map<number, CachedShard>
+  restartIncarnation: number
+  restartSeenAt: number
+  /** stage 0: batches leased for the next step. */
+  held: LeasedBatch[]
+  leasing: boolean
+  leaseAfter: number
+  run?: Run
+  computing: boolean
+  inflight?: StagePush
+  /** stage 0: the params key of the last step started (a step never runs twice on the same params). */
+  lastKey?: string
+  waitingSince: number
+  readonly pulling: Set<number>
+  finished: boolean
+  now: number
+  lastReport: number
+  readonly stats: { steps: number; retries: number; stale: number; dropped: number; pulls: number }
+}
+
+export type StageEvent =
+  | { readonly _tag: "ParamsReceived"; readonly shard: number; readonly incarnation: number; readonly version: number; readonly params: ReadonlyMap<string, Float32Array> }
+  | { readonly _tag: "PullEnded"; readonly shard: number }
+  | { readonly _tag: "ServerSeen"; readonly shard: number; readonly incarnation: number; readonly version: number }
+  | { readonly _tag: "LeaseReplied"; readonly batch?: LeasedBatch; readonly noBatch?: { retryAfterMs: number }; readonly failed?: string }
+  | { readonly _tag: "LabelsReplied"; readonly key: string; readonly micro: number; readonly batch?: ModelBatch; readonly failed?: string }
+  | { readonly _tag: "ActivationReceived"; readonly version: number; readonly attempt: number; readonly stepId: string; readonly micro: number; readonly micros: number; readonly meta: MicroMeta; readonly x: Activation }
+  | { readonly _tag: "GradientReceived"; readonly version: number; readonly attempt: number; readonly stepId: string; readonly micro: number; readonly dy: Activation; readonly loss: number }
+  | { readonly _tag: "TiedReceived"; readonly version: number; readonly attempt: number; readonly stepId: string; readonly grads: ReadonlyMap<string, Float32Array> }
+  | { readonly _tag: "ForwardDone"; readonly key: string; readonly micro: number; readonly ms: number }
+  | { readonly _tag: "BackwardDone"; readonly key: string; readonly micro: number; readonly ms: number; readonly grads: ReadonlyMap<string, Float32Array>; readonly loss?: number }
+  | { readonly _tag: "OpFailed"; readonly key: string; readonly micro: number; readonly reason: string }
+  | { readonly _tag: "PushAcked"; readonly ack: PushAck }
+  | { readonly _tag: "PushRefused"; readonly rejected: Rejected; readonly shard: number }
+  | { readonly _tag: "StopRequested" }
+  | { readonly _tag: "Tick"; readonly now: number }
+
+/** What a step op needs; the shell computes it and sends the result on (stage.ts). */
+export interface OpTarget {
+  readonly key: string
+  readonly version: number
+  readonly attempt: number
+  readonly stepId: string
+  readonly micro: number
+  readonly micros: number
+  readonly meta: MicroMeta
+}
+
+export type StageEffect =
+  | { readonly _tag: "Lease" }
+  | { readonly _tag: "Release"; readonly batch: LeasedBatch; readonly reason: string }
+  | { readonly _tag: "Fetch"; readonly key: string; readonly micro: number; readonly batchId: string }
+  | { readonly _tag: "Pull"; readonly shard: number; readonly minVersion: number }
+  /** run the stage's forward on `input` and send the output to stage k+1. */
+  | { readonly _tag: "Forward"; readonly op: OpTarget; readonly input: ModelBatch | Activation }
+  /** run the backward (last stage: forward + backward of the loss) and send dx to stage k−1 (with the loss). */
+  | { readonly _tag: "Backward"; readonly op: OpTarget; readonly input: ModelBatch | Activation; readonly batch?: ModelBatch; readonly dy?: Activation; readonly loss?: number }
+  /** last stage: the tied weights' summed gradient part, to stage 0. */
+  | { readonly _tag: "SendTied"; readonly op: Omit<OpTarget, "micro" | "meta">; readonly grads: ReadonlyMap<string, Float32Array> }
+  | { readonly _tag: "Push"; readonly shard: number; readonly bundle: TensorBundle; readonly resend: boolean }
+  | { readonly _tag: "Flushed"; readonly run: Run; readonly loss: number; readonly units: number }
+  | { readonly _tag: "Finish" }
+  | { readonly _tag: "Log"; readonly level: "debug" | "info" | "warn"; readonly message: string }
+
+export const initialStage = (cfg: StageConfig, now: number): StageState => ({
+  cfg, cache: new Map(), restartIncarnation: 0, restartSeenAt: -Infinity, held: [], leasing: false, leaseAfter: now,
+  computing: false, waitingSince: now, pulling: new Set(), finished: false, now, lastReport: now,
+  stats: { steps: 0, retries: 0, stale: 0, dropped: 0, pulls: 0 }
+})
+
+export const runKey = (version: number, attempt: number, stepId: string) => `${version}/${attempt}/${stepId}`
+
+const isLast = (s: StageState) => s.cfg.stage === s.cfg.stages - 1
+const isFirst = (s: StageState) => s.cfg.stage === 0
+
+/** The version every shard this stage reads is at, if they agree. */
+export const commonVersion = (s: StageState): number | undefined => {
+  if (s.cfg.reads.some((k) => !s.cache.has(k))) return undefined
+  const vs = s.cfg.reads.map((k) => s.cache.get(k)!.version)
+  return vs.every((v) => v === vs[0]) ? vs[0] : undefined
+}
+
+const cacheKey = (s: StageState): string | undefined =>
+  s.cfg.reads.every((k) => s.cache.has(k)) ? s.cfg.reads.map((k) => `${s.cache.get(k)!.incarnation}:${s.cache.get(k)!.version}`).join("/") : undefined
+
+/** The most inputs this stage keeps for their backward: 1F1B S−k (stage 0: S), GPipe M. The last stage keeps none. */
+export const stashLimit = (cfg: Pick<StageConfig, "schedule" | "stage" | "stages" | "micros">): number =>
+  cfg.schedule === "gpipe" ? cfg.micros : cfg.stages - cfg.stage
+
+const newRun = (version: number, attempt: number, stepId: string, micros: number, now: number, leased: readonly LeasedBatch[]): Run => ({
+  key: runKey(version, attempt, stepId), version, attempt, stepId, micros: new Array(micros).fill(undefined),
+  inputs: new Map(), labels: new Map(), fetching: new Set(), forwarded: new Set(), dys: new Map(), done: new Set(), losses: new Map(),
+  flushed: false, startedAt: now, lastProgress: now, forwardMs: 0, backwardMs: 0, stashPeak: 0, stashPeakBytes: 0, leased
+})
+
+const opOf = (r: Run, m: number): OpTarget => ({ key: r.key, version: r.version, attempt: r.attempt, stepId: r.stepId, micro: m, micros: r.micros.length, meta: r.micros[m]! })
+
+const inputBytes = (x: ModelBatch | Activation): number =>
+  "data" in x ? x.data.byteLength : [...x.tensors.values()].reduce((n, t) => n + t.byteLength, 0)
+
+/** Drop the step under way (its params are gone, or a newer attempt came); stage 0 hands its batches back. */
+const dropRun = (s: StageState, out: StageEffect[], why: string, release: boolean) => {
+  const r = s.run
+  if (!r) return
+  s.run = undefined
+  s.stats.dropped++
+  // not pushed: these params may run a step again
+  if (!r.flushed) s.lastKey = undefined
+  out.push({ _tag: "Log", level: "info", message: `dropping step v${r.version} attempt ${r.attempt} (${r.done.size}/${r.micros.length} backward): ${why}` })
+  if (release && isFirst(s) && !r.flushed) for (const b of r.leased) out.push({ _tag: "Release", batch: b, reason: why })
+}
+
+export const step = (s: StageState, e: StageEvent): StageEffect[] => {
+  const out: StageEffect[] = []
+  if (s.finished) return out
+  switch (e._tag) {
+    case "ParamsReceived": {
+      s.pulling.delete(e.shard)
+      const cur = s.cache.get(e.shard)
+      if (!isNewer(cur, e.incarnation, e.version)) break
+      const restarted = cur !== undefined && e.incarnation > cur.incarnation
+      s.cache.set(e.shard, { incarnation: e.incarnation, version: e.version, params: e.params })
+      s.waitingSince = s.now
+      if (restarted) {
+        s.restartIncarnation = Math.max(s.restartIncarnation, e.incarnation)
+        s.restartSeenAt = s.now
+        out.push({ _tag: "Log", level: "info", message: `shard ${e.shard} restarted (incarnation ${e.incarnation}, version ${e.version})` })
+        dropRun(s, out, `shard ${e.shard} restarted`, true)
+        for (const b of s.held) out.push({ _tag: "Release", batch: b, reason: `shard ${e.shard} restarted` })
+        s.held = []
+        s.inflight = undefined
+        s.lastKey = undefined
+      }
+      const v = commonVersion(s)
+      if (v !== undefined && v >= s.cfg.steps) {
+        s.finished = true
+        out.push({ _tag: "Finish" })
+        return out
+      }
+      // sync: every shard moved past the version pushed on: it was applied (or superseded)
+      if (s.inflight && s.cfg.reads.every((k) => (s.cache.get(k)?.version ?? -1) > s.inflight!.version)) s.inflight = undefined
+      // a step whose version is superseded can never be applied: drop it
+      if (s.run && v !== undefined && v > s.run.version) dropRun(s, out, `version ${v} superseded it`, true)
+      break
+    }
+    case "PullEnded":
+      s.pulling.delete(e.shard)
+      break
+    case "ServerSeen": {
+      if (!s.cfg.reads.includes(e.shard)) break
+      const c = s.cache.get(e.shard)
+      if (isNewer(c, e.incarnation, e.version) && !s.pulling.has(e.shard)) {
+        s.pulling.add(e.shard)
+        s.stats.pulls++
+        out.push({ _tag: "Pull", shard: e.shard, minVersion: c ? c.version + 1 : 0 })
+      }
+      break
+    }
+    case "LeaseReplied": {
+      s.leasing = false
+      if (e.batch) {
+        if (e.batch.meta.gen < s.restartIncarnation && s.now - s.restartSeenAt < LEASE_GRACE_MS) {
+          out.push({ _tag: "Release", batch: e.batch, reason: `lease generation ${e.batch.meta.gen} predates server incarnation ${s.restartIncarnation}` })
+          s.leaseAfter = s.now + 100
+        } else s.held.push(e.batch)
+      } else if (e.noBatch) s.leaseAfter = s.now + Math.max(50, e.noBatch.retryAfterMs)
+      else {
+        if (e.failed) out.push({ _tag: "Log", level: "debug", message: `lease: ${e.failed}` })
+        s.leaseAfter = s.now + 200
+      }
+      break
+    }
+    case "LabelsReplied": {
+      const r = s.run
+      if (!r || r.key !== e.key) break
+      r.fetching.delete(e.micro)
+      if (e.batch) r.labels.set(e.micro, e.batch)
+      else out.push({ _tag: "Log", level: "warn", message: `labels of ${r.micros[e.micro]?.batchId}: ${e.failed}; asking again` })
+      break
+    }
+    case "ActivationReceived": {
+      if (isFirst(s)) break
+      const v = commonVersion(s)
+      if (v !== undefined && e.version < v) {
+        out.push({ _tag: "Log", level: "debug", message: `activation of v${e.version} dropped: at v${v}` })
+        break
+      }
+      if (e.micros !== s.cfg.micros || e.micro >= e.micros) {
+        out.push({ _tag: "Log", level: "warn", message: `activation for micro-batch ${e.micro} of ${e.micros} dropped: this job has ${s.cfg.micros} per step` })
+        break
+      }
+      let r = s.run
+      const key = runKey(e.version, e.attempt, e.stepId)
+      if (r && r.key !== key) {
+        if (r.version === e.version && r.stepId === e.stepId && r.attempt > e.attempt) break // a late message of an older attempt
+        dropRun(s, out, `step v${e.version} attempt ${e.attempt} arrived`, false)
+        r = undefined
+      }
+      if (!r) r = s.run = newRun(e.version, e.attempt, e.stepId, e.micros, s.now, [])
+      r.micros[e.micro] = e.meta
+      r.inputs.set(e.micro, e.x)
+      r.lastProgress = s.now
+      if (isLast(s) && !r.labels.has(e.micro) && !r.fetching.has(e.micro)) {
+        r.fetching.add(e.micro)
+        out.push({ _tag: "Fetch", key: r.key, micro: e.micro, batchId: e.meta.batchId })
+      }
+      break
+    }
+    case "GradientReceived": {
+      const r = s.run
+      if (!r || r.key !== runKey(e.version, e.attempt, e.stepId) || isLast(s)) break
+      r.dys.set(e.micro, e.dy)
+      r.losses.set(e.micro, e.loss)
+      r.lastProgress = s.now
+      break
+    }
+    case "TiedReceived": {
+      const r = s.run
+      if (!r || r.key !== runKey(e.version, e.attempt, e.stepId) || !isFirst(s)) break
+      r.tiedIn = e.grads
+      r.lastProgress = s.now
+      flush(s, r, out)
+      break
+    }
+    case "ForwardDone": {
+      s.computing = false
+      const r = s.run
+      if (!r || r.key !== e.key) break
+      r.forwarded.add(e.micro)
+      r.forwardMs += e.ms
+      const stash = [...r.forwarded].filter((m) => !r.done.has(m))
+      if (stash.length > r.stashPeak) {
+        r.stashPeak = stash.length
+        r.stashPeakBytes = stash.reduce((n, m) => n + inputBytes(r.inputs.get(m)!), 0)
+      }
+      break
+    }
+    case "BackwardDone": {
+      s.computing = false
+      const r = s.run
+      if (!r || r.key !== e.key || r.done.has(e.micro)) break
+      r.done.add(e.micro)
+      r.backwardMs += e.ms
+      r.lastProgress = s.now
+      if (e.loss !== undefined) r.losses.set(e.micro, e.loss)
+      if (!r.acc) r.acc = new Map([...e.grads].map(([k, g]) => [k, Float32Array.from(g)]))
+      else for (const [k, g] of e.grads) {
+        const a = r.acc.get(k)!
+        for (let i = 0; i < g.length; i++) a[i] += g[i]
+      }
+      // the input is no longer needed (stage 0 keeps its batches: a retry runs them again)
+      if (!isFirst(s)) r.inputs.delete(e.micro)
+      r.dys.delete(e.micro)
+      r.labels.delete(e.micro)
+      flush(s, r, out)
+      break
+    }
+    case "OpFailed": {
+      s.computing = false
+      const r = s.run
+      if (!r || r.key !== e.key) break
+      out.push({ _tag: "Log", level: "warn", message: `step v${r.version} micro-batch ${e.micro} (${r.micros[e.micro]?.batchId}) failed: ${e.reason}` })
+      dropRun(s, out, `micro-batch ${e.micro} failed: ${e.reason}`, true)
+      break
+    }
+    case "PushAcked": {
+      const f = s.inflight
+      if (f && e.ack.batchId === f.stepId && e.ack.sender === s.cfg.replica && f.bundles.has(e.ack.shard)) {
+        f.acked.add(e.ack.shard)
+        if (f.acked.size >= f.bundles.size) s.inflight = undefined
+      }
+      break
+    }
+    case "PushRefused": {
+      const r = e.rejected
+      const f = s.inflight
+      if (!f || !f.bundles.has(e.shard) || (r.step !== undefined && r.step !== f.version)) break
+      if (r.code === "duplicate") {
+        f.acked.add(e.shard)
+        if (f.acked.size >= f.bundles.size) s.inflight = undefined
+        break
+      }
+      out.push({ _tag: "Log", level: "warn", message: `shard ${e.shard} refused my push of ${f.stepId} (${r.code}): ${r.reason}` })
+      s.inflight = undefined
+      s.stats.stale++
+      // stage 0 owns the leases: the batches go back to the loader
+      if (isFirst(s)) for (const b of f.leased) out.push({ _tag: "Release", batch: b, reason: `refused (${r.code}): ${r.reason}` })
+      break
+    }
+    case "StopRequested":
+      s.finished = true
+      out.push({ _tag: "Finish" })
+      return out
+    case "Tick": {
+      s.now = e.now
+      tick(s, out)
+      break
+    }
+  }
+  next(s, out)
+  return out
+}
+
+const tick = (s: StageState, out: StageEffect[]) => {
+  const f = s.inflight
+  if (f && s.now - f.sentAt >= s.cfg.ackTimeoutMs) {
+    f.sentAt = s.now
+    for (const [k, b] of f.bundles) if (!f.acked.has(k)) out.push({ _tag: "Push", shard: k, bundle: b, resend: true })
+  }
+  const r = s.run
+  // stage 0: a step that made no progress for stepTimeoutMs runs again (a stage died, or a message was lost)
+  if (r && isFirst(s) && !r.flushed && !s.computing && s.now - r.lastProgress >= s.cfg.stepTimeoutMs) {
+    s.stats.retries++
+    out.push({ _tag: "Log", level: "warn", message: `step v${r.version} attempt ${r.attempt}: no progress for ${Math.round((s.now - r.lastProgress) / 1000)} s (${r.done.size}/${r.micros.length} backward${r.tiedIn || s.cfg.tied.length === 0 ? "" : ", no tied gradient"}); running it again as attempt ${r.attempt + 1}` })
+    const again = newRun(r.version, r.attempt + 1, r.stepId, r.micros.length, s.now, r.leased)
+    r.leased.forEach((b, m) => {
+      again.micros[m] = b.micro
+      again.inputs.set(m, b.data)
+    })
+    s.run = again
+  }
+  // the watchdog: params the next piece of work needs, missing for too long
+  const v = commonVersion(s)
+  const active = s.run && !s.run.flushed ? s.run : undefined
+  const waiting = active
+    ? v === undefined || v < active.version
+    : isFirst(s) && s.held.length >= s.cfg.micros && !s.inflight && (v === undefined || cacheKey(s) === s.lastKey)
+  if (waiting && s.now - s.waitingSince >= s.cfg.watchdogMs) {
+    s.waitingSince = s.now
+    for (const k of s.cfg.reads) {
+      if (s.pulling.has(k)) continue
+      s.pulling.add(k)
+      s.stats.pulls++
+      out.push({ _tag: "Pull", shard: k, minVersion: (s.cache.get(k)?.version ?? -1) + 1 })
+    }
+  }
+  if (s.now - s.lastReport >= 10_000) {
+    s.lastReport = s.now
+    out.push({ _tag: "Log", level: "info", message: `state: cache ${cacheKey(s) ?? "incomplete"}, step ${r ? `v${r.version} attempt ${r.attempt}: ${r.forwarded.size} forward, ${r.done.size} backward of ${r.micros.length}` : "none"}, held ${s.held.length}, in flight ${s.inflight ? `${s.inflight.stepId} acked by [${[...s.inflight.acked]}]` : "none"}, steps ${s.stats.steps}` })
+  }
+}
+
+/** After the step's last backward (and, on stage 0, the tied part): push to the own shards. */
+const flush = (s: StageState, r: Run, out: StageEffect[]) => {
+  if (r.flushed || r.done.size < r.micros.length) return
+  if (isFirst(s) && s.cfg.tied.length > 0 && !r.tiedIn) return
+  r.flushed = true
+  const acc = r.acc ?? new Map<string, Float32Array>()
+  const metas = r.micros as MicroMeta[]
+  const rows = metas.reduce((n, m) => n + m.rows, 0)
+  const units = metas.reduce((n, m) => n + m.units, 0)
+  let lossSum = 0
+  metas.forEach((m, i) => (lossSum += (r.losses.get(i) ?? Number.NaN) * m.rows))
+  const loss = lossSum / rows
+  if (isLast(s) && s.cfg.tied.length > 0) {
+    out.push({ _tag: "SendTied", op: { key: r.key, version: r.version, attempt: r.attempt, stepId: r.stepId, micros: r.micros.length }, grads: new Map(s.cfg.tied.map((t) => [t.name, acc.get(t.name)!])) })
+  }
+  if (isFirst(s) && r.tiedIn) for (const [k, g] of r.tiedIn) {
+    const a = acc.get(k)
+    if (a) for (let i = 0; i < g.length; i++) a[i] += g[i]
+  }
+  const bundles = new Map<number, TensorBundle>()
+  for (const [k, specs] of s.cfg.pushes) {
+    const tensors: WireTensor[] = specs.map((sp) => {
+      const g = acc.get(sp.name)!
+      const data = new Float32Array(g.length)
+      for (let i = 0; i < g.length; i++) data[i] = g[i] / rows
+      return { name: sp.name, dtype: "float32", shape: sp.shape, data }
+    })
+    const first = metas[0]
+    bundles.set(k, {
+      tensors,
+      meta: {
+        kind: "grads", job: s.cfg.job, version: r.version, step: r.version, sender: s.cfg.replica, batchId: r.stepId, codec: "f32",
+        extra: { samples: rows, tokens: units, loss, normSq: 0, micro: r.stepId, gen: first.gen, epochBatches: first.epochBatches, incarnation: s.cache.get(k)!.incarnation }
+      }
+    })
+  }
+  s.stats.steps++
+  out.push({ _tag: "Flushed", run: r, loss, units })
+  if (bundles.size > 0) {
+    s.inflight = { key: r.key, version: r.version, stepId: r.stepId, bundles, acked: new Set(), leased: r.leased, sentAt: s.now }
+    for (const [k, b] of bundles) out.push({ _tag: "Push", shard: k, bundle: b, resend: false })
+  }
+}
+
+/** The next piece of work: start a step (stage 0), or the schedule's next forward or backward. */
+const next = (s: StageState, out: StageEffect[]) => {
+  if (s.finished || s.computing) return
+  const v = commonVersion(s)
+  if (isFirst(s)) {
+    const key = cacheKey(s)
+    if ((!s.run || s.run.flushed) && !s.inflight && v !== undefined && key !== undefined && key !== s.lastKey && s.held.length >= s.cfg.micros) {
+      const leased = s.held.splice(0, s.cfg.micros)
+      const r = newRun(v, 0, leased.map((b) => b.meta.batchId).join("+"), s.cfg.micros, s.now, leased)
+      leased.forEach((b, m) => {
+        r.micros[m] = b.micro
+        r.inputs.set(m, b.data)
+      })
+      s.run = r
+      s.lastKey = key
+    }
+    if (!s.leasing && s.held.length < s.cfg.micros && s.now >= s.leaseAfter) {
+      s.leasing = true
+      out.push({ _tag: "Lease" })
+    }
+  }
+  const r = s.run
+  if (!r || r.flushed || v === undefined || v !== r.version) return
+  const M = r.micros.length
+  const limit = stashLimit(s.cfg)
+  const stash = [...r.forwarded].filter((m) => !r.done.has(m)).length
+  let fwd: number | undefined
+  let bwd: number | undefined
+  for (let m = 0; m < M; m++) {
+    if (isLast(s)) {
+      if (bwd === undefined && !r.done.has(m) && r.inputs.has(m) && r.labels.has(m)) bwd = m
+      continue
+    }
+    if (fwd === undefined && !r.forwarded.has(m) && r.inputs.has(m)) fwd = m
+    if (bwd === undefined && r.forwarded.has(m) && !r.done.has(m) && r.dys.has(m)) bwd = m
+  }
+  const canFwd = fwd !== undefined && stash < limit
+  const pick: "F" | "B" | undefined =
+    s.cfg.schedule === "1f1b" ? (bwd !== undefined ? "B" : canFwd ? "F" : undefined) : canFwd ? "F" : bwd !== undefined ? "B" : undefined
+  if (pick === "F") {
+    s.computing = true
+    out.push({ _tag: "Forward", op: opOf(r, fwd!), input: r.inputs.get(fwd!)! })
+  } else if (pick === "B") {
+    s.computing = true
+    const m = bwd!
+    out.push({ _tag: "Backward", op: opOf(r, m), input: r.inputs.get(m)!, batch: isLast(s) ? r.labels.get(m) : undefined, dy: r.dys.get(m), loss: r.losses.get(m) })
+  }
+}

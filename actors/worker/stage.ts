@@ -1,0 +1,336 @@
+/**
+ * Implements: the pipeline stage worker — stage k of replica r of a job with
+ * `topology.stages` S > 1: the effectful shell around its mailbox reducer (stage-core.ts).
+ * Hosts only its stage's blocks and params (the shards it reads: its own, and for the last
+ * stage the shard of the tied embedding). Subjects: activations in on
+ * `pipe.<replica>.<k>.fwd` and out on `pipe.<replica>.<k+1>.fwd`; activation gradients in
+ * on `pipe.<replica>.<k>.bwd` and out on `pipe.<replica>.<k−1>.bwd` (the last stage's
+ * tied-weight gradient to `pipe.<replica>.0.bwd`); gradients to its own shards as the
+ * replica (`ps.<shard>.push`, acks on `ps.<shard>.ack.<replica>`); stage 0 leases the
+ * micro-batches (as the replica), the last stage fetches their targets (`data.fetch`).
+ * Stage 0 heartbeats as the replica's worker (the shards' barrier counts replicas); the
+ * others as role `stage`. Run alone: `flotilla launch worker --stage K --replica R`.
+ */
+import { Deferred, Effect, Queue, Result, Schedule, type Scope } from "effect"
+import { Bus } from "../../shared/bus/Bus.ts"
+import { onControl } from "../../shared/actor/control-listener.ts"
+import { failpoint, isArmed } from "../../shared/actor/failpoint.ts"
+import { runHeartbeat } from "../../shared/actor/membership.ts"
+import { makeReporter } from "../../shared/actor/report.ts"
+import type { JobConfig } from "../../shared/config/job.ts"
+import { Compute } from "../../shared/compute/backend.ts"
+import { batchProblem, type Batch as ModelBatch } from "../../shared/models/model.ts"
+import { freeLength, ownerStage, shapeBatch, shardOfForJob, stageBackward, stageForward, stageShards, stagesForJob, type Activation } from "../../shared/models/pipeline.ts"
+import { modelForJob, trainableNames } from "../../shared/models/zoo.ts"
+import { decodeBytes, decodeValue, encodeMessage } from "../../shared/protocol/decode.ts"
+import { Heartbeat, PipeMeta, PushAck, Rejected, type StageStep } from "../../shared/protocol/messages.ts"
+import { PROTOCOL_VERSION, subjects } from "../../shared/protocol/subjects.ts"
+import { currentMetrics } from "../../shared/telemetry/metrics.ts"
+import type { TensorBundle } from "../../shared/wire/tensor.ts"
+import { receiveBundles, sendBundle } from "../../shared/wire/transport.ts"
+import { LoaderClient } from "../loader/protocol.ts"
+import { ParamServerClient, paramsMeta } from "../param-server/protocol.ts"
+import { initialStage, step, type LeasedBatch, type StageConfig, type StageEffect, type StageEvent, type StageState } from "./stage-core.ts"
+
+export interface StageOptions {
+  readonly job: JobConfig
+  /** the replica (stage 0's id; every stage of it pushes as it). */
+  readonly replica: string
+  readonly stage: number
+  /** this process's id (default: the replica for stage 0, `<replica>-s<k>` otherwise). */
+  readonly id?: string
+}
+
+export interface StageHandle {
+  readonly finished: Deferred.Deferred<void>
+  readonly state: StageState
+}
+
+const TICK_MS = 100
+
+/** The id of stage k of a replica. */
+export const stageId = (replica: string, stage: number): string => (stage === 0 ? replica : `${replica}-s${stage}`)
+
+/** Stage k's reducer config for a job (throws with the reason when the cut cannot run). */
+export const stageConfig = (job: JobConfig, replica: string, k: number, id: string): StageConfig => {
+  const model = modelForJob(job)
+  const S = job.topology.stages
+  if (!(Number.isInteger(k) && k >= 0 && k < S)) throw new Error(`--stage must be in [0, ${S}) for this job, got ${k}`)
+  const stages = stagesForJob(job, model)
+  const st = stages[k]
+  const owner = ownerStage(stages)
+  const shardOf = shardOfForJob(job, model)
+  const trainable = new Set(trainableNames(job, model))
+  const { reads, owns } = stageShards(job, model, k)
+  const foreign = st.params.filter((p) => owner.get(p.name) !== k)
+  if (foreign.some((p) => owner.get(p.name) !== 0) || (foreign.length > 0 && k !== S - 1)) {
+    throw new Error(`stage ${k} reads ${foreign.map((p) => p.name).join(", ")} owned by another stage: only weights tied between the first and the last stage are exchanged`)
+  }
+  const last = stages[S - 1]
+  const tied = k === S - 1 ? foreign.filter((p) => trainable.has(p.name)) : k === 0 ? st.params.filter((p) => owner.get(p.name) === 0 && trainable.has(p.name) && last.params.some((q) => q.name === p.name)) : []
+  const pushes = new Map(owns.map((sh) => [sh, model.specs.filter((sp) => shardOf.get(sp.name) === sh && trainable.has(sp.name))]))
+  return {
+    id, replica, job: job.job, stage: k, stages: S, micros: job.topology.microBatches, schedule: job.topology.schedule,
+    reads, pushes, tied: tied.map((p) => ({ name: p.name, shape: p.shape })), steps: job.train.steps,
+    ackTimeoutMs: Math.max(1_000, 4 * job.train.heartbeatMs), watchdogMs: Math.max(2_000, 4 * job.train.heartbeatMs),
+    stepTimeoutMs: job.train.livenessMs
+  }
+}
+
+export const runStageWorker = (o: StageOptions): Effect.Effect<StageHandle, Error, Bus | Compute | Scope.Scope> =>
+  Effect.gen(function* () {
+    const bus = yield* Bus
+    yield* Compute
+    const scope = yield* Effect.scope
+    const { job, replica } = o
+    const k = o.stage
+    const id = o.id ?? stageId(replica, k)
+    const s = subjects(job.job)
+    const model = modelForJob(job)
+    const cfg = yield* Effect.try({ try: () => stageConfig(job, replica, k, id), catch: (e) => (e instanceof Error ? e : new Error(String(e))) })
+    const S = cfg.stages
+    const st = stagesForJob(job, model)[k]
+    const trainable = new Set(trainableNames(job, model))
+    const reject = makeReporter(bus, s, id)
+    const metrics = yield* currentMetrics
+    const finished = yield* Deferred.make<void>()
+    const queue = yield* Queue.unbounded<StageEvent>()
+    const offer = (e: StageEvent) => Effect.sync(() => void Queue.offerUnsafe(queue, e))
+    yield* Effect.logInfo(`stage ${id}: stage ${k} of ${S} (${st.blocks.map((b) => b.name).join(", ")}; ${st.params.reduce((n, p) => n + p.shape.reduce((a, b) => a * b, 1), 0)} params), replica ${replica}, shards read [${cfg.reads}], pushes to [${[...cfg.pushes.keys()]}], ${cfg.schedule} with ${cfg.micros} micro-batches${cfg.tied.length > 0 ? `, tied: ${cfg.tied.map((t) => t.name).join(", ")}` : ""}`)
+
+    // ---- params of the shards this stage reads
+    const paramsEvent = (b: TensorBundle): StageEvent | undefined => {
+      const m = paramsMeta(b)
+      if (Result.isFailure(m) || !cfg.reads.includes(m.success.shard)) return undefined
+      return { _tag: "ParamsReceived", shard: m.success.shard, incarnation: m.success.incarnation, version: b.meta.version, params: new Map(b.tensors.map((t) => [t.name, t.data as Float32Array])) }
+    }
+    for (const sh of cfg.reads) {
+      yield* receiveBundles(bus, s.psVersion(sh), (b) => {
+        const e = paramsEvent(b)
+        return e ? offer(e) : Effect.void
+      })
+    }
+    const pull = (sh: number, minVersion: number) =>
+      ParamServerClient.pull(bus, s, sh, id, minVersion).pipe(
+        Effect.flatMap((r) => offer(paramsEvent(r.bundle) ?? { _tag: "PullEnded", shard: sh })),
+        Effect.catch((e) => Effect.logDebug(`stage ${id}: pull of shard ${sh}: ${e.message}`).pipe(Effect.andThen(offer({ _tag: "PullEnded", shard: sh }))))
+      )
+    yield* bus.subscribe(s.hbRole("ps"), (m) => {
+      const hb = decodeBytes(Heartbeat, m.subject, m.data)
+      if (Result.isFailure(hb) || hb.success.state === "leaving") return Effect.void
+      const i = hb.success.info ?? {}
+      const [sh, inc, ver] = [Number(i.shard), Number(i.incarnation), Number(i.version)]
+      return Number.isInteger(sh) && Number.isFinite(inc) && Number.isInteger(ver) ? offer({ _tag: "ServerSeen", shard: sh, incarnation: inc, version: ver }) : Effect.void
+    })
+    for (const sh of cfg.pushes.keys()) {
+      yield* bus.subscribe(s.psAck(sh, replica), (m) => {
+        const a = decodeBytes(PushAck, m.subject, m.data)
+        if (Result.isSuccess(a)) return offer({ _tag: "PushAcked", ack: a.success })
+        const r = decodeBytes(Rejected, m.subject, m.data)
+        return Result.isSuccess(r) ? offer({ _tag: "PushRefused", rejected: r.success, shard: sh }) : Effect.logWarning(`stage ${id}: bad ack on ${m.subject}`)
+      })
+    }
+
+    // ---- the pipe: what arrives is checked against this stage before it is an event; a bad one is reported to its sender
+    const bad = (b: TensorBundle, subject: string, reason: string) =>
+      reject({ code: "bad-tensor", reason, subject, sender: b.meta.sender, step: b.meta.version }).pipe(Effect.asVoid)
+    const pipeMeta = (b: TensorBundle) => decodeValue(PipeMeta, "pipe meta", b.meta.extra ?? {})
+    const activation = (b: TensorBundle, name: string): Activation | string => {
+      const t = b.tensors.find((x) => x.name === name)
+      if (!t || t.dtype !== "float32" || b.tensors.length !== 1) return `expected one float32 tensor "${name}", got [${b.tensors.map((x) => `${x.name}:${x.dtype}`)}]`
+      return { data: t.data as Float32Array, shape: t.shape }
+    }
+    if (k > 0) {
+      yield* receiveBundles(bus, s.pipeFwd(replica, k), (b, info) => {
+        const m = pipeMeta(b)
+        if (b.meta.kind !== "activation" || b.meta.job !== job.job) return bad(b, info.subject, `expected an activation of job ${job.job}, got ${b.meta.kind} of ${b.meta.job}`)
+        if (Result.isFailure(m)) return bad(b, info.subject, m.failure.reason)
+        const x = activation(b, "x")
+        const p = m.success
+        if (typeof x === "string") return bad(b, info.subject, x)
+        if (p.micro === undefined || p.microBatch === undefined || p.rows === undefined || p.length === undefined) return bad(b, info.subject, "an activation names its micro-batch, rows and length")
+        if (x.shape[0] % p.rows !== 0) return bad(b, info.subject, `activation [${x.shape}] does not have ${p.rows} rows`)
+        return offer({
+          _tag: "ActivationReceived", version: b.meta.version, attempt: p.attempt, stepId: b.meta.batchId ?? "", micro: p.micro, micros: p.micros,
+          meta: { batchId: p.microBatch, rows: p.rows, length: p.length, units: p.units ?? 0, gen: p.gen ?? 0, epochBatches: p.epochBatches ?? 0 }, x
+        })
+      })
+    }
+    if (k < S - 1) {
+      yield* receiveBundles(bus, s.pipeBwd(replica, k), (b, info) => {
+        const m = pipeMeta(b)
+        if (b.meta.job !== job.job) return bad(b, info.subject, `job ${b.meta.job}, expected ${job.job}`)
+        if (Result.isFailure(m)) return bad(b, info.subject, m.failure.reason)
+        const p = m.success
+        if (b.meta.kind === "tied-grad") {
+          if (k !== 0) return bad(b, info.subject, `tied gradients go to stage 0, this is stage ${k}`)
+          const grads = new Map<string, Float32Array>()
+          for (const t of cfg.tied) {
+            const g = b.tensors.find((x) => x.name === t.name)
+            if (!g || g.dtype !== "float32" || g.data.length !== t.shape.reduce((a, c) => a * c, 1)) return bad(b, info.subject, `tied gradient ${t.name} [${t.shape}] missing or of the wrong size`)
+            grads.set(t.name, g.data as Float32Array)
+          }
+          return offer({ _tag: "TiedReceived", version: b.meta.version, attempt: p.attempt, stepId: b.meta.batchId ?? "", grads })
+        }
+        if (b.meta.kind !== "activation-grad") return bad(b, info.subject, `expected an activation-grad or tied-grad, got ${b.meta.kind}`)
+        const dy = activation(b, "dx")
+        if (typeof dy === "string") return bad(b, info.subject, dy)
+        if (p.micro === undefined || p.loss === undefined) return bad(b, info.subject, "an activation gradient names its micro-batch and loss")
+        return offer({ _tag: "GradientReceived", version: b.meta.version, attempt: p.attempt, stepId: b.meta.batchId ?? "", micro: p.micro, dy, loss: p.loss })
+      })
+    }
+    yield* onControl(s, { stop: () => offer({ _tag: "StopRequested" }) })
+    const hb = yield* runHeartbeat(s, k === 0 ? "worker" : "stage", id, job.train.heartbeatMs)
+    hb.setInfo({ replica, stage: k })
+
+    const state = initialStage(cfg, Date.now())
+
+    // ---- effects
+    const paramsNow = () => {
+      const p = new Map<string, Float32Array>()
+      for (const sh of cfg.reads) for (const [n, v] of state.cache.get(sh)?.params ?? []) p.set(n, v)
+      return p
+    }
+    const shapeBatches = new Map<string, ModelBatch>()
+    const dimsBatch = (rows: number, length: number) => {
+      const key = `${rows}x${length}`
+      let b = shapeBatches.get(key)
+      if (!b) {
+        if (shapeBatches.size > 8) shapeBatches.clear()
+        shapeBatches.set(key, (b = shapeBatch(model, rows, length)))
+      }
+      return b
+    }
+    const bundleOf = (kind: string, op: { version: number; stepId: string; attempt: number; micros: number }, tensors: TensorBundle["tensors"], extra: Record<string, string | number>): TensorBundle => ({
+      tensors, meta: { kind, job: job.job, version: op.version, step: op.version, sender: id, batchId: op.stepId, codec: "f32", extra: { attempt: op.attempt, micros: op.micros, ...extra } }
+    })
+    const send = (subject: string, b: TensorBundle) =>
+      sendBundle(bus, subject, b).pipe(
+        Effect.tap((sent) => Effect.sync(() => metrics.addBytes("sent", sent.bytes, "activations"))),
+        Effect.catch((err) => Effect.logWarning(`stage ${id}: send on ${subject} failed (${err.message}); the step is retried`))
+      )
+
+    const forward = (e: Extract<StageEffect, { _tag: "Forward" }>) =>
+      Effect.gen(function* () {
+        const t0 = performance.now()
+        const op = e.op
+        const r = Result.try(() =>
+          k === 0 ? stageForward(st, paramsNow(), undefined, e.input as ModelBatch) : stageForward(st, paramsNow(), e.input as Activation, dimsBatch(op.meta.rows, op.meta.length))
+        )
+        const ms = performance.now() - t0
+        if (Result.isFailure(r)) return yield* handle({ _tag: "OpFailed", key: op.key, micro: op.micro, reason: String(r.failure) })
+        const m = op.meta
+        yield* send(s.pipeFwd(replica, k + 1), bundleOf("activation", op, [{ name: "x", dtype: "float32", shape: r.success.shape, data: r.success.data }], {
+          micro: op.micro, microBatch: m.batchId, rows: m.rows, length: m.length, units: m.units, gen: m.gen, epochBatches: m.epochBatches
+        }))
+        yield* handle({ _tag: "ForwardDone", key: op.key, micro: op.micro, ms })
+      })
+
+    const backward = (e: Extract<StageEffect, { _tag: "Backward" }>) =>
+      Effect.gen(function* () {
+        const t0 = performance.now()
+        const op = e.op
+        const r = Result.try(() =>
+          k === 0
+            ? stageBackward(model, st, paramsNow(), undefined, e.input as ModelBatch, e.dy, trainable)
+            : stageBackward(model, st, paramsNow(), e.input as Activation, k === S - 1 ? e.batch! : dimsBatch(op.meta.rows, op.meta.length), e.dy, trainable)
+        )
+        const ms = performance.now() - t0
+        if (Result.isFailure(r)) return yield* handle({ _tag: "OpFailed", key: op.key, micro: op.micro, reason: String(r.failure) })
+        const g = r.success
+        const loss = k === S - 1 ? g.loss! : e.loss!
+        if (!Number.isFinite(loss)) return yield* handle({ _tag: "OpFailed", key: op.key, micro: op.micro, reason: `the loss of ${op.meta.batchId} is ${loss}` })
+        if (g.dx) yield* send(s.pipeBwd(replica, k - 1), bundleOf("activation-grad", op, [{ name: "dx", dtype: "float32", shape: g.dx.shape, data: g.dx.data }], { micro: op.micro, loss }))
+        // drills: die mid-step, after this stage sent the first micro-batch's gradient on
+        if (op.micro === 0 && isArmed("stage.mid-step")) yield* bus.flush().pipe(Effect.ignore, Effect.andThen(Effect.sync(() => failpoint("stage.mid-step"))))
+        yield* handle({ _tag: "BackwardDone", key: op.key, micro: op.micro, ms, grads: g.grads, loss: k === S - 1 ? loss : undefined })
+      })
+
+    const perform = (e: StageEffect): Effect.Effect<void> => {
+      switch (e._tag) {
+        case "Lease":
+          return Effect.asVoid(Effect.forkIn(
+            LoaderClient.lease(bus, s, replica, "train").pipe(
+              Effect.flatMap((r) => {
+                if (r._tag !== "Batch") return offer(r._tag === "NoBatch" ? { _tag: "LeaseReplied", noBatch: { retryAfterMs: r.retryAfterMs } } : { _tag: "LeaseReplied", failed: r.reason })
+                const problem = batchProblem(model, r.batch)
+                if (problem !== undefined) {
+                  return LoaderClient.fail(bus, s, replica, r.meta.batchId, r.meta.gen, `bad batch: ${problem}`).pipe(Effect.andThen(offer({ _tag: "LeaseReplied", failed: problem })))
+                }
+                const b: LeasedBatch = {
+                  meta: r.meta, data: r.batch,
+                  micro: { batchId: r.meta.batchId, rows: r.batch.size, length: freeLength(model, r.batch), units: model.units(r.batch).n, gen: r.meta.gen, epochBatches: r.meta.epochBatches }
+                }
+                return offer({ _tag: "LeaseReplied", batch: b })
+              })
+            ),
+            scope, { startImmediately: true }
+          ))
+        case "Release":
+          return LoaderClient.fail(bus, s, replica, e.batch.meta.batchId, e.batch.meta.gen, e.reason)
+        case "Fetch":
+          return Effect.asVoid(Effect.forkIn(
+            LoaderClient.fetch(bus, s, id, e.batchId).pipe(
+              Effect.flatMap((r) => {
+                if (r._tag !== "Batch") return offer({ _tag: "LabelsReplied", key: e.key, micro: e.micro, failed: r._tag === "Failed" ? r.reason : r.reason })
+                const problem = batchProblem(model, r.batch)
+                return offer(problem === undefined ? { _tag: "LabelsReplied", key: e.key, micro: e.micro, batch: r.batch } : { _tag: "LabelsReplied", key: e.key, micro: e.micro, failed: `bad batch: ${problem}` })
+              })
+            ),
+            scope, { startImmediately: true }
+          ))
+        case "Pull":
+          return Effect.asVoid(Effect.forkIn(pull(e.shard, e.minVersion), scope))
+        case "Forward":
+          return Effect.sleep(0).pipe(Effect.andThen(forward(e)), Effect.orDie)
+        case "Backward":
+          return Effect.sleep(0).pipe(Effect.andThen(backward(e)), Effect.orDie)
+        case "SendTied":
+          return send(s.pipeBwd(replica, 0), bundleOf("tied-grad", e.op, [...e.grads].map(([name, data]) => ({ name, dtype: "float32" as const, shape: cfg.tied.find((t) => t.name === name)!.shape, data })), {}))
+        case "Push":
+          return sendBundle(bus, s.psPush(e.shard), e.bundle).pipe(
+            Effect.tap((sent) => Effect.sync(() => metrics.addBytes("sent", sent.bytes, "grads"))),
+            Effect.catch((err) => Effect.logWarning(`stage ${id}: push to shard ${e.shard} failed (${err.message}); it is resent`))
+          )
+        case "Flushed": {
+          const r = e.run
+          hb.setInfo({ replica, stage: k, version: r.version, steps: state.stats.steps, retries: state.stats.retries })
+          metrics.recordLoss("train", e.loss)
+          const msg: StageStep = {
+            _tag: "StageStep", v: PROTOCOL_VERSION, worker: id, replica, stage: k, version: r.version, attempt: r.attempt, micros: r.micros.length,
+            spanMs: Math.max(0, state.now - r.startedAt), forwardMs: r.forwardMs, backwardMs: r.backwardMs, stashPeak: r.stashPeak, stashPeakBytes: r.stashPeakBytes,
+            loss: e.loss
+          }
+          return bus.publish(s.metrics("stage"), encodeMessage(msg)).pipe(Effect.ignore)
+        }
+        case "Finish":
+          return Deferred.succeed(finished, undefined).pipe(Effect.asVoid)
+        case "Log":
+          return e.level === "warn" ? Effect.logWarning(`stage ${id}: ${e.message}`) : e.level === "info" ? Effect.logInfo(`stage ${id}: ${e.message}`) : Effect.logDebug(`stage ${id}: ${e.message}`)
+      }
+    }
+
+    const handle = (e: StageEvent): Effect.Effect<void> =>
+      Effect.suspend(() => {
+        state.now = e._tag === "Tick" ? e.now : Date.now()
+        return Effect.forEach(step(state, e), perform, { discard: true })
+      })
+
+    yield* Effect.forkScoped(
+      Effect.gen(function* () {
+        while (!state.finished) yield* handle(yield* Queue.take(queue))
+      }).pipe(
+        Effect.catchCause((c) => Effect.logError(`stage ${id} mailbox ended`, c)),
+        Effect.ensuring(Deferred.succeed(finished, undefined))
+      )
+    )
+    yield* Effect.forkScoped(Effect.forever(Effect.sleep(TICK_MS).pipe(Effect.andThen(Effect.suspend(() => offer({ _tag: "Tick", now: Date.now() }))))))
+    const joinPull = (sh: number) =>
+      ParamServerClient.pull(bus, s, sh, id, 0).pipe(
+        Effect.flatMap((r) => offer(paramsEvent(r.bundle) ?? { _tag: "PullEnded", shard: sh })),
+        Effect.retry({ times: 30, schedule: Schedule.spaced(300) }),
+        Effect.catch((e) => Effect.logWarning(`stage ${id}: pull of shard ${sh} failed: ${e.message} (heartbeats will retry)`))
+      )
+    yield* Effect.forEach(cfg.reads, joinPull, { discard: true, concurrency: "unbounded" })
+    return { finished, state } satisfies StageHandle
+  })
