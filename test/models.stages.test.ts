@@ -58,7 +58,7 @@ describe("stages", () => {
     expect(a.blocks[0].name).toBe("embed")
     expect(b.blocks.at(-1)!.name).toBe("head")
     expect(cutStages(lstm, 2).map((s) => s.blocks.map((x) => x.name))).toEqual([["lstm"], ["dense", "out"]])
-    expect(() => cutStages(lstm, 4)).toThrow(/cannot cut 3 blocks into 4 stages/)
+    expect(() => cutStages(lstm, 4)).toThrow(/cannot cut 3 blocks \(lstm, dense, out\) into 4 stages/)
     expect(() => cutStages(lstm, 0)).toThrow(/cannot cut/)
   })
 })

@@ -49,8 +49,13 @@ export interface DrillSpec {
   readonly leaseTimeoutMs?: number
   readonly livenessMs?: number
   readonly accumulate?: number
+  /** pipeline: stages per replica and micro-batches per step (each worker is then a replica of `stages` stage workers). */
+  readonly stages?: number
+  readonly microBatches?: number
   /** merged over the train block. */
   readonly train?: Record<string, unknown>
+  /** the optimizer block (default: the job default, AdamW). */
+  readonly optimizer?: Record<string, unknown>
 }
 
 const T_CONTEXT = 16
@@ -90,7 +95,8 @@ export const drillPatch = (spec: DrillSpec) => (dir: string): Record<string, unk
       ...spec.train
     },
     schedule: { kind: "constant", lr: 3e-3 },
-    topology: { workers: spec.workers, psShards: spec.psShards }
+    ...(spec.optimizer ? { optimizer: spec.optimizer } : {}),
+    topology: { workers: spec.workers, psShards: spec.psShards, ...(spec.stages ? { stages: spec.stages, microBatches: spec.microBatches ?? spec.stages } : {}) }
   }
 }
 
@@ -286,7 +292,14 @@ const startDrill = async (nats: DrillNats, spec: DrillSpec): Promise<Drill & { c
   const job = cluster.job
   const s = subjects(job.job)
   const obs = await observe(nats.url, job)
-  const workerIds = Array.from({ length: spec.workers }, (_, i) => `w${i}`)
+  // a pipeline replica w<i> is its stage workers: w<i> (stage 0), w<i>-s1, …
+  const S = spec.stages ?? 1
+  const workerIds = Array.from({ length: spec.workers }, (_, i) => Array.from({ length: S }, (_, k) => (k === 0 ? `w${i}` : `w${i}-s${k}`))).flat()
+  const workerArgs = (w: string): string[] => {
+    if (S === 1) return []
+    const m = /^(w\d+)(?:-s(\d+))?$/.exec(w)!
+    return ["--stage", m[2] ?? "0", "--replica", m[1]]
+  }
   const restarts: Record<string, number> = {}
 
   // a second connection of our own: PS heartbeat info (incarnation, version), push frames,
@@ -374,7 +387,7 @@ const startDrill = async (nats: DrillNats, spec: DrillSpec): Promise<Drill & { c
     workerIds,
     startAll: () => {
       cluster.spawnServices()
-      for (const w of workerIds) cluster.spawn("worker", w)
+      for (const w of workerIds) cluster.spawn("worker", w, workerArgs(w))
     },
     actor,
     kill: (id) => actor(id).kill(),
