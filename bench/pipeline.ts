@@ -118,6 +118,8 @@ interface Run {
   readonly rejected: number
   readonly warnLines: string[]
   readonly seconds: number
+  /** medians over the timed versions, ms: a DP worker's phases (WorkerStep) and shard 0's apply (StepApplied.aggregateMs). */
+  readonly phases: { lease: number; waitParams: number; compute: number; push: number; psApply: number }
 }
 
 /** A plain NATS subscriber to the job's StageStep reports (observe() records WorkerStep only). */
@@ -175,6 +177,14 @@ const runConfig = async (url: string, c: Config): Promise<Run> => {
       const old = newest.get(key)
       if (!old || s.attempt >= old.attempt) newest.set(key, s)
     }
+    const ws = obs.workerSteps.filter((s) => s.version >= WARMUP)
+    const phases = {
+      lease: median(ws.map((s) => s.waitBatchMs)),
+      waitParams: median(ws.map((s) => s.waitParamsMs)),
+      compute: median(ws.map((s) => s.computeMs)),
+      push: median(ws.map((s) => s.pushMs)),
+      psApply: median(applied.filter((a) => a.version > WARMUP).map((a) => a.aggregateMs))
+    }
     const warnLines = cluster.actors.flatMap((a) => a.lines.filter((l) => /warn|error|retry|again|dropping/i.test(l) && !/no JetStream/.test(l)).map((l) => `${a.id}: ${l}`))
     return {
       config: c,
@@ -185,6 +195,7 @@ const runConfig = async (url: string, c: Config): Promise<Run> => {
       attemptsOver0: stages.steps.filter((s) => s.attempt > 0).length + stages.bad(),
       rejected: obs.errors.length,
       warnLines,
+      phases,
       seconds: (Date.now() - t0) / 1000
     }
   } finally {
@@ -321,6 +332,15 @@ console.log(`\n2. throughput at the same global batch per version (${M_DP} × ${
     rows.push([r.config.label, String(n), f0(r.tokensPerSec), f2(r.tokensPerSec / one.tokensPerSec), f2(r.tokensPerSec / dp2.tokensPerSec), f0(r.versionMs), r.windows.map(f0).join(" ")])
   }
   console.log(pad(rows))
+  console.log(`where a version's time goes (medians, ms; DP: a worker's WorkerStep phases; pipeline: stage 0's span, the rest is push → apply → broadcast → next step)`)
+  const ph = [["run", "lease", "wait for params", "compute", "push", "PS apply", "ms / version"]]
+  for (const r of [one, dp2]) {
+    const p = r.phases
+    ph.push([r.config.label, f1(p.lease), f1(p.waitParams), f1(p.compute), f1(p.push), f1(p.psApply), f0(r.versionMs)])
+  }
+  const span0 = median(ofStage(pipe, 0).map((s) => s.spanMs))
+  ph.push([pipe.config.label, "–", "–", `${f1(span0)} (stage 0 span)`, "–", f1(pipe.phases.psApply), f0(pipe.versionMs)])
+  console.log(pad(ph))
 }
 
 console.log(`\n3. inputs stashed for the backward at S=${S}, M=${M_STASH} (max over the timed steps; 1F1B limit S−k, stage 0: S; GPipe: M; stage 0 stashes token batches, stage 1 activations; the last stage runs forward+backward in one call and stashes none)`)

@@ -92,8 +92,8 @@ export interface PulledParams {
 
 export const ParamServerClient = {
   /** Shard k's current params (a new incarnation may be below `minVersion`: the caller decides). */
-  pull: (bus: BusShape, s: Subjects, shard: number, from: string, minVersion = 0, timeoutMs = 10_000) =>
-    requestBundle(bus, s.psPull(shard), encodeMessage({ _tag: "PullParams", v, worker: from, minVersion }), { timeoutMs }).pipe(
+  pull: (bus: BusShape, s: Subjects, shard: number, from: string, minVersion = 0, timeoutMs = 10_000, limits: { maxMessageBytes?: number; maxOutstandingBytes?: number } = {}) =>
+    requestBundle(bus, s.psPull(shard), encodeMessage({ _tag: "PullParams", v, worker: from, minVersion }), { timeoutMs, ...limits }).pipe(
       Effect.flatMap(({ bundle }) => {
         const m = paramsMeta(bundle)
         return Result.isFailure(m)

@@ -26,7 +26,7 @@ import { resolveOptimizer } from "../../shared/optim/optimizers.ts"
 import { CONTROL_VERBS, type CommandVerb } from "../../shared/protocol/control.ts"
 import { decodeBytes, decodeValue, encodeMessage } from "../../shared/protocol/decode.ts"
 import { GetDecision, GradientsHeld, GradMeta, Heartbeat, LrForStep, NormShare, PullParams, GetAppliedLog, StepDecided } from "../../shared/protocol/messages.ts"
-import { shardOfForJob } from "../../shared/models/pipeline.ts"
+import { bundleLimits, shardOfForJob } from "../../shared/models/pipeline.ts"
 import { PROTOCOL_VERSION, subjects } from "../../shared/protocol/subjects.ts"
 import { resolveSchedule, type ScheduleInput } from "../../shared/schedule/schedules.ts"
 import { initialState as initialSchedulerState, lrFrom, parseState } from "../../shared/schedule/state.ts"
@@ -314,6 +314,7 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
         })
       })
     yield* receiveBundles(bus, s.psPush(shard), onGrads, {
+      ...bundleLimits(job, model),
       onError: (e, info) => reject({ code: "wire", reason: e.message, subject: info.subject }).pipe(Effect.asVoid)
     })
 

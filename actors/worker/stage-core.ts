@@ -217,6 +217,7 @@ const dropRun = (s: StageState, out: StageEffect[], why: string, release: boolea
   const r = s.run
   if (!r) return
   s.run = undefined
+  if (r.flushed) return // done with: nothing is lost
   s.stats.dropped++
   // not pushed: these params may run a step again
   if (!r.flushed) s.lastKey = undefined

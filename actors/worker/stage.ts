@@ -20,7 +20,9 @@ import { makeReporter } from "../../shared/actor/report.ts"
 import type { JobConfig } from "../../shared/config/job.ts"
 import { Compute } from "../../shared/compute/backend.ts"
 import { batchProblem, type Batch as ModelBatch } from "../../shared/models/model.ts"
-import { freeLength, ownerStage, shapeBatch, shardOfForJob, stageBackward, stageForward, stageShards, stagesForJob, type Activation } from "../../shared/models/pipeline.ts"
+import * as tf from "@tensorflow/tfjs"
+import { explainWasmAbort } from "../../shared/compute/memory.ts"
+import { bundleLimits, freeLength, heapProblemFor, ownerStage, shapeBatch, shardOfForJob, stageBackward, stageForward, stageShards, stagesForJob, type Activation } from "../../shared/models/pipeline.ts"
 import { modelForJob, trainableNames } from "../../shared/models/zoo.ts"
 import { decodeBytes, decodeValue, encodeMessage } from "../../shared/protocol/decode.ts"
 import { Heartbeat, PipeMeta, PushAck, Rejected, type StageStep } from "../../shared/protocol/messages.ts"
@@ -90,6 +92,9 @@ export const runStageWorker = (o: StageOptions): Effect.Effect<StageHandle, Erro
     const cfg = yield* Effect.try({ try: () => stageConfig(job, replica, k, id), catch: (e) => (e instanceof Error ? e : new Error(String(e))) })
     const S = cfg.stages
     const st = stagesForJob(job, model)[k]
+    // the wasm heap is 32-bit: a stage too big for it is refused with the reason, before it corrupts memory
+    const heap = tf.getBackend() === "wasm" ? heapProblemFor(job, model, st) : undefined
+    if (heap !== undefined) return yield* Effect.fail(new Error(heap))
     const trainable = new Set(trainableNames(job, model))
     const reject = makeReporter(bus, s, id)
     const metrics = yield* currentMetrics
@@ -99,19 +104,24 @@ export const runStageWorker = (o: StageOptions): Effect.Effect<StageHandle, Erro
     yield* Effect.logInfo(`stage ${id}: stage ${k} of ${S} (${st.blocks.map((b) => b.name).join(", ")}; ${st.params.reduce((n, p) => n + p.shape.reduce((a, b) => a * b, 1), 0)} params), replica ${replica}, shards read [${cfg.reads}], pushes to [${[...cfg.pushes.keys()]}], ${cfg.schedule} with ${cfg.micros} micro-batches${cfg.tied.length > 0 ? `, tied: ${cfg.tied.map((t) => t.name).join(", ")}` : ""}`)
 
     // ---- params of the shards this stage reads
+    const needed = new Set(st.params.map((p) => p.name))
     const paramsEvent = (b: TensorBundle): StageEvent | undefined => {
       const m = paramsMeta(b)
       if (Result.isFailure(m) || !cfg.reads.includes(m.success.shard)) return undefined
-      return { _tag: "ParamsReceived", shard: m.success.shard, incarnation: m.success.incarnation, version: b.meta.version, params: new Map(b.tensors.map((t) => [t.name, t.data as Float32Array])) }
+      // a shard of another stage (the tied embedding's): keep copies of what this stage reads, so the bundle's buffer can go
+      const own = cfg.pushes.has(m.success.shard)
+      const params = new Map(b.tensors.filter((t) => own || needed.has(t.name)).map((t) => [t.name, own ? (t.data as Float32Array) : Float32Array.from(t.data as Float32Array)]))
+      return { _tag: "ParamsReceived", shard: m.success.shard, incarnation: m.success.incarnation, version: b.meta.version, params }
     }
+    const limits = bundleLimits(job, model)
     for (const sh of cfg.reads) {
       yield* receiveBundles(bus, s.psVersion(sh), (b) => {
         const e = paramsEvent(b)
         return e ? offer(e) : Effect.void
-      })
+      }, limits)
     }
     const pull = (sh: number, minVersion: number) =>
-      ParamServerClient.pull(bus, s, sh, id, minVersion).pipe(
+      ParamServerClient.pull(bus, s, sh, id, minVersion, 60_000, limits).pipe(
         Effect.flatMap((r) => offer(paramsEvent(r.bundle) ?? { _tag: "PullEnded", shard: sh })),
         Effect.catch((e) => Effect.logDebug(`stage ${id}: pull of shard ${sh}: ${e.message}`).pipe(Effect.andThen(offer({ _tag: "PullEnded", shard: sh }))))
       )
@@ -210,6 +220,12 @@ export const runStageWorker = (o: StageOptions): Effect.Effect<StageHandle, Erro
         Effect.catch((err) => Effect.logWarning(`stage ${id}: send on ${subject} failed (${err.message}); the step is retried`))
       )
 
+    /** A failed op drops the step (stage 0 hands its batches back); a wasm abort ends the process: it cannot compute any more. */
+    const opFailed = (op: { key: string; micro: number }, failure: unknown) => {
+      const abort = explainWasmAbort(failure)
+      if (abort !== undefined) return Effect.logError(`stage ${id}: ${abort}`).pipe(Effect.andThen(Effect.sync(() => process.exit(70))))
+      return handle({ _tag: "OpFailed", key: op.key, micro: op.micro, reason: String(failure) })
+    }
     const forward = (e: Extract<StageEffect, { _tag: "Forward" }>) =>
       Effect.gen(function* () {
         const t0 = performance.now()
@@ -218,7 +234,7 @@ export const runStageWorker = (o: StageOptions): Effect.Effect<StageHandle, Erro
           k === 0 ? stageForward(st, paramsNow(), undefined, e.input as ModelBatch) : stageForward(st, paramsNow(), e.input as Activation, dimsBatch(op.meta.rows, op.meta.length))
         )
         const ms = performance.now() - t0
-        if (Result.isFailure(r)) return yield* handle({ _tag: "OpFailed", key: op.key, micro: op.micro, reason: String(r.failure) })
+        if (Result.isFailure(r)) return yield* opFailed(op, r.failure)
         const m = op.meta
         yield* send(s.pipeFwd(replica, k + 1), bundleOf("activation", op, [{ name: "x", dtype: "float32", shape: r.success.shape, data: r.success.data }], {
           micro: op.micro, microBatch: m.batchId, rows: m.rows, length: m.length, units: m.units, gen: m.gen, epochBatches: m.epochBatches
@@ -236,7 +252,7 @@ export const runStageWorker = (o: StageOptions): Effect.Effect<StageHandle, Erro
             : stageBackward(model, st, paramsNow(), e.input as Activation, k === S - 1 ? e.batch! : dimsBatch(op.meta.rows, op.meta.length), e.dy, trainable)
         )
         const ms = performance.now() - t0
-        if (Result.isFailure(r)) return yield* handle({ _tag: "OpFailed", key: op.key, micro: op.micro, reason: String(r.failure) })
+        if (Result.isFailure(r)) return yield* opFailed(op, r.failure)
         const g = r.success
         const loss = k === S - 1 ? g.loss! : e.loss!
         if (!Number.isFinite(loss)) return yield* handle({ _tag: "OpFailed", key: op.key, micro: op.micro, reason: `the loss of ${op.meta.batchId} is ${loss}` })
@@ -326,7 +342,7 @@ export const runStageWorker = (o: StageOptions): Effect.Effect<StageHandle, Erro
     )
     yield* Effect.forkScoped(Effect.forever(Effect.sleep(TICK_MS).pipe(Effect.andThen(Effect.suspend(() => offer({ _tag: "Tick", now: Date.now() }))))))
     const joinPull = (sh: number) =>
-      ParamServerClient.pull(bus, s, sh, id, 0).pipe(
+      ParamServerClient.pull(bus, s, sh, id, 0, 60_000, limits).pipe(
         Effect.flatMap((r) => offer(paramsEvent(r.bundle) ?? { _tag: "PullEnded", shard: sh })),
         Effect.retry({ times: 30, schedule: Schedule.spaced(300) }),
         Effect.catch((e) => Effect.logWarning(`stage ${id}: pull of shard ${sh} failed: ${e.message} (heartbeats will retry)`))

@@ -24,7 +24,9 @@ import { addSums, batchProblem, lossAndGrads, scoreBatch } from "../../shared/mo
 import { modelForJob, trainableNames } from "../../shared/models/zoo.ts"
 import { decodeBytes, encodeMessage } from "../../shared/protocol/decode.ts"
 import { Heartbeat, PushAck, Rejected, type GradMeta, type ValidationLoss, type WorkerStep } from "../../shared/protocol/messages.ts"
-import { shardOfForJob } from "../../shared/models/pipeline.ts"
+import * as tf from "@tensorflow/tfjs"
+import { explainWasmAbort } from "../../shared/compute/memory.ts"
+import { bundleLimits, heapProblemFor, shardOfForJob } from "../../shared/models/pipeline.ts"
 import { PROTOCOL_VERSION, subjects } from "../../shared/protocol/subjects.ts"
 import { currentMetrics } from "../../shared/telemetry/metrics.ts"
 import { toWire } from "../../shared/wire/codec.ts"
@@ -64,7 +66,12 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
     const model = modelForJob(job)
     const trainable = new Set(trainableNames(job, model))
     const shards = job.topology.psShards
+    if (mode === "train" && job.topology.stages > 1) return yield* Effect.fail(new Error(`job ${job.job} is a pipeline of ${job.topology.stages} stages: its workers are stage workers (flotilla launch worker --stage K)`))
+    // the wasm heap is 32-bit: a model too big for it is refused with the reason, before it corrupts memory
+    const heap = mode === "train" && tf.getBackend() === "wasm" ? heapProblemFor(job, model) : undefined
+    if (heap !== undefined) return yield* Effect.fail(new Error(heap))
     const shardOf = shardOfForJob(job, model)
+    const limits = bundleLimits(job, model)
     const codec: Codec = o.codec ?? "f32"
     const residuals = new Map<string, Float32Array>()
     const stats = { steps: 0, stale: 0, tokens: 0, bytesSent: 0, resent: 0, pulls: 0 }
@@ -83,9 +90,9 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
     yield* receiveBundles(bus, s.psVersionAll, (b) => {
       const e = paramsEvent(b)
       return e ? offer(e) : Effect.void
-    })
+    }, limits)
     const pull = (k: number, minVersion: number) =>
-      ParamServerClient.pull(bus, s, k, id, minVersion).pipe(
+      ParamServerClient.pull(bus, s, k, id, minVersion, 10_000, limits).pipe(
         Effect.flatMap((r) => offer(paramsEvent(r.bundle) ?? { _tag: "PullEnded", shard: k })),
         Effect.catch((e) => Effect.logDebug(`worker ${id}: pull of shard ${k}: ${e.message}`).pipe(Effect.andThen(offer({ _tag: "PullEnded", shard: k }))))
       )
@@ -102,7 +109,7 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
 
     // ---- join: pull every shard once (broadcasts, heartbeats and the watchdog keep us current)
     const joinPull = (k: number) =>
-      ParamServerClient.pull(bus, s, k, id, 0).pipe(
+      ParamServerClient.pull(bus, s, k, id, 0, 10_000, limits).pipe(
         Effect.flatMap((r) => offer(paramsEvent(r.bundle) ?? { _tag: "PullEnded", shard: k })),
         Effect.retry({ times: 30, schedule: Schedule.spaced(300) }),
         Effect.catch((e) => Effect.logWarning(`worker ${id}: pull of shard ${k} failed: ${e.message} (heartbeats will retry)`))
@@ -151,9 +158,17 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
         const params = new Map<string, Float32Array>()
         for (const c of state.cache.values()) for (const [k, v] of c.params) params.set(k, v)
         const v = Math.min(...e.versions.values())
-        const g = yield* Effect.sync(() =>
-          accumulateGrads(e.micro.map((b) => ({ batchId: b.meta.batchId, samples: b.data.size, ...lossAndGrads(model, params, b.data, trainable) })))
-        ).pipe(Effect.withSpan("worker.forward_backward", { attributes: { "flotilla.version": v, "flotilla.micro_batches": e.micro.length } }))
+        const g = yield* Effect.try({
+          try: () => accumulateGrads(e.micro.map((b) => ({ batchId: b.meta.batchId, samples: b.data.size, ...lossAndGrads(model, params, b.data, trainable) }))),
+          catch: (err) => err
+        }).pipe(
+          // a wasm abort (the heap ran out) leaves a process that cannot compute: say so and exit
+          Effect.catch((err) => {
+            const abort = explainWasmAbort(err)
+            return abort === undefined ? Effect.die(err) : Effect.logError(`worker ${id}: ${abort}`).pipe(Effect.andThen(Effect.sync(() => process.exit(70))), Effect.andThen(Effect.die(err)))
+          }),
+          Effect.withSpan("worker.forward_backward", { attributes: { "flotilla.version": v, "flotilla.micro_batches": e.micro.length } })
+        )
         const t3 = performance.now()
         let normSq = 0
         for (const x of g.grads.values()) for (let i = 0; i < x.length; i++) normSq += x[i] * x[i]

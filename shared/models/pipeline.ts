@@ -23,6 +23,7 @@
  */
 import * as tf from "@tensorflow/tfjs"
 import type { JobConfig } from "../config/job.ts"
+import { gptActivationBytes, wasmHeapProblem } from "../compute/memory.ts"
 import { assignShards } from "../protocol/sharding.ts"
 import { batchOf, cutStages, runStage, sizeOf, type Batch, type BatchArray, type ModelDef, type Partition, type Stage } from "./model.ts"
 
@@ -187,4 +188,27 @@ export const stageBackward = (
     }
   })
   return { grads, dx, loss }
+}
+
+/** Why a training step of the whole model (or of one stage) cannot fit the wasm heap, if it cannot (shared/compute/memory.ts). */
+export const heapProblemFor = (job: JobConfig, def: ModelDef, stage?: Stage): string | undefined => {
+  const params = (stage ? stage.params : def.specs).reduce((n, s) => n + sizeOf(s.shape), 0)
+  const layers = (stage ? stage.blocks : def.blocks).filter((b) => /^h\.\d+$/.test(b.name)).length
+  const m = job.model as { kind: string; contextLength?: number; width?: number; heads?: number }
+  const act = m.kind === "gpt" ? gptActivationBytes(m as { contextLength: number; width: number; heads: number }, layers, job.data.batchSize) : 0
+  return wasmHeapProblem(stage ? `${def.kind} stage ${stage.index} of ${job.topology.stages}` : `${def.kind} (${job.job})`, params, act)
+}
+
+/**
+ * The reassembly limits of a job's tensor bundles (shared/wire/frames.ts): the default
+ * 256 MiB per message, or more when a shard's params (or gradients) are bigger than that,
+ * so a large model's broadcast is not refused as oversize while a runaway one still is.
+ */
+export const bundleLimits = (job: JobConfig, def: ModelDef): { readonly maxMessageBytes: number; readonly maxOutstandingBytes: number } => {
+  const shardOf = shardOfForJob(job, def)
+  const bytes = new Map<number, number>()
+  for (const s of def.specs) bytes.set(shardOf.get(s.name)!, (bytes.get(shardOf.get(s.name)!) ?? 0) + 4 * sizeOf(s.shape))
+  const largest = Math.max(0, ...bytes.values())
+  const maxMessageBytes = Math.max(256 * 2 ** 20, Math.ceil(1.05 * largest) + 2 ** 20)
+  return { maxMessageBytes, maxOutstandingBytes: Math.max(512 * 2 ** 20, 2 * maxMessageBytes) }
 }

@@ -119,7 +119,8 @@ export class WireEncodeError extends Data.TaggedError("WireEncodeError")<{
 }> {}
 
 const BYTES: Record<DType, number> = { float32: 4, int8: 1, int32: 4 }
-const align4 = (n: number): number => (n + 3) & ~3
+/** The next multiple of 4 (arithmetic, not a bitwise AND: payloads may pass 2 GiB). */
+const align4 = (n: number): number => Math.ceil(n / 4) * 4
 const LITTLE_ENDIAN = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1
 
 /** Elements in a shape, or -1 when it is not a list of non-negative safe integers. */
