@@ -19,10 +19,14 @@
 // workers / stages, each its own `flotilla launch` process) on one local nats-server.
 //   node bench/pipeline.ts [--layers 4] [--width 128] [--heads 4] [--context 64] [--batch 4]
 //                          [--steps 10] [--warmup 3] [--window 3] [--micros 2,4,8]
-//                          [--reps 10] [--nats URL]
+//                          [--reps 10] [--timeout 300] [--log warn] [--nats URL]
 // Defaults: vocab 256, context 64, 4 layers, width 128, 4 heads, B = 4 rows per micro-batch;
-// --steps timed versions after --warmup (the job runs warmup + steps + 1); ~4-5 minutes on 2
-// cores (8 clusters). Owns nothing but measurement; asserts nothing.
+// --steps timed versions after --warmup (the job runs warmup + steps + 1); --reps timings per
+// in-process op; a configuration not done after --timeout s is reported as STALLED (with its
+// actors' last lines, --log sets their level) and the bench goes on. ~3-4 minutes on 2 quiet
+// cores (8 clusters; more on a loaded machine). Also prints where a version's time goes and
+// how many NormShare messages the two shards exchanged per version (2 when none is resent).
+// Owns nothing but measurement; asserts nothing.
 import os from "node:os"
 import { parseArgs } from "node:util"
 import { Effect, Exit, Layer, References, Result, Scope } from "effect"
@@ -52,6 +56,8 @@ const { values: v } = parseArgs({
     window: { type: "string" },
     micros: { type: "string" },
     reps: { type: "string" },
+    timeout: { type: "string" },
+    log: { type: "string" },
     nats: { type: "string" }
   }
 })
@@ -63,6 +69,8 @@ const WARMUP = num(v.warmup, 3)
 const WINDOW = num(v.window, 3)
 const MICROS = (v.micros ?? "2,4,8").split(",").map(Number)
 const REPS = num(v.reps, 10)
+/** a configuration that has not reached its last version after this long is reported as stalled, and the bench goes on. */
+const TIMEOUT_MS = num(v.timeout, 300) * 1000
 const T = model.contextLength
 const S = 2
 const M_DP = 4 // the pipeline of measurement 2, and the global batch of its DP comparison: M_DP × B rows
@@ -118,6 +126,10 @@ interface Run {
   readonly rejected: number
   readonly warnLines: string[]
   readonly seconds: number
+  /** NormShare messages (the shards' clipping exchange) seen per applied version: 2 per version with 2 shards when nothing is resent. */
+  readonly normsPerVersion: number
+  /** set when the run did not reach its last version within TIMEOUT_MS: what it was doing. */
+  readonly stalled?: string
   /** medians over the timed versions, ms: a DP worker's phases (WorkerStep) and shard 0's apply (StepApplied.aggregateMs). */
   readonly phases: { lease: number; waitParams: number; compute: number; push: number; psApply: number }
 }
@@ -131,6 +143,7 @@ const watchStages = async (url: string, job: JobConfig) => {
   )
   const steps: StageStep[] = []
   let bad = 0
+  let norms = 0
   await Effect.runPromise(
     Effect.gen(function* () {
       const bus = yield* Bus
@@ -140,15 +153,19 @@ const watchStages = async (url: string, job: JobConfig) => {
         else bad++
         return Effect.void
       })
+      yield* bus.subscribe(subjects(job.job).psNormAll, () => {
+        norms++
+        return Effect.void
+      })
       yield* bus.flush()
     }).pipe(Scope.provide(scope), Effect.provideContext(ctx)) as Effect.Effect<void, unknown>
   )
-  return { steps, bad: () => bad, close: () => Effect.runPromise(Scope.close(scope, Exit.void)) }
+  return { steps, bad: () => bad, norms: () => norms, close: () => Effect.runPromise(Scope.close(scope, Exit.void)) }
 }
 
 const runConfig = async (url: string, c: Config): Promise<Run> => {
   const t0 = Date.now()
-  const cluster = makeCluster(url, jobPatch(c), { FLOTILLA_LOG: "warn" })
+  const cluster = makeCluster(url, jobPatch(c), { FLOTILLA_LOG: v.log ?? "warn" })
   const job = cluster.job
   const obs = await observe(url, job)
   const stages = await watchStages(url, job)
@@ -159,14 +176,17 @@ const runConfig = async (url: string, c: Config): Promise<Run> => {
       else for (let k = 0; k < c.stages; k++) cluster.spawn("worker", k === 0 ? `worker-${r}` : `worker-${r}-s${k}`, ["--stage", String(k), "--replica", String(r)])
     }
     const last = job.train.steps
-    await obs.until(() => obs.version() >= last, 15 * 60_000, () => `${c.label}: version ${last} (at ${obs.version()})\n${cluster.logs(10)}`)
+    let stalled: string | undefined
+    await obs.until(() => obs.version() >= last, TIMEOUT_MS, () => `${c.label}: version ${last} (at ${obs.version()})`).catch((e: Error) => {
+      stalled = `${e.message}; ${stages.norms()} NormShare messages; the actors' last lines:\n${cluster.logs(4)}`
+    })
     // the StageStep of the last step is published before its push: give its delivery a moment
-    if (c.stages > 1) {
+    if (c.stages > 1 && !stalled) {
       const have = () => new Set(stages.steps.map((s) => `${s.replica}/${s.stage}/${s.version}`)).size >= c.workers * c.stages * last
       await obs.until(have, 5_000, "every stage's StageStep").catch(() => undefined)
     }
     const applied = obs.appliedOf(0)
-    const ends = [applied[0].at - applied[0].aggregateMs, ...applied.map((a) => a.at)]
+    const ends = applied.length === 0 ? [] : [applied[0].at - applied[0].aggregateMs, ...applied.map((a) => a.at)]
     const tokens = [0, ...applied.map((a) => a.tokens)]
     const w = windows(ends, tokens)
     const gaps = applied.filter((a) => a.version > WARMUP + 1).map((a, i, xs) => (i === 0 ? Number.NaN : a.at - xs[i - 1].at)).filter(Number.isFinite)
@@ -196,6 +216,8 @@ const runConfig = async (url: string, c: Config): Promise<Run> => {
       rejected: obs.errors.length,
       warnLines,
       phases,
+      normsPerVersion: stages.norms() / Math.max(1, applied.length),
+      ...(stalled ? { stalled } : {}),
       seconds: (Date.now() - t0) / 1000
     }
   } finally {
@@ -271,6 +293,7 @@ try {
   for (const c of configs) {
     const r = await runConfig(url, c)
     runs.set(c.name, r)
+    if (r.stalled) console.log(`  ${c.label}: STALLED — ${r.stalled}`)
     console.log(`  ${c.label}: ${r.windows.map((x) => x.toFixed(0)).join(", ")} tok/s per window; ${r.stageSteps.length} StageStep; ${r.seconds.toFixed(0)} s with start-up`)
   }
 } finally {
@@ -383,6 +406,9 @@ console.log(`\n4. recompute: stage 0's backward reruns its forward (overhead = f
     return r.stageSteps.length < want ? `${r.config.label}: ${r.stageSteps.length}/${want} StageStep` : ""
   }).filter(Boolean)
   console.log(`\nStageStep reports with attempt > 0: ${retries}; rejected messages: ${rejected}${missing.length > 0 ? `; missing: ${missing.join(", ")}` : "; every stage reported every step"}`)
+  console.log(`NormShare messages per version (2 shards share their squared norms; 2 = none resent): ${all.filter((r) => r.config.stages > 1).map((r) => `${r.config.label} ${f1(r.normsPerVersion)}`).join(", ")}`)
+  const stalled = all.filter((r) => r.stalled)
+  if (stalled.length > 0) console.log(`STALLED (its numbers above are partial): ${stalled.map((r) => r.config.label).join(", ")}`)
   const warns = all.flatMap((r) => r.warnLines.map((l) => `  [${r.config.label}] ${l}`))
   if (warns.length > 0) console.log(`actor warnings (${warns.length}):\n${warns.slice(0, 20).join("\n")}`)
 }

@@ -232,9 +232,12 @@ export const step = (s: PsState, e: PsEvent): PsEffect[] => {
       } else if (m.version === s.core.version + 1 && !s.decisions.has(m.version) && !isLeader(s) && coordinated(s)) {
         // peers already share norms for a version this follower has no decision for: it missed the StepDecided
         out.push({ _tag: "RequestDecision", version: m.version })
-      } else if (m.version <= s.core.version && s.ownShares.has(m.version)) {
-        // a peer still waits for a version this shard already applied: it missed our share
-        out.push({ _tag: "Publish", subject: s.cfg.subjects.psNorm(s.cfg.shard), message: P.normShare(s, m.version, s.ownShares.get(m.version)!) })
+      } else if (m.version <= s.core.version && s.ownShares.has(m.version) && m.echo !== true) {
+        // a peer still waits for a version this shard already applied: it missed our share.
+        // The answer is an echo, which no shard answers: two shards that both applied the
+        // version would otherwise answer each other's answers for ever (measured: ~1,000
+        // messages a second per shard, starving the mailbox, once a stray resend crossed)
+        out.push({ _tag: "Publish", subject: s.cfg.subjects.psNorm(s.cfg.shard), message: P.normShare(s, m.version, s.ownShares.get(m.version)!, true) })
       }
       break
     }

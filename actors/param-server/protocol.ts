@@ -42,8 +42,8 @@ export const stepDecided = (s: PsState, version: number, pushes: readonly Held[]
   chosen: pushes.map((p) => ({ sender: p.sender, batchId: p.batchId }))
 })
 
-export const normShare = (s: PsState, version: number, sumSq: number): NormShare => ({
-  _tag: "NormShare", v, shard: s.cfg.shard, incarnation: s.incarnation, version, sumSq
+export const normShare = (s: PsState, version: number, sumSq: number, echo = false): NormShare => ({
+  _tag: "NormShare", v, shard: s.cfg.shard, incarnation: s.incarnation, version, sumSq, ...(echo ? { echo: true } : {})
 })
 
 export const stepApplied = (s: PsState, step: AppliedStep, final: boolean, epoch: number): StepApplied => ({

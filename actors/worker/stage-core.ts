@@ -358,7 +358,8 @@ export const step = (s: StageState, e: StageEvent): StageEffect[] => {
       r.backwardMs += e.ms
       r.lastProgress = s.now
       if (e.loss !== undefined) r.losses.set(e.micro, e.loss)
-      if (!r.acc) r.acc = new Map([...e.grads].map(([k, g]) => [k, Float32Array.from(g)]))
+      // the first micro-batch's gradients become the sums (the shell hands over arrays it keeps no reference to)
+      if (!r.acc) r.acc = new Map(e.grads)
       else for (const [k, g] of e.grads) {
         const a = r.acc.get(k)!
         for (let i = 0; i < g.length; i++) a[i] += g[i]
@@ -477,9 +478,9 @@ const flush = (s: StageState, r: Run, out: StageEffect[]) => {
   const bundles = new Map<number, TensorBundle>()
   for (const [k, specs] of s.cfg.pushes) {
     const tensors: WireTensor[] = specs.map((sp) => {
-      const g = acc.get(sp.name)!
-      const data = new Float32Array(g.length)
-      for (let i = 0; i < g.length; i++) data[i] = g[i] / rows
+      // the sums become the mean in place: the run is over, and a second copy of a big stage's gradient costs its size
+      const data = acc.get(sp.name)!
+      for (let i = 0; i < data.length; i++) data[i] /= rows
       return { name: sp.name, dtype: "float32", shape: sp.shape, data }
     })
     const first = metas[0]

@@ -22,7 +22,7 @@ import { Compute } from "../../shared/compute/backend.ts"
 import { batchProblem, type Batch as ModelBatch } from "../../shared/models/model.ts"
 import * as tf from "@tensorflow/tfjs"
 import { explainWasmAbort } from "../../shared/compute/memory.ts"
-import { bundleLimits, freeLength, heapProblemFor, ownerStage, shapeBatch, shardOfForJob, stageBackward, stageForward, stageShards, stagesForJob, type Activation } from "../../shared/models/pipeline.ts"
+import { bundleLimits, freeLength, heapProblemFor, ownerStage, shapeBatch, shardOfForJob, stageBackward, stageForward, stageShards, stagesForJob, stageTensors, type Activation } from "../../shared/models/pipeline.ts"
 import { modelForJob, trainableNames } from "../../shared/models/zoo.ts"
 import { decodeBytes, decodeValue, encodeMessage } from "../../shared/protocol/decode.ts"
 import { Heartbeat, PipeMeta, PushAck, Rejected, type StageStep } from "../../shared/protocol/messages.ts"
@@ -49,6 +49,14 @@ export interface StageHandle {
 }
 
 const TICK_MS = 100
+
+const mb = (b: number) => `${Math.round(b / 2 ** 20)} MB`
+/** rss, JS heap, array buffers and the wasm heap, for the state line. */
+const memoryLine = (): string => {
+  const m = process.memoryUsage()
+  const wasm = tf.getBackend() === "wasm" ? (tf.backend() as unknown as { wasm?: { HEAPU8?: Uint8Array } }).wasm?.HEAPU8?.length : undefined
+  return `rss ${mb(m.rss)}, js ${mb(m.heapUsed)}, buffers ${mb(m.arrayBuffers)}${wasm !== undefined ? `, wasm heap ${mb(wasm)}` : ""}`
+}
 
 /** The id of stage k of a replica. */
 export const stageId = (replica: string, stage: number): string => (stage === 0 ? replica : `${replica}-s${stage}`)
@@ -196,10 +204,26 @@ export const runStageWorker = (o: StageOptions): Effect.Effect<StageHandle, Erro
     const state = initialStage(cfg, Date.now())
 
     // ---- effects
-    const paramsNow = () => {
-      const p = new Map<string, Float32Array>()
-      for (const sh of cfg.reads) for (const [n, v] of state.cache.get(sh)?.params ?? []) p.set(n, v)
-      return p
+    // the stage's params as tensors, per shard, built once per params version and reused by every op
+    // on it; the arrays they came from are then let go (a big stage would otherwise hold its params twice)
+    const resident = new Map<number, { key: string; tensors: Map<string, tf.Tensor> }>()
+    const paramsNow = (): ReadonlyMap<string, tf.Tensor> => {
+      const all = new Map<string, tf.Tensor>()
+      for (const sh of cfg.reads) {
+        const c = state.cache.get(sh)
+        const key = `${c?.incarnation}:${c?.version}`
+        let r = resident.get(sh)
+        if (r?.key !== key) {
+          if (r) for (const t of r.tensors.values()) t.dispose()
+          const names = new Set(st.params.map((p) => p.name))
+          const part = { ...st, params: st.params.filter((p) => c?.params.has(p.name)) }
+          r = { key, tensors: stageTensors(part, c?.params ?? new Map()) }
+          resident.set(sh, r)
+          if (c && c.params.size > 0 && [...c.params.keys()].every((n) => names.has(n))) (c.params as Map<string, Float32Array>).clear()
+        }
+        for (const [n, t] of r.tensors) all.set(n, t)
+      }
+      return all
     }
     const shapeBatches = new Map<string, ModelBatch>()
     const dimsBatch = (rows: number, length: number) => {
@@ -322,6 +346,7 @@ export const runStageWorker = (o: StageOptions): Effect.Effect<StageHandle, Erro
         case "Finish":
           return Deferred.succeed(finished, undefined).pipe(Effect.asVoid)
         case "Log":
+          if (e.message.startsWith("state:")) return Effect.logInfo(`stage ${id}: ${e.message}; memory ${memoryLine()}`)
           return e.level === "warn" ? Effect.logWarning(`stage ${id}: ${e.message}`) : e.level === "info" ? Effect.logInfo(`stage ${id}: ${e.message}`) : Effect.logDebug(`stage ${id}: ${e.message}`)
       }
     }

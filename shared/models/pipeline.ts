@@ -111,7 +111,8 @@ export const freeLength = (def: ModelDef, batch: Batch): number => {
   return 1
 }
 
-const stageTensors = (stage: Stage, params: ReadonlyMap<string, Float32Array>): Map<string, tf.Tensor> => {
+/** A stage's params as tensors, for one params version: built once and reused by every op on it (not a copy per op). Caller disposes. */
+export const stageTensors = (stage: Stage, params: ReadonlyMap<string, Float32Array>): Map<string, tf.Tensor> => {
   const out = new Map<string, tf.Tensor>()
   for (const s of stage.params) {
     const v = params.get(s.name)
@@ -122,6 +123,12 @@ const stageTensors = (stage: Stage, params: ReadonlyMap<string, Float32Array>): 
   return out
 }
 
+/** Tensors as given (kept by the caller), or made from arrays (inside the caller's tidy). */
+const asTensors = (stage: Stage, params: ReadonlyMap<string, Float32Array> | ReadonlyMap<string, tf.Tensor>): ReadonlyMap<string, tf.Tensor> => {
+  const first = params.values().next().value
+  return first instanceof tf.Tensor ? (params as ReadonlyMap<string, tf.Tensor>) : stageTensors(stage, params as ReadonlyMap<string, Float32Array>)
+}
+
 const read = (t: tf.Tensor): Float32Array => {
   const v = t.dataSync() as Float32Array
   return tf.getBackend() === "wasm" ? v : new Float32Array(v)
@@ -130,12 +137,12 @@ const read = (t: tf.Tensor): Float32Array => {
 /** Stage `stage` (not the last) on its input: the activation for the next stage. */
 export const stageForward = (
   stage: Stage,
-  params: ReadonlyMap<string, Float32Array>,
+  params: ReadonlyMap<string, Float32Array> | ReadonlyMap<string, tf.Tensor>,
   x: Activation | undefined,
   batch: Batch
 ): Activation =>
   tf.tidy(() => {
-    const p = stageTensors(stage, params)
+    const p = asTensors(stage, params)
     const y = runStage(stage, p, x === undefined ? undefined : tf.tensor(x.data, [...x.shape], "float32"), batch)
     return { data: read(y), shape: y.shape }
   })
@@ -157,7 +164,7 @@ export interface StageGrads {
 export const stageBackward = (
   def: ModelDef,
   stage: Stage,
-  params: ReadonlyMap<string, Float32Array>,
+  params: ReadonlyMap<string, Float32Array> | ReadonlyMap<string, tf.Tensor>,
   x: Activation | undefined,
   batch: Batch,
   dy: Activation | undefined,
@@ -167,7 +174,7 @@ export const stageBackward = (
   let dx: Activation | undefined
   let loss: number | undefined
   tf.tidy(() => {
-    const p = stageTensors(stage, params)
+    const p = asTensors(stage, params)
     const wrt = stage.params.filter((s) => trainable.has(s.name))
     const xt = x === undefined ? undefined : tf.tensor(x.data, [...x.shape], "float32")
     const xs = [...wrt.map((s) => p.get(s.name)!), ...(xt ? [xt] : [])]

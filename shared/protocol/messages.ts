@@ -191,7 +191,9 @@ export const NormShare = Schema.Struct({
   incarnation: NonNeg,
   /** the version being produced. */
   version: NonNegInt,
-  sumSq: NonNeg
+  sumSq: NonNeg,
+  /** an answer to a late peer's share (from a shard that applied the version already): never answered again. */
+  echo: Schema.optional(Schema.Boolean)
 })
 export type NormShare = typeof NormShare.Type
 
