@@ -9,8 +9,8 @@
 //      train.accumulate M/2 and M), from the shards' StepApplied events (tokens per window
 //      of --window versions after --warmup, median over the windows, as bench/dp.ts);
 //   3. the stash: the most micro-batch inputs each stage held for their backward
-//      (stashPeak, stashPeakBytes) under GPipe and 1F1B at S=2, M=8 (1F1B: at most S−k on
-//      stage k, stage 0: S; GPipe: M);
+//      (stashPeak, stashPeakBytes) under GPipe and 1F1B at S=4, M=8 (1F1B: at most S−k on
+//      stage k, stage 0: S; GPipe: M; the middle stages hold activations);
 //   4. the recompute overhead (tfjs keeps no tape between calls, so a stage that is not the
 //      last reruns its forward inside its backward): stage 0's forward ÷ backward time per
 //      micro-batch, over NATS (StageStep) and in this process (stageForward / stageBackward
@@ -266,12 +266,16 @@ const inProcess = async (job: JobConfig): Promise<InProc> => {
 
 // ---------------------------------------------------------------- main
 
-const pipeCfg = (schedule: "1f1b" | "gpipe", M: number): Config => ({ name: `bench-pipe-${schedule}-m${M}`, label: `${schedule === "1f1b" ? "1F1B" : "GPipe"} S=${S} M=${M}`, workers: 1, stages: S, micros: M, schedule, accumulate: 1 })
+const pipeCfg = (schedule: "1f1b" | "gpipe", M: number, stages = S): Config => ({ name: `bench-pipe-${schedule}-s${stages}-m${M}`, label: `${schedule === "1f1b" ? "1F1B" : "GPipe"} S=${stages} M=${M}`, workers: 1, stages, micros: M, schedule, accumulate: 1 })
+/** the stash is measured at 4 stages: the middle ones hold activations, which S=2 has none of */
+const S_STASH = 4
 const dpCfg = (workers: number): Config => ({ name: `bench-pipe-dp${workers}`, label: `DP ${workers} worker${workers > 1 ? "s" : ""} (accumulate ${M_DP / workers})`, workers, stages: 1, micros: 1, schedule: "1f1b", accumulate: M_DP / workers })
 
 const configs: Config[] = [
   ...MICROS.flatMap((M) => [pipeCfg("gpipe", M), pipeCfg("1f1b", M)]),
   ...(MICROS.includes(M_DP) ? [] : [pipeCfg("1f1b", M_DP)]),
+  pipeCfg("gpipe", M_STASH, S_STASH),
+  pipeCfg("1f1b", M_STASH, S_STASH),
   dpCfg(2),
   dpCfg(1)
 ]
@@ -366,17 +370,17 @@ console.log(`\n2. throughput at the same global batch per version (${M_DP} × ${
   console.log(pad(ph))
 }
 
-console.log(`\n3. inputs stashed for the backward at S=${S}, M=${M_STASH} (max over the timed steps; 1F1B limit S−k, stage 0: S; GPipe: M; stage 0 stashes token batches, stage 1 activations; the last stage runs forward+backward in one call and stashes none)`)
+console.log(`\n3. inputs stashed for the backward at S=${S_STASH}, M=${M_STASH} (max over the timed steps; 1F1B limit S−k, stage 0: S; GPipe: M; stage 0 stashes token batches, the others activations; the last stage's are those that arrived before its forward + backward)`)
 {
   const rows = [["schedule", "stage", "limit", "stashPeak", "stashPeakBytes", "per input"]]
   for (const sch of ["gpipe", "1f1b"] as const) {
-    const r = runs.get(pipeCfg(sch, M_STASH).name)!
-    for (let k = 0; k < S; k++) {
+    const r = runs.get(pipeCfg(sch, M_STASH, S_STASH).name)!
+    for (let k = 0; k < S_STASH; k++) {
       const xs = ofStage(r, k)
       const peak = Math.max(0, ...xs.map((s) => s.stashPeak))
       const bytes = Math.max(0, ...xs.map((s) => s.stashPeakBytes))
-      const limit = k === S - 1 ? 0 : sch === "gpipe" ? M_STASH : S - k
-      rows.push([sch === "1f1b" ? "1F1B" : "GPipe", String(k), String(limit), String(peak), kib(bytes), peak > 0 ? kib(bytes / peak) : "–"])
+      const limit = k === S_STASH - 1 ? "–" : String(sch === "gpipe" ? M_STASH : S_STASH - k)
+      rows.push([sch === "1f1b" ? "1F1B" : "GPipe", String(k), limit, String(peak), kib(bytes), peak > 0 ? kib(bytes / peak) : "–"])
     }
   }
   console.log(pad(rows))

@@ -17,15 +17,9 @@
 // tensor below 5e-6); with 1e-4 the amplification is 100.
 // Run: npx vitest run test/pipeline.equivalence.test.ts   (~2-3 min on 2 cores)
 import { describe, expect, it } from "vitest"
-import { makePlanForJob } from "../actors/loader/loader.ts"
-import { parseBatchId } from "../actors/loader/plan.ts"
-import { ShardState } from "../actors/param-server/aggregate.ts"
-import { initBackend } from "../shared/compute/backend.ts"
-import { concatBatches, lossAndGrads } from "../shared/models/model.ts"
-import { makeModel, trainableNames } from "../shared/models/zoo.ts"
-import { resolveOptimizer } from "../shared/optim/optimizers.ts"
 import type { StepApplied } from "../shared/protocol/messages.ts"
 import { useCluster } from "./support/cluster.ts"
+import { relErr, replay, worstTensor } from "./support/replay.ts"
 
 const STEPS = 2
 const B = 2 // rows per micro-batch
@@ -45,16 +39,6 @@ const base = (name: string, stages: number, workers: number, optimizer: Record<s
 
 const SGD = { kind: "sgd", momentum: 0.9, weightDecay: 0.01 }
 const ADAMW = { kind: "adamw", weightDecay: 0.01, eps: 1e-4 }
-
-const relErr = (a: Float32Array, b: Float32Array): number => {
-  let d = 0
-  let m = 0
-  for (let i = 0; i < b.length; i++) {
-    d = Math.max(d, Math.abs(a[i] - b[i]))
-    m = Math.max(m, Math.abs(b[i]))
-  }
-  return d / Math.max(m, 1e-12)
-}
 
 const equivalence = async (suite: ReturnType<typeof useCluster>, patch: ReturnType<typeof base>) => {
   const { cluster, obs } = await suite.start(patch)
@@ -80,28 +64,14 @@ const equivalence = async (suite: ReturnType<typeof useCluster>, patch: ReturnTy
   expect(obs.errors, "nothing rejected").toEqual([])
 
   // the reference: one process, the whole batch, the PS's own optimizer code
-  await initBackend("wasm")
-  const model = makeModel(job.model)
-  const plan = makePlanForJob(job)
-  const opt = resolveOptimizer(job.optimizer as never)
-  if (opt._tag !== "Success") throw new Error("optimizer config")
-  const trainable = new Set(trainableNames(job, model))
-  const ref = new ShardState({ specs: model.specs, params: model.init(job.train.seed), optimizer: opt.success, consistency: { mode: "sync" }, clipNorm: 0, trainable })
-  for (const a of perVersion) {
-    const whole = concatBatches(a.batchIds.map((id) => {
-      const p = parseBatchId(id)!
-      return plan.trainBatch(p.epoch, p.index)
-    }))
+  const { model, params: refParams } = await replay(job, perVersion, (a, whole, loss) => {
     expect(whole.size).toBe(R * M * B)
-    const { loss, grads } = lossAndGrads(model, ref.params, whole, trainable)
-    expect(Math.abs(loss - a.loss) / loss, `version ${a.version}: whole-batch loss ${loss} vs the pipeline's ${a.loss}`).toBeLessThan(1e-5)
-    expect(ref.admit({ sender: "reference", version: ref.version, batchId: `e99-b${a.version}`, samples: whole.size, tokens: model.units(whole).n, loss, grads }).ok).toBe(true)
-    ref.apply(a.lr, ref.choose(["reference"]))
-  }
+    expect(Math.abs(loss - (a as StepApplied).loss) / loss, `version ${a.version}: whole-batch loss ${loss} vs the pipeline's ${(a as StepApplied).loss}`).toBeLessThan(1e-5)
+  })
   const got = new Map(pulled.flatMap((p) => [...p.params]))
   expect([...got.keys()].sort()).toEqual(model.specs.map((s) => s.name).sort())
-  const errs = model.specs.map((s) => ({ name: s.name, err: relErr(got.get(s.name)!, ref.params.get(s.name)!) }))
-  const worst = errs.reduce((w, e) => (e.err > w.err ? e : w))
+  const worst = worstTensor(model.specs.map((s) => s.name), got, refParams)
+  const errs = worst.all
   console.info(`[pipeline.equivalence] R=${R} S=${S} ${job.optimizer.kind}: worst relative error ${worst.err.toExponential(2)} (${worst.name})`)
   expect(worst.err, `worst ${worst.name} ${worst.err.toExponential(2)}; all: ${errs.map((e) => `${e.name} ${e.err.toExponential(1)}`).join(", ")}`).toBeLessThan(1e-5)
   // the params moved, the tied embedding included (untouched inits prove nothing)

@@ -20,20 +20,11 @@ import { modelForJob } from "../shared/models/zoo.ts"
 import { Rng } from "../shared/models/rng.ts"
 import { initialStage, step, stashLimit, type LeasedBatch, type StageConfig, type StageEffect, type StageEvent, type StageState } from "../actors/worker/stage-core.ts"
 import type { BatchLeased } from "../shared/protocol/messages.ts"
+import { relErr } from "./support/replay.ts"
 
 beforeAll(async () => {
   await initBackend("cpu")
 })
-
-const relErr = (a: Float32Array, b: Float32Array) => {
-  let d = 0
-  let m = 0
-  for (let i = 0; i < b.length; i++) {
-    d = Math.max(d, Math.abs(a[i] - b[i]))
-    m = Math.max(m, Math.abs(b[i]))
-  }
-  return d / Math.max(m, 1e-12)
-}
 
 /** The pipeline's gradient of `micros`, computed stage by stage as the stage workers do. */
 const pipelined = (def: ModelDef, params: Map<string, Float32Array>, micros: Batch[], n: number) => {

@@ -315,6 +315,11 @@ export const step = (s: StageState, e: StageEvent): StageEffect[] => {
       r.micros[e.micro] = e.meta
       r.inputs.set(e.micro, e.x)
       r.lastProgress = s.now
+      // the last stage's stash: activations held until their forward + backward
+      if (isLast(s) && r.inputs.size > r.stashPeak) {
+        r.stashPeak = r.inputs.size
+        r.stashPeakBytes = [...r.inputs.values()].reduce((n, x) => n + inputBytes(x), 0)
+      }
       if (isLast(s) && !r.labels.has(e.micro) && !r.fetching.has(e.micro)) {
         r.fetching.add(e.micro)
         out.push({ _tag: "Fetch", key: r.key, micro: e.micro, batchId: e.meta.batchId })

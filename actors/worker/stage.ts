@@ -312,7 +312,7 @@ export const runStageWorker = (o: StageOptions): Effect.Effect<StageHandle, Erro
           return Effect.asVoid(Effect.forkIn(
             LoaderClient.fetch(bus, s, id, e.batchId).pipe(
               Effect.flatMap((r) => {
-                if (r._tag !== "Batch") return offer({ _tag: "LabelsReplied", key: e.key, micro: e.micro, failed: r._tag === "Failed" ? r.reason : r.reason })
+                if (r._tag !== "Batch") return offer({ _tag: "LabelsReplied", key: e.key, micro: e.micro, failed: r.reason })
                 const problem = batchProblem(model, r.batch)
                 return offer(problem === undefined ? { _tag: "LabelsReplied", key: e.key, micro: e.micro, batch: r.batch } : { _tag: "LabelsReplied", key: e.key, micro: e.micro, failed: `bad batch: ${problem}` })
               })

@@ -12,27 +12,11 @@
 // float noise of another summation order, see test/pipeline.equivalence.test.ts).
 // Run: npx vitest run test/faults/pipeline.kill.test.ts   (~40-70 s on 2 cores)
 import { describe, expect, it } from "vitest"
-import { makePlanForJob } from "../../actors/loader/loader.ts"
-import { parseBatchId } from "../../actors/loader/plan.ts"
-import { ShardState } from "../../actors/param-server/aggregate.ts"
-import { initBackend } from "../../shared/compute/backend.ts"
-import { concatBatches, lossAndGrads } from "../../shared/models/model.ts"
-import { makeModel } from "../../shared/models/zoo.ts"
-import { resolveOptimizer } from "../../shared/optim/optimizers.ts"
 import { seeded, sleep, useDrill } from "../support/faults.ts"
+import { replay, worstTensor } from "../support/replay.ts"
 
 const STEPS = 40
 const SEED = 424242
-
-const relErr = (a: Float32Array, b: Float32Array): number => {
-  let d = 0
-  let m = 0
-  for (let i = 0; i < b.length; i++) {
-    d = Math.max(d, Math.abs(a[i] - b[i]))
-    m = Math.max(m, Math.abs(b[i]))
-  }
-  return d / Math.max(m, 1e-12)
-}
 
 describe("pipeline stage workers SIGKILLed mid-step", () => {
   const suite = useDrill()
@@ -66,26 +50,14 @@ describe("pipeline stage workers SIGKILLed mid-step", () => {
     expect(d.cluster.logs()).toMatch(/running it again as attempt 1/)
 
     // the uninterrupted run of the same batches, in this process
-    const job = d.job
-    await initBackend("wasm")
-    const model = makeModel(job.model)
-    const plan = makePlanForJob(job)
-    const opt = resolveOptimizer(job.optimizer as never)
-    if (opt._tag !== "Success") throw new Error("optimizer config")
-    const ref = new ShardState({ specs: model.specs, params: model.init(job.train.seed), optimizer: opt.success, consistency: { mode: "sync" }, clipNorm: 0 })
-    for (let v = 1; v <= STEPS; v++) {
-      const a = d.obs.appliedOf(0).filter((x) => x.version === v).at(-1)
-      expect(a, `shard 0 reported version ${v}`).toBeDefined()
-      const whole = concatBatches(a!.batchIds.map((id) => {
-        const p = parseBatchId(id)!
-        return plan.trainBatch(p.epoch, p.index)
-      }))
-      const { loss, grads } = lossAndGrads(model, ref.params, whole)
-      expect(ref.admit({ sender: "reference", version: ref.version, batchId: `e99-b${v}`, samples: whole.size, tokens: model.units(whole).n, loss, grads }).ok).toBe(true)
-      ref.apply(a!.lr, ref.choose(["reference"]))
-    }
+    const versions = Array.from({ length: STEPS }, (_, i) => {
+      const a = d.obs.appliedOf(0).filter((x) => x.version === i + 1).at(-1)
+      expect(a, `shard 0 reported version ${i + 1}`).toBeDefined()
+      return a!
+    })
+    const { model, params: refParams } = await replay(d.job, versions)
     const got = await d.params()
-    const worst = model.specs.map((s) => ({ name: s.name, err: relErr(got.get(s.name)!, ref.params.get(s.name)!) })).reduce((w, e) => (e.err > w.err ? e : w))
+    const worst = worstTensor(model.specs.map((s) => s.name), got, refParams)
     console.info(`[pipeline.kill] vs the uninterrupted replay: worst relative error ${worst.err.toExponential(2)} (${worst.name})`)
     expect(worst.err, `final params vs an uninterrupted run of the same batches (${worst.name})`).toBeLessThan(1e-5)
   }, 240_000)
