@@ -16,6 +16,7 @@
 // 2 cores. Also prints where a version's time goes (the workers' WorkerStep phases and
 // the PS's apply time). Owns nothing but measurement.
 import os from "node:os"
+import { median, tokenWindows } from "./stats.ts"
 import { parseArgs } from "node:util"
 import { makePlanForJob } from "../actors/loader/loader.ts"
 import { startLocalNatsServer } from "../shared/bus/local-server.ts"
@@ -51,21 +52,8 @@ const WINDOW = num(v.window, 4)
 const PS_SHARDS = num(v["ps-shards"], 1)
 const T = model.contextLength
 
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b)
-  return s.length === 0 ? Number.NaN : s.length % 2 === 1 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2
-}
-
-/** tokens/s of each window of WINDOW steps after WARMUP: ends[i] = time step i ended (ms), tokens[i] its tokens. */
-const windows = (ends: number[], tokens: number[]): number[] => {
-  const out: number[] = []
-  for (let i = WARMUP; i + WINDOW < ends.length; i += WINDOW) {
-    let n = 0
-    for (let j = i + 1; j <= i + WINDOW; j++) n += tokens[j]
-    out.push((n / (ends[i + WINDOW] - ends[i])) * 1000)
-  }
-  return out
-}
+/** tokens/s of each window of WINDOW steps after WARMUP (bench/stats.ts). */
+const windows = (ends: number[], tokens: number[]): number[] => tokenWindows(ends, tokens, WARMUP, WINDOW)
 
 const jobPatch = (name: string, workers: number) => ({
   job: name,

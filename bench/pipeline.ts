@@ -28,6 +28,7 @@
 // how many NormShare messages the two shards exchanged per version (2 when none is resent).
 // Owns nothing but measurement; asserts nothing.
 import os from "node:os"
+import { median, tokenWindows } from "./stats.ts"
 import { parseArgs } from "node:util"
 import { Effect, Exit, Layer, References, Result, Scope } from "effect"
 import { makePlanForJob } from "../actors/loader/loader.ts"
@@ -76,21 +77,8 @@ const S = 2
 const M_DP = 4 // the pipeline of measurement 2, and the global batch of its DP comparison: M_DP × B rows
 const M_STASH = Math.max(...MICROS)
 
-const median = (xs: readonly number[]) => {
-  const s = [...xs].sort((a, b) => a - b)
-  return s.length === 0 ? Number.NaN : s.length % 2 === 1 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2
-}
-
-/** tokens/s of each window of WINDOW versions after WARMUP: ends[i] = time version i was applied (ms), tokens[i] its tokens. */
-const windows = (ends: number[], tokens: number[]): number[] => {
-  const out: number[] = []
-  for (let i = WARMUP; i + WINDOW < ends.length; i += WINDOW) {
-    let n = 0
-    for (let j = i + 1; j <= i + WINDOW; j++) n += tokens[j]
-    out.push((n / (ends[i + WINDOW] - ends[i])) * 1000)
-  }
-  return out
-}
+/** tokens/s of each window of WINDOW steps after WARMUP (bench/stats.ts). */
+const windows = (ends: number[], tokens: number[]): number[] => tokenWindows(ends, tokens, WARMUP, WINDOW)
 
 interface Config {
   readonly name: string

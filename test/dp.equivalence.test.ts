@@ -30,6 +30,7 @@ import { makeModel } from "../shared/models/zoo.ts"
 import { resolveOptimizer } from "../shared/optim/optimizers.ts"
 import type { StepApplied } from "../shared/protocol/messages.ts"
 import { useCluster } from "./support/cluster.ts"
+import { relErr } from "./support/replay.ts"
 
 const HALF = 2 // sequences per worker; the reference step sees B = 2 × HALF
 const STEPS = 3
@@ -42,17 +43,6 @@ const JOB = {
   optimizer: { kind: "sgd", momentum: 0.9, weightDecay: 0.01 },
   schedule: { kind: "constant", lr: 0.1 },
   topology: { workers: 2, psShards: 2 }
-}
-
-/** max |a − b| / max |b| over a tensor: relative to the tensor's scale. */
-const relErr = (a: Float32Array, b: Float32Array): number => {
-  let d = 0
-  let m = 0
-  for (let i = 0; i < b.length; i++) {
-    d = Math.max(d, Math.abs(a[i] - b[i]))
-    m = Math.max(m, Math.abs(b[i]))
-  }
-  return d / Math.max(m, 1e-12)
 }
 
 /** Run JOB over NATS (2 workers, 2 shards) for STEPS versions and check it against one in-process step on the whole batch. */
