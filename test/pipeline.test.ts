@@ -134,7 +134,8 @@ interface Sim {
 }
 
 /** S reducers wired as the shells wire them, compute instant, messages delivered in order; `drop` loses matching messages. */
-const simulate = (S: number, M: number, schedule: "1f1b" | "gpipe", batches: number, o: { drop?: (to: number, e: StageEvent) => boolean; until?: (sim: Sim) => boolean; clock?: { now: number } } = {}) => {
+const simulate = (S: number, M: number, schedule: "1f1b" | "gpipe", batches: number, o: { drop?: (to: number, e: StageEvent) => boolean; until?: (sim: Sim) => boolean; clock?: { now: number }; failFetches?: number } = {}) => {
+  let fetchFailures = o.failFetches ?? 0
   const clock = o.clock ?? { now: 0 }
   const cfg = (k: number): StageConfig => ({
     id: k === 0 ? "r0" : `r0-s${k}`, replica: "r0", job: "sim", stage: k, stages: S, micros: M, schedule, reads: [k],
@@ -162,7 +163,8 @@ const simulate = (S: number, M: number, schedule: "1f1b" | "gpipe", batches: num
         break
       }
       case "Fetch":
-        send(k, { _tag: "LabelsReplied", key: fx.key, micro: fx.micro, batch: batchOf(1, { tokens: Int32Array.from([0, 0]) }) })
+        if (fetchFailures-- > 0) send(k, { _tag: "LabelsReplied", key: fx.key, micro: fx.micro, failed: "no responders on data.fetch" })
+        else send(k, { _tag: "LabelsReplied", key: fx.key, micro: fx.micro, batch: batchOf(1, { tokens: Int32Array.from([0, 0]) }) })
         break
       case "Forward": {
         sim.ops[k].push(`F${fx.op.micro}`)
@@ -241,6 +243,15 @@ describe("stage reducer", () => {
     const p1 = sim.pushes.filter((p) => p.stage === 1)
     expect(p1.map((p) => p.stepId)).toEqual(["e0-b0+e0-b1", "e0-b0+e0-b1"])
     expect(sim.pushes.filter((p) => p.stage === 0)).toHaveLength(1)
+  })
+})
+
+describe("stage reducer: the last stage's targets", () => {
+  it("a fetch that failed is asked for again on the next Tick; the step completes without a retry", () => {
+    const sim = simulate(2, 2, "1f1b", 2, { failFetches: 1, until: (s) => s.pushes.length >= 2 })
+    expect(sim.pushes.map((p) => p.stage).sort()).toEqual([0, 1])
+    expect(sim.logs.some((l) => /labels of e0-b0: no responders/.test(l))).toBe(true)
+    expect(sim.logs.some((l) => /running it again/.test(l))).toBe(false)
   })
 })
 

@@ -429,6 +429,14 @@ const tick = (s: StageState, out: StageEffect[]) => {
     for (const [k, b] of f.bundles) if (!f.acked.has(k)) out.push({ _tag: "Push", shard: k, bundle: b, resend: true })
   }
   const r = s.run
+  // the last stage: a micro-batch whose targets could not be fetched is asked for again
+  if (r && isLast(s) && !r.flushed) {
+    for (const m of r.inputs.keys()) {
+      if (r.labels.has(m) || r.fetching.has(m) || r.done.has(m)) continue
+      r.fetching.add(m)
+      out.push({ _tag: "Fetch", key: r.key, micro: m, batchId: r.micros[m]!.batchId })
+    }
+  }
   // stage 0: a step that made no progress for stepTimeoutMs runs again (a stage died, or a message was lost)
   if (r && isFirst(s) && !r.flushed && !s.computing && s.now - r.lastProgress >= s.cfg.stepTimeoutMs) {
     s.stats.retries++
