@@ -134,7 +134,7 @@ interface Sim {
 }
 
 /** S reducers wired as the shells wire them, compute instant, messages delivered in order; `drop` loses matching messages. */
-const simulate = (S: number, M: number, schedule: "1f1b" | "gpipe", batches: number, o: { drop?: (to: number, e: StageEvent) => boolean; until?: (sim: Sim) => boolean; clock?: { now: number }; failFetches?: number } = {}) => {
+const simulate = (S: number, M: number, schedule: "1f1b" | "gpipe", batches: number, o: { drop?: (to: number, e: StageEvent) => boolean; until?: (sim: Sim) => boolean; clock?: { now: number }; failFetches?: number; ack?: "held" | "applied" } = {}) => {
   let fetchFailures = o.failFetches ?? 0
   const clock = o.clock ?? { now: 0 }
   const cfg = (k: number): StageConfig => ({
@@ -184,6 +184,7 @@ const simulate = (S: number, M: number, schedule: "1f1b" | "gpipe", batches: num
       }
       case "Push":
         sim.pushes.push({ stage: k, shard: fx.shard, stepId: fx.bundle.meta.batchId!, version: fx.bundle.meta.version })
+        if (o.ack) send(k, { _tag: "PushAcked", ack: { _tag: "PushAck", v: 1, shard: fx.shard, incarnation: 1, sender: "r0", batchId: fx.bundle.meta.batchId!, version: fx.bundle.meta.version, status: o.ack } })
         break
       case "Log":
         sim.logs.push(`${k}: ${fx.message}`)
@@ -243,6 +244,15 @@ describe("stage reducer", () => {
     const p1 = sim.pushes.filter((p) => p.stage === 1)
     expect(p1.map((p) => p.stepId)).toEqual(["e0-b0+e0-b1", "e0-b0+e0-b1"])
     expect(sim.pushes.filter((p) => p.stage === 0)).toHaveLength(1)
+  })
+})
+
+describe("stage reducer: pushes", () => {
+  it("held: stage 0 waits for the next version; applied already (a re-issued copy): it runs a new step on the same params", () => {
+    const held = simulate(2, 2, "1f1b", 4, { ack: "held" })
+    expect(held.pushes.filter((p) => p.stage === 0).map((p) => p.stepId)).toEqual(["e0-b0+e0-b1"])
+    const applied = simulate(2, 2, "1f1b", 4, { ack: "applied", until: (s) => s.pushes.filter((p) => p.stage === 0).length >= 2 })
+    expect(applied.pushes.filter((p) => p.stage === 0).map((p) => [p.stepId, p.version])).toEqual([["e0-b0+e0-b1", 0], ["e0-b2+e0-b3", 0]])
   })
 })
 

@@ -106,6 +106,8 @@ export interface StagePush {
   readonly stepId: string
   readonly bundles: ReadonlyMap<number, TensorBundle>
   readonly acked: Set<number>
+  /** shards that had its batches applied already (PushAck "applied", or a duplicate). */
+  readonly applied: Set<number>
   readonly leased: readonly LeasedBatch[]
   sentAt: number
 }
@@ -277,7 +279,13 @@ export const step = (s: StageState, e: StageEvent): StageEffect[] => {
         if (e.batch.meta.gen < s.restartIncarnation && s.now - s.restartSeenAt < LEASE_GRACE_MS) {
           out.push({ _tag: "Release", batch: e.batch, reason: `lease generation ${e.batch.meta.gen} predates server incarnation ${s.restartIncarnation}` })
           s.leaseAfter = s.now + 100
-        } else s.held.push(e.batch)
+        } else {
+          // a lease that expired while this stage still had the batch comes back re-issued: one copy
+          // (a step of the same batch twice would count it twice); the step under way keeps its own
+          const id = e.batch.meta.batchId
+          const inRun = s.run !== undefined && !s.run.flushed && s.run.leased.some((b) => b.meta.batchId === id)
+          if (!inRun) s.held = [...s.held.filter((b) => b.meta.batchId !== id), e.batch]
+        }
       } else if (e.noBatch) s.leaseAfter = s.now + Math.max(50, e.noBatch.retryAfterMs)
       else {
         if (e.failed) out.push({ _tag: "Log", level: "debug", message: `lease: ${e.failed}` })
@@ -388,7 +396,8 @@ export const step = (s: StageState, e: StageEvent): StageEffect[] => {
       const f = s.inflight
       if (f && e.ack.batchId === f.stepId && e.ack.sender === s.cfg.replica && f.bundles.has(e.ack.shard)) {
         f.acked.add(e.ack.shard)
-        if (f.acked.size >= f.bundles.size) s.inflight = undefined
+        if (e.ack.status === "applied") f.applied.add(e.ack.shard)
+        if (f.acked.size >= f.bundles.size) settle(s, f)
       }
       break
     }
@@ -397,8 +406,10 @@ export const step = (s: StageState, e: StageEvent): StageEffect[] => {
       const f = s.inflight
       if (!f || !f.bundles.has(e.shard) || (r.step !== undefined && r.step !== f.version)) break
       if (r.code === "duplicate") {
+        // another copy of a batch was applied: nothing of ours is lost
         f.acked.add(e.shard)
-        if (f.acked.size >= f.bundles.size) s.inflight = undefined
+        f.applied.add(e.shard)
+        if (f.acked.size >= f.bundles.size) settle(s, f)
         break
       }
       out.push({ _tag: "Log", level: "warn", message: `shard ${e.shard} refused my push of ${f.stepId} (${r.code}): ${r.reason}` })
@@ -420,6 +431,17 @@ export const step = (s: StageState, e: StageEvent): StageEffect[] => {
   }
   next(s, out)
   return out
+}
+
+/**
+ * A push is over. When every shard had its batches applied already (a re-issued copy of
+ * batches another attempt got in) the params will not move for it: stage 0 may run a new
+ * step on these params (else it would wait for a version that, with the shards' barrier
+ * no longer waiting for it, never comes).
+ */
+const settle = (s: StageState, f: StagePush) => {
+  if (s.inflight === f) s.inflight = undefined
+  if (isFirst(s) && f.applied.size >= f.bundles.size && commonVersion(s) === f.version) s.lastKey = undefined
 }
 
 const tick = (s: StageState, out: StageEffect[]) => {
@@ -508,7 +530,7 @@ const flush = (s: StageState, r: Run, out: StageEffect[]) => {
   s.stats.steps++
   out.push({ _tag: "Flushed", run: r, loss, units })
   if (bundles.size > 0) {
-    s.inflight = { key: r.key, version: r.version, stepId: r.stepId, bundles, acked: new Set(), leased: r.leased, sentAt: s.now }
+    s.inflight = { key: r.key, version: r.version, stepId: r.stepId, bundles, acked: new Set(), applied: new Set(), leased: r.leased, sentAt: s.now }
     for (const [k, b] of bundles) out.push({ _tag: "Push", shard: k, bundle: b, resend: false })
   }
 }
