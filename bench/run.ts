@@ -8,7 +8,7 @@ import { dirname, join } from "node:path"
 import { fileURLToPath } from "node:url"
 
 const here = dirname(fileURLToPath(import.meta.url))
-const all = ["wire", "model", "dp", "tracing"]
+const all = ["wire", "model", "dp", "pipeline", "tracing"]
 const pick = process.argv.slice(2).filter((a) => !a.startsWith("-"))
 const chosen = pick.length > 0 ? pick : all
 let failed = 0
