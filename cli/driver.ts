@@ -11,7 +11,7 @@ import { Deferred, Effect, Result, Scope } from "effect"
 import { Bus } from "../shared/bus/Bus.ts"
 import type { JobConfig } from "../shared/config/job.ts"
 import { decodeBytes } from "../shared/protocol/decode.ts"
-import { StepApplied, ValidationLoss, WorkerStep } from "../shared/protocol/messages.ts"
+import { StageStep, StepApplied, ValidationLoss, WorkerStep } from "../shared/protocol/messages.ts"
 import { subjects } from "../shared/protocol/subjects.ts"
 import { makeProgress } from "../shared/ui/progress.ts"
 
@@ -147,6 +147,12 @@ export const observeJob = (
     )
     yield* bus.subscribe(s.metrics("worker"), (m) => {
       const r = decodeBytes(WorkerStep, m.subject, m.data)
+      if (Result.isSuccess(r)) bytes += r.success.bytesSent
+      return Effect.void
+    })
+    // a pipeline's stages report their pushes in StageStep
+    yield* bus.subscribe(s.metrics("stage"), (m) => {
+      const r = decodeBytes(StageStep, m.subject, m.data)
       if (Result.isSuccess(r)) bytes += r.success.bytesSent
       return Effect.void
     })

@@ -528,11 +528,12 @@ const flush = (s: StageState, r: Run, out: StageEffect[]) => {
     })
   }
   s.stats.steps++
-  out.push({ _tag: "Flushed", run: r, loss, units })
   if (bundles.size > 0) {
     s.inflight = { key: r.key, version: r.version, stepId: r.stepId, bundles, acked: new Set(), applied: new Set(), leased: r.leased, sentAt: s.now }
     for (const [k, b] of bundles) out.push({ _tag: "Push", shard: k, bundle: b, resend: false })
   }
+  // after the pushes: the step's report carries what they sent
+  out.push({ _tag: "Flushed", run: r, loss, units })
 }
 
 /** The next piece of work: start a step (stage 0), or the schedule's next forward or backward. */

@@ -286,6 +286,8 @@ export const runStageWorker = (o: StageOptions): Effect.Effect<StageHandle, Erro
         yield* handle({ _tag: "BackwardDone", key: op.key, micro: op.micro, ms, grads: g.grads, loss: k === S - 1 ? loss : undefined })
       })
 
+    /** gradient bytes pushed since the last StageStep (its pushes and any resends). */
+    let gradBytes = 0
     const perform = (e: StageEffect): Effect.Effect<void> => {
       switch (e._tag) {
         case "Lease":
@@ -329,7 +331,10 @@ export const runStageWorker = (o: StageOptions): Effect.Effect<StageHandle, Erro
           return send(s.pipeBwd(replica, 0), bundleOf("tied-grad", e.op, [...e.grads].map(([name, data]) => ({ name, dtype: "float32" as const, shape: cfg.tied.find((t) => t.name === name)!.shape, data })), {}))
         case "Push":
           return sendBundle(bus, s.psPush(e.shard), e.bundle).pipe(
-            Effect.tap((sent) => Effect.sync(() => metrics.addBytes("sent", sent.bytes, "grads"))),
+            Effect.tap((sent) => Effect.sync(() => {
+              metrics.addBytes("sent", sent.bytes, "grads")
+              gradBytes += sent.bytes
+            })),
             Effect.catch((err) => Effect.logWarning(`stage ${id}: push to shard ${e.shard} failed (${err.message}); it is resent`))
           )
         case "Flushed": {
@@ -339,8 +344,9 @@ export const runStageWorker = (o: StageOptions): Effect.Effect<StageHandle, Erro
           const msg: StageStep = {
             _tag: "StageStep", v: PROTOCOL_VERSION, worker: id, replica, stage: k, version: r.version, attempt: r.attempt, micros: r.micros.length,
             spanMs: Math.max(0, state.now - r.startedAt), forwardMs: r.forwardMs, backwardMs: r.backwardMs, stashPeak: r.stashPeak, stashPeakBytes: r.stashPeakBytes,
-            loss: e.loss
+            loss: e.loss, bytesSent: gradBytes
           }
+          gradBytes = 0
           return bus.publish(s.metrics("stage"), encodeMessage(msg)).pipe(Effect.ignore)
         }
         case "Finish":

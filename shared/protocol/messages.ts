@@ -372,7 +372,9 @@ export const StageStep = Schema.Struct({
   /** the most micro-batch inputs held at once for their backward, and their bytes. */
   stashPeak: NonNegInt,
   stashPeakBytes: NonNegInt,
-  loss: Schema.Number
+  loss: Schema.Number,
+  /** gradient bytes this stage pushed for the step (and resent since its last report). */
+  bytesSent: NonNegInt
 })
 export type StageStep = typeof StageStep.Type
 
