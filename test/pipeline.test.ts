@@ -4,7 +4,7 @@
 // whole batch (GPT in 2, 3 and 4 stages, the LSTM classifier in 2 and 3) — the loss is
 // scaled in one place. (2) The cut: partitions by layer counts, block counts, params and
 // FLOPs; stage k's tensors on its own shards; bad cuts refused. (3) The stage reducer
-// (actors/worker/stage-core.ts), driven with instant fake compute and in-order delivery:
+// (actors/worker/stage-core.ts, stage-run.ts), driven with instant fake compute and in-order delivery:
 // 1F1B's op order and its stash bound (at most S−k inputs per stage), GPipe's fill then
 // drain (M stashed), one push per stage and step; a lost activation gradient makes stage 0
 // run the step again as a new attempt, and the other stages drop the old one. (4) Job
@@ -18,7 +18,8 @@ import { batchOf, concatBatches, cutStages, lossAndGrads, type Batch, type Model
 import { ownerStage, partitionOf, shardOfForJob, stageBackward, stageForward, stageShards, stagesForJob, type Activation } from "../shared/models/pipeline.ts"
 import { modelForJob } from "../shared/models/zoo.ts"
 import { Rng } from "../shared/models/rng.ts"
-import { initialStage, step, stashLimit, type LeasedBatch, type StageConfig, type StageEffect, type StageEvent, type StageState } from "../actors/worker/stage-core.ts"
+import { initialStage, step, type StageConfig, type StageEffect, type StageEvent, type StageState } from "../actors/worker/stage-core.ts"
+import { stashLimit, type LeasedBatch } from "../actors/worker/stage-run.ts"
 import type { BatchLeased } from "../shared/protocol/messages.ts"
 import { relErr } from "./support/replay.ts"
 

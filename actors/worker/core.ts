@@ -6,25 +6,24 @@
  * events on one queue, and performs the effects (lease, compute, push, pull, release).
  *
  * The rules it keeps (docs/RELIABILITY.md):
- *  - params: per shard, a newer version of the same server incarnation replaces the cache;
- *    a newer incarnation (the server restarted, or the shards rolled back) replaces it at
- *    ANY version, drops the batches held and the push in flight (the loader rebuilds its
- *    table on the same restart), and for LEASE_GRACE_MS leases of an older lease generation
- *    are dropped too, so a resumed job re-serves exactly the batches after the checkpoint;
+ *  - params: the cache rules of params-cache.ts (newer versions, restarts, pulls, the
+ *    lease-generation grace); a restart drops the batches held and the push in flight (the
+ *    loader rebuilds its table on the same restart), so a resumed job re-serves exactly the
+ *    batches after the checkpoint;
  *  - compute when `accumulate` batches are held, no push is in flight, every shard is
  *    cached and the params differ from the last ones computed on (sync: all shards at
  *    one version): a worker never pushes twice on the same params;
  *  - a push is in flight until every shard acknowledged it (PushAck); unacknowledged
  *    shards get the same bundle again every ackTimeoutMs (the server's admission is
  *    idempotent); a refusal ends it (stale: the batches go back to the loader);
- *  - the watchdog: waiting for params longer than watchdogMs, or a server heartbeat that
- *    says a version or incarnation the cache lacks, pulls that shard (a lost broadcast
- *    never stalls a worker).
+ *  - the watchdog: waiting for params longer than watchdogMs pulls every shard (a lost
+ *    broadcast never stalls a worker).
  * No I/O, no clocks (time arrives in events).
  */
 import type { BatchLeased, PushAck, Rejected } from "../../shared/protocol/messages.ts"
 import type { TensorBundle } from "../../shared/wire/tensor.ts"
 import type { Batch as ModelBatch } from "../../shared/models/model.ts"
+import { pullAll, pullIfBehind, receiveParams, staleLease, type ParamsCache } from "./params-cache.ts"
 
 /** A leased batch: the loader's meta and the model's named tensors (shared/models/model.ts). */
 export interface Batch {
@@ -32,11 +31,6 @@ export interface Batch {
   readonly data: ModelBatch
 }
 
-export interface CachedShard {
-  readonly incarnation: number
-  readonly version: number
-  readonly params: ReadonlyMap<string, Float32Array>
-}
 
 export interface WorkerConfig {
   readonly id: string
@@ -46,9 +40,6 @@ export interface WorkerConfig {
   readonly ackTimeoutMs: number
   readonly watchdogMs: number
 }
-
-/** After seeing a new server incarnation, leases of an older generation are dropped for this long. */
-export const LEASE_GRACE_MS = 3_000
 
 export interface InFlight {
   /** the cache key the gradient was computed on. */
@@ -65,13 +56,9 @@ export interface InFlight {
   attempts: number
 }
 
-export interface WorkerState {
+export interface WorkerState extends ParamsCache {
   readonly cfg: WorkerConfig
   consistency: "sync" | "bounded" | "async"
-  readonly cache: Map<number, CachedShard>
-  /** the incarnation a shard last restarted to, and when it was seen. */
-  restartIncarnation: number
-  restartSeenAt: number
   held: Batch[]
   leasing: boolean
   /** no lease request before this time (a NoBatch's retryAfterMs). */
@@ -84,7 +71,6 @@ export interface WorkerState {
   lastKey?: string
   /** since when the worker has been ready but for params. */
   waitingSince: number
-  readonly pulling: Set<number>
   finished: boolean
   now: number
   /** when the worker last computed or logged its state (after 10 s without a step it says why). */
@@ -118,10 +104,6 @@ export const initialWorker = (cfg: WorkerConfig, consistency: WorkerState["consi
   cfg, consistency, cache: new Map(), restartIncarnation: 0, restartSeenAt: -Infinity, held: [], leasing: false, leaseAfter: now,
   computing: false, recent: [], waitingSince: now, pulling: new Set(), finished: false, now, lastReport: now, stats: { steps: 0, stale: 0, resent: 0, pulls: 0 }
 })
-
-/** The params acceptance rule: a newer version of one incarnation, or any version of a newer incarnation. */
-export const isNewer = (cur: { readonly incarnation: number; readonly version: number } | undefined, incarnation: number, version: number) =>
-  !cur || incarnation > cur.incarnation || (incarnation === cur.incarnation && version > cur.version)
 
 /** The identity of the cached params: every shard's incarnation and version. */
 export const cacheKey = (s: WorkerState): string | undefined => {
@@ -177,11 +159,12 @@ export const step = (s: WorkerState, e: WorkerEvent): WorkerEffect[] => {
       s.leasing = false
       if (e.batch) {
         const b = e.batch
-        if (b.meta.gen < s.restartIncarnation && s.now - s.restartSeenAt < LEASE_GRACE_MS) {
+        const old = staleLease(s, b.meta.gen, s.now)
+        if (old !== undefined) {
           // leased from a table the loader built before the latest server restart: it is
           // rebuilding (and re-serves this batch if it is still undone); handing it back is
           // ignored by a loader that rebuilt, and re-queues it in one that did not
-          out.push({ _tag: "Release", batch: b, reason: `lease generation ${b.meta.gen} predates server incarnation ${s.restartIncarnation}` })
+          out.push({ _tag: "Release", batch: b, reason: old })
           s.leaseAfter = s.now + 100
         } else s.held.push(b)
       } else if (e.noBatch) s.leaseAfter = s.now + Math.max(50, e.noBatch.retryAfterMs)
@@ -192,14 +175,9 @@ export const step = (s: WorkerState, e: WorkerEvent): WorkerEffect[] => {
       break
     }
     case "ParamsReceived": {
-      s.pulling.delete(e.shard)
-      const cur = s.cache.get(e.shard)
-      if (!isNewer(cur, e.incarnation, e.version)) break
-      const restarted = cur !== undefined && e.incarnation > cur.incarnation
-      s.cache.set(e.shard, { incarnation: e.incarnation, version: e.version, params: e.params })
-      if (restarted) {
-        s.restartIncarnation = Math.max(s.restartIncarnation, e.incarnation)
-        s.restartSeenAt = s.now
+      const got = receiveParams(s, e, s.now)
+      if (got === "stale") break
+      if (got === "restarted") {
         out.push({ _tag: "Log", level: "info", message: `shard ${e.shard} restarted (incarnation ${e.incarnation}, version ${e.version}): handing back ${s.held.length} held batches${s.inflight ? `, dropping the push of ${s.inflight.batchId}` : ""}` })
         for (const b of s.held) out.push({ _tag: "Release", batch: b, reason: `shard ${e.shard} restarted` })
         s.held = []
@@ -223,12 +201,8 @@ export const step = (s: WorkerState, e: WorkerEvent): WorkerEffect[] => {
       s.pulling.delete(e.shard)
       break
     case "ServerSeen": {
-      const c = s.cache.get(e.shard)
-      if (isNewer(c, e.incarnation, e.version) && !s.pulling.has(e.shard)) {
-        s.pulling.add(e.shard)
-        s.stats.pulls++
-        out.push({ _tag: "Pull", shard: e.shard, minVersion: c ? c.version + 1 : 0 })
-      }
+      const pull = pullIfBehind(s, e.shard, e.incarnation, e.version)
+      if (pull) out.push(pull)
       break
     }
     case "PushAcked": {
@@ -312,12 +286,7 @@ export const step = (s: WorkerState, e: WorkerEvent): WorkerEffect[] => {
       // the watchdog: ready to compute but for params, for too long
       if (!s.computing && s.held.length >= s.cfg.accumulate && paramsReady(s) === undefined && s.now - s.waitingSince >= s.cfg.watchdogMs) {
         s.waitingSince = s.now
-        for (let k = 0; k < s.cfg.shards; k++) {
-          if (s.pulling.has(k)) continue
-          s.pulling.add(k)
-          s.stats.pulls++
-          out.push({ _tag: "Pull", shard: k, minVersion: (s.cache.get(k)?.version ?? -1) + 1 })
-        }
+        out.push(...pullAll(s, Array.from({ length: s.cfg.shards }, (_, k) => k)))
       }
       break
     }

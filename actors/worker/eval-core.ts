@@ -10,7 +10,7 @@
  * makes it pull. The shell (worker.ts) leases the validation batches, computes the losses
  * and publishes them. No I/O, no clocks.
  */
-import { isNewer, type CachedShard } from "./core.ts"
+import { isNewer, type CachedShard } from "./params-cache.ts"
 
 export interface EvalConfig {
   readonly shards: number

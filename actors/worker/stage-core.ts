@@ -13,9 +13,8 @@
  *    targets from the loader, runs forward and backward in one call, and sends the
  *    activation gradient back; a middle stage recomputes its forward from the stashed
  *    input when that gradient arrives (tfjs keeps no tape);
- *  - the order of the ready work is the schedule: 1F1B runs a backward whenever one is
- *    ready and holds at most S−k stashed inputs (stage 0: S); GPipe runs every forward
- *    first (M stashed);
+ *  - the order of the ready work is the schedule (stage-run.ts: a run's data, the schedule,
+ *    the stash and the step's gradient);
  *  - after its M backwards a stage pushes its own tensors' gradient (the sum over the
  *    micro-batches ÷ the step's rows) to its own shards as the replica (one sender per
  *    replica, so the shards' one synchronous update per step sees every stage's part of
@@ -23,13 +22,14 @@
  *  - no progress on a step for `stepTimeoutMs` (a stage died): stage 0 runs it again as
  *    attempt a+1 on the same batches and params; every stage drops what it had of an
  *    older attempt; a push is idempotent at the shards, so nothing is applied twice.
- * Params, restarts and pushes follow the worker's rules (core.ts). No I/O, no clocks.
+ * Params and restarts follow params-cache.ts; pushes the worker's rules (core.ts). No I/O, no clocks.
  */
-import type { BatchLeased, PushAck, Rejected } from "../../shared/protocol/messages.ts"
+import type { PushAck, Rejected } from "../../shared/protocol/messages.ts"
 import type { Batch as ModelBatch } from "../../shared/models/model.ts"
 import type { Activation } from "../../shared/models/pipeline.ts"
 import type { TensorBundle, WireTensor } from "../../shared/wire/tensor.ts"
-import { LEASE_GRACE_MS, isNewer, type CachedShard } from "./core.ts"
+import { pullAll, pullIfBehind, receiveParams, staleLease, type ParamsCache } from "./params-cache.ts"
+import { addGrads, newRun, notePeak, opOf, pickOp, runKey, runOfLeased, stepGradient, type LeasedBatch, type MicroMeta, type OpTarget, type Run } from "./stage-run.ts"
 
 export interface StageConfig {
   /** this process (stage 0: the replica's id). */
@@ -52,54 +52,6 @@ export interface StageConfig {
   readonly stepTimeoutMs: number
 }
 
-export interface MicroMeta {
-  readonly batchId: string
-  readonly rows: number
-  readonly length: number
-  /** tokens or samples (throughput). */
-  readonly units: number
-  readonly gen: number
-  readonly epochBatches: number
-}
-
-/** A leased batch (stage 0). */
-export interface LeasedBatch {
-  readonly meta: BatchLeased
-  readonly data: ModelBatch
-  readonly micro: MicroMeta
-}
-
-/** One attempt of one step, as this stage sees it. */
-export interface Run {
-  readonly key: string
-  readonly version: number
-  readonly attempt: number
-  readonly stepId: string
-  readonly micros: (MicroMeta | undefined)[]
-  /** stage 0: the batches; others: the activation received. Kept until the micro-batch's backward. */
-  readonly inputs: Map<number, ModelBatch | Activation>
-  /** last stage: the micro-batches' batches (targets), fetched from the loader. */
-  readonly labels: Map<number, ModelBatch>
-  readonly fetching: Set<number>
-  readonly forwarded: Set<number>
-  readonly dys: Map<number, Activation>
-  readonly done: Set<number>
-  readonly losses: Map<number, number>
-  /** summed gradients of this stage's trainable params over the done micro-batches. */
-  acc?: Map<string, Float32Array>
-  /** stage 0: the last stage's summed part of the tied weights' gradient. */
-  tiedIn?: ReadonlyMap<string, Float32Array>
-  flushed: boolean
-  startedAt: number
-  lastProgress: number
-  forwardMs: number
-  backwardMs: number
-  stashPeak: number
-  stashPeakBytes: number
-  /** stage 0: the leased batches of this step (handed back when it is dropped). */
-  readonly leased: readonly LeasedBatch[]
-}
-
 export interface StagePush {
   readonly key: string
   readonly version: number
@@ -112,11 +64,8 @@ export interface StagePush {
   sentAt: number
 }
 
-export interface StageState {
+export interface StageState extends ParamsCache {
   readonly cfg: StageConfig
-  readonly cache: Map<number, CachedShard>
-  restartIncarnation: number
-  restartSeenAt: number
   /** stage 0: batches leased for the next step. */
   held: LeasedBatch[]
   leasing: boolean
@@ -127,7 +76,6 @@ export interface StageState {
   /** stage 0: the params key of the last step started (a step never runs twice on the same params). */
   lastKey?: string
   waitingSince: number
-  readonly pulling: Set<number>
   finished: boolean
   now: number
   lastReport: number
@@ -151,17 +99,6 @@ export type StageEvent =
   | { readonly _tag: "StopRequested" }
   | { readonly _tag: "Tick"; readonly now: number }
 
-/** What a step op needs; the shell computes it and sends the result on (stage.ts). */
-export interface OpTarget {
-  readonly key: string
-  readonly version: number
-  readonly attempt: number
-  readonly stepId: string
-  readonly micro: number
-  readonly micros: number
-  readonly meta: MicroMeta
-}
-
 export type StageEffect =
   | { readonly _tag: "Lease" }
   | { readonly _tag: "Release"; readonly batch: LeasedBatch; readonly reason: string }
@@ -184,8 +121,6 @@ export const initialStage = (cfg: StageConfig, now: number): StageState => ({
   stats: { steps: 0, retries: 0, stale: 0, dropped: 0, pulls: 0 }
 })
 
-export const runKey = (version: number, attempt: number, stepId: string) => `${version}/${attempt}/${stepId}`
-
 const isLast = (s: StageState) => s.cfg.stage === s.cfg.stages - 1
 const isFirst = (s: StageState) => s.cfg.stage === 0
 
@@ -199,21 +134,6 @@ export const commonVersion = (s: StageState): number | undefined => {
 const cacheKey = (s: StageState): string | undefined =>
   s.cfg.reads.every((k) => s.cache.has(k)) ? s.cfg.reads.map((k) => `${s.cache.get(k)!.incarnation}:${s.cache.get(k)!.version}`).join("/") : undefined
 
-/** The most inputs this stage keeps for their backward: 1F1B S−k (stage 0: S), GPipe M. The last stage keeps none. */
-export const stashLimit = (cfg: Pick<StageConfig, "schedule" | "stage" | "stages" | "micros">): number =>
-  cfg.schedule === "gpipe" ? cfg.micros : cfg.stages - cfg.stage
-
-const newRun = (version: number, attempt: number, stepId: string, micros: number, now: number, leased: readonly LeasedBatch[]): Run => ({
-  key: runKey(version, attempt, stepId), version, attempt, stepId, micros: new Array(micros).fill(undefined),
-  inputs: new Map(), labels: new Map(), fetching: new Set(), forwarded: new Set(), dys: new Map(), done: new Set(), losses: new Map(),
-  flushed: false, startedAt: now, lastProgress: now, forwardMs: 0, backwardMs: 0, stashPeak: 0, stashPeakBytes: 0, leased
-})
-
-const opOf = (r: Run, m: number): OpTarget => ({ key: r.key, version: r.version, attempt: r.attempt, stepId: r.stepId, micro: m, micros: r.micros.length, meta: r.micros[m]! })
-
-const inputBytes = (x: ModelBatch | Activation): number =>
-  "data" in x ? x.data.byteLength : [...x.tensors.values()].reduce((n, t) => n + t.byteLength, 0)
-
 /** Drop the step under way (its params are gone, or a newer attempt came); stage 0 hands its batches back. */
 const dropRun = (s: StageState, out: StageEffect[], why: string, release: boolean) => {
   const r = s.run
@@ -221,10 +141,9 @@ const dropRun = (s: StageState, out: StageEffect[], why: string, release: boolea
   s.run = undefined
   if (r.flushed) return // done with: nothing is lost
   s.stats.dropped++
-  // not pushed: these params may run a step again
-  if (!r.flushed) s.lastKey = undefined
+  s.lastKey = undefined // not pushed: these params may run a step again
   out.push({ _tag: "Log", level: "info", message: `dropping step v${r.version} attempt ${r.attempt} (${r.done.size}/${r.micros.length} backward): ${why}` })
-  if (release && isFirst(s) && !r.flushed) for (const b of r.leased) out.push({ _tag: "Release", batch: b, reason: why })
+  if (release && isFirst(s)) for (const b of r.leased) out.push({ _tag: "Release", batch: b, reason: why })
 }
 
 export const step = (s: StageState, e: StageEvent): StageEffect[] => {
@@ -232,15 +151,10 @@ export const step = (s: StageState, e: StageEvent): StageEffect[] => {
   if (s.finished) return out
   switch (e._tag) {
     case "ParamsReceived": {
-      s.pulling.delete(e.shard)
-      const cur = s.cache.get(e.shard)
-      if (!isNewer(cur, e.incarnation, e.version)) break
-      const restarted = cur !== undefined && e.incarnation > cur.incarnation
-      s.cache.set(e.shard, { incarnation: e.incarnation, version: e.version, params: e.params })
+      const got = receiveParams(s, e, s.now)
+      if (got === "stale") break
       s.waitingSince = s.now
-      if (restarted) {
-        s.restartIncarnation = Math.max(s.restartIncarnation, e.incarnation)
-        s.restartSeenAt = s.now
+      if (got === "restarted") {
         out.push({ _tag: "Log", level: "info", message: `shard ${e.shard} restarted (incarnation ${e.incarnation}, version ${e.version})` })
         dropRun(s, out, `shard ${e.shard} restarted`, true)
         for (const b of s.held) out.push({ _tag: "Release", batch: b, reason: `shard ${e.shard} restarted` })
@@ -264,20 +178,16 @@ export const step = (s: StageState, e: StageEvent): StageEffect[] => {
       s.pulling.delete(e.shard)
       break
     case "ServerSeen": {
-      if (!s.cfg.reads.includes(e.shard)) break
-      const c = s.cache.get(e.shard)
-      if (isNewer(c, e.incarnation, e.version) && !s.pulling.has(e.shard)) {
-        s.pulling.add(e.shard)
-        s.stats.pulls++
-        out.push({ _tag: "Pull", shard: e.shard, minVersion: c ? c.version + 1 : 0 })
-      }
+      const pull = s.cfg.reads.includes(e.shard) ? pullIfBehind(s, e.shard, e.incarnation, e.version) : undefined
+      if (pull) out.push(pull)
       break
     }
     case "LeaseReplied": {
       s.leasing = false
       if (e.batch) {
-        if (e.batch.meta.gen < s.restartIncarnation && s.now - s.restartSeenAt < LEASE_GRACE_MS) {
-          out.push({ _tag: "Release", batch: e.batch, reason: `lease generation ${e.batch.meta.gen} predates server incarnation ${s.restartIncarnation}` })
+        const old = staleLease(s, e.batch.meta.gen, s.now)
+        if (old !== undefined) {
+          out.push({ _tag: "Release", batch: e.batch, reason: old })
           s.leaseAfter = s.now + 100
         } else {
           // a lease that expired while this stage still had the batch comes back re-issued: one copy
@@ -324,10 +234,7 @@ export const step = (s: StageState, e: StageEvent): StageEffect[] => {
       r.inputs.set(e.micro, e.x)
       r.lastProgress = s.now
       // the last stage's stash: activations held until their forward + backward
-      if (isLast(s) && r.inputs.size > r.stashPeak) {
-        r.stashPeak = r.inputs.size
-        r.stashPeakBytes = [...r.inputs.values()].reduce((n, x) => n + inputBytes(x), 0)
-      }
+      if (isLast(s)) notePeak(r, true)
       if (isLast(s) && !r.labels.has(e.micro) && !r.fetching.has(e.micro)) {
         r.fetching.add(e.micro)
         out.push({ _tag: "Fetch", key: r.key, micro: e.micro, batchId: e.meta.batchId })
@@ -356,11 +263,7 @@ export const step = (s: StageState, e: StageEvent): StageEffect[] => {
       if (!r || r.key !== e.key) break
       r.forwarded.add(e.micro)
       r.forwardMs += e.ms
-      const stash = [...r.forwarded].filter((m) => !r.done.has(m))
-      if (stash.length > r.stashPeak) {
-        r.stashPeak = stash.length
-        r.stashPeakBytes = stash.reduce((n, m) => n + inputBytes(r.inputs.get(m)!), 0)
-      }
+      notePeak(r, false)
       break
     }
     case "BackwardDone": {
@@ -371,12 +274,7 @@ export const step = (s: StageState, e: StageEvent): StageEffect[] => {
       r.backwardMs += e.ms
       r.lastProgress = s.now
       if (e.loss !== undefined) r.losses.set(e.micro, e.loss)
-      // the first micro-batch's gradients become the sums (the shell hands over arrays it keeps no reference to)
-      if (!r.acc) r.acc = new Map(e.grads)
-      else for (const [k, g] of e.grads) {
-        const a = r.acc.get(k)!
-        for (let i = 0; i < g.length; i++) a[i] += g[i]
-      }
+      addGrads(r, e.grads)
       // the input is no longer needed (stage 0 keeps its batches: a retry runs them again)
       if (!isFirst(s)) r.inputs.delete(e.micro)
       r.dys.delete(e.micro)
@@ -463,12 +361,7 @@ const tick = (s: StageState, out: StageEffect[]) => {
   if (r && isFirst(s) && !r.flushed && !s.computing && s.now - r.lastProgress >= s.cfg.stepTimeoutMs) {
     s.stats.retries++
     out.push({ _tag: "Log", level: "warn", message: `step v${r.version} attempt ${r.attempt}: no progress for ${Math.round((s.now - r.lastProgress) / 1000)} s (${r.done.size}/${r.micros.length} backward${r.tiedIn || s.cfg.tied.length === 0 ? "" : ", no tied gradient"}); running it again as attempt ${r.attempt + 1}` })
-    const again = newRun(r.version, r.attempt + 1, r.stepId, r.micros.length, s.now, r.leased)
-    r.leased.forEach((b, m) => {
-      again.micros[m] = b.micro
-      again.inputs.set(m, b.data)
-    })
-    s.run = again
+    s.run = runOfLeased(r.version, r.attempt + 1, r.leased, s.now)
   }
   // the watchdog: params the next piece of work needs, missing for too long
   const v = commonVersion(s)
@@ -478,12 +371,7 @@ const tick = (s: StageState, out: StageEffect[]) => {
     : isFirst(s) && s.held.length >= s.cfg.micros && !s.inflight && (v === undefined || cacheKey(s) === s.lastKey)
   if (waiting && s.now - s.waitingSince >= s.cfg.watchdogMs) {
     s.waitingSince = s.now
-    for (const k of s.cfg.reads) {
-      if (s.pulling.has(k)) continue
-      s.pulling.add(k)
-      s.stats.pulls++
-      out.push({ _tag: "Pull", shard: k, minVersion: (s.cache.get(k)?.version ?? -1) + 1 })
-    }
+    out.push(...pullAll(s, s.cfg.reads))
   }
   if (s.now - s.lastReport >= 10_000) {
     s.lastReport = s.now
@@ -496,29 +384,14 @@ const flush = (s: StageState, r: Run, out: StageEffect[]) => {
   if (r.flushed || r.done.size < r.micros.length) return
   if (isFirst(s) && s.cfg.tied.length > 0 && !r.tiedIn) return
   r.flushed = true
-  const acc = r.acc ?? new Map<string, Float32Array>()
-  const metas = r.micros as MicroMeta[]
-  const rows = metas.reduce((n, m) => n + m.rows, 0)
-  const units = metas.reduce((n, m) => n + m.units, 0)
-  let lossSum = 0
-  metas.forEach((m, i) => (lossSum += (r.losses.get(i) ?? Number.NaN) * m.rows))
-  const loss = lossSum / rows
+  const { acc, rows, units, loss } = stepGradient(r, [...s.cfg.pushes.values()].flat().map((sp) => sp.name))
   if (isLast(s) && s.cfg.tied.length > 0) {
     out.push({ _tag: "SendTied", op: { key: r.key, version: r.version, attempt: r.attempt, stepId: r.stepId, micros: r.micros.length }, grads: new Map(s.cfg.tied.map((t) => [t.name, acc.get(t.name)!])) })
   }
-  if (isFirst(s) && r.tiedIn) for (const [k, g] of r.tiedIn) {
-    const a = acc.get(k)
-    if (a) for (let i = 0; i < g.length; i++) a[i] += g[i]
-  }
+  const first = (r.micros as MicroMeta[])[0]
   const bundles = new Map<number, TensorBundle>()
   for (const [k, specs] of s.cfg.pushes) {
-    const tensors: WireTensor[] = specs.map((sp) => {
-      // the sums become the mean in place: the run is over, and a second copy of a big stage's gradient costs its size
-      const data = acc.get(sp.name)!
-      for (let i = 0; i < data.length; i++) data[i] /= rows
-      return { name: sp.name, dtype: "float32", shape: sp.shape, data }
-    })
-    const first = metas[0]
+    const tensors: WireTensor[] = specs.map((sp) => ({ name: sp.name, dtype: "float32", shape: sp.shape, data: acc.get(sp.name)! }))
     bundles.set(k, {
       tensors,
       meta: {
@@ -543,13 +416,7 @@ const next = (s: StageState, out: StageEffect[]) => {
   if (isFirst(s)) {
     const key = cacheKey(s)
     if ((!s.run || s.run.flushed) && !s.inflight && v !== undefined && key !== undefined && key !== s.lastKey && s.held.length >= s.cfg.micros) {
-      const leased = s.held.splice(0, s.cfg.micros)
-      const r = newRun(v, 0, leased.map((b) => b.meta.batchId).join("+"), s.cfg.micros, s.now, leased)
-      leased.forEach((b, m) => {
-        r.micros[m] = b.micro
-        r.inputs.set(m, b.data)
-      })
-      s.run = r
+      s.run = runOfLeased(v, 0, s.held.splice(0, s.cfg.micros), s.now)
       s.lastKey = key
     }
     if (!s.leasing && s.held.length < s.cfg.micros && s.now >= s.leaseAfter) {
@@ -559,28 +426,13 @@ const next = (s: StageState, out: StageEffect[]) => {
   }
   const r = s.run
   if (!r || r.flushed || v === undefined || v !== r.version) return
-  const M = r.micros.length
-  const limit = stashLimit(s.cfg)
-  const stash = [...r.forwarded].filter((m) => !r.done.has(m)).length
-  let fwd: number | undefined
-  let bwd: number | undefined
-  for (let m = 0; m < M; m++) {
-    if (isLast(s)) {
-      if (bwd === undefined && !r.done.has(m) && r.inputs.has(m) && r.labels.has(m)) bwd = m
-      continue
-    }
-    if (fwd === undefined && !r.forwarded.has(m) && r.inputs.has(m)) fwd = m
-    if (bwd === undefined && r.forwarded.has(m) && !r.done.has(m) && r.dys.has(m)) bwd = m
-  }
-  const canFwd = fwd !== undefined && stash < limit
-  const pick: "F" | "B" | undefined =
-    s.cfg.schedule === "1f1b" ? (bwd !== undefined ? "B" : canFwd ? "F" : undefined) : canFwd ? "F" : bwd !== undefined ? "B" : undefined
-  if (pick === "F") {
+  const pick = pickOp(r, s.cfg)
+  if (pick?.kind === "F") {
     s.computing = true
-    out.push({ _tag: "Forward", op: opOf(r, fwd!), input: r.inputs.get(fwd!)! })
-  } else if (pick === "B") {
+    out.push({ _tag: "Forward", op: opOf(r, pick.micro), input: r.inputs.get(pick.micro)! })
+  } else if (pick?.kind === "B") {
     s.computing = true
-    const m = bwd!
+    const m = pick.micro
     out.push({ _tag: "Backward", op: opOf(r, m), input: r.inputs.get(m)!, batch: isLast(s) ? r.labels.get(m) : undefined, dy: r.dys.get(m), loss: r.losses.get(m) })
   }
 }

@@ -32,7 +32,8 @@ import type { TensorBundle } from "../../shared/wire/tensor.ts"
 import { receiveBundles, sendBundle } from "../../shared/wire/transport.ts"
 import { LoaderClient } from "../loader/protocol.ts"
 import { ParamServerClient, paramsMeta } from "../param-server/protocol.ts"
-import { initialStage, step, type LeasedBatch, type StageConfig, type StageEffect, type StageEvent, type StageState } from "./stage-core.ts"
+import { initialStage, step, type StageConfig, type StageEffect, type StageEvent, type StageState } from "./stage-core.ts"
+import type { LeasedBatch } from "./stage-run.ts"
 
 export interface StageOptions {
   readonly job: JobConfig
