@@ -114,6 +114,22 @@ export const LoaderClient = {
       Effect.map(decodeBatch),
       Effect.catch((e) => Effect.succeed<LeaseResult>({ _tag: "Failed", reason: `${e._tag}: ${e.message}` }))
     ),
+  /**
+   * Lease the next train batch and check it with `problem` (the model's batch spec): a batch
+   * that does not fit goes back to the loader with the reason (it counts it against the
+   * batch) and is answered here as `Failed`. Never fails.
+   */
+  leaseChecked: (bus: BusShape, s: Subjects, worker: string, problem: (b: Batch) => string | undefined): Effect.Effect<LeaseResult> =>
+    LoaderClient.lease(bus, s, worker, "train").pipe(
+      Effect.flatMap((r) => {
+        const bad = r._tag === "Batch" ? problem(r.batch) : undefined
+        if (r._tag !== "Batch" || bad === undefined) return Effect.succeed(r)
+        return LoaderClient.fail(bus, s, worker, r.meta.batchId, r.meta.gen, `bad batch: ${bad}`).pipe(
+          Effect.andThen(Effect.logWarning(`${worker}: batch ${r.meta.batchId} refused: ${bad}`)),
+          Effect.as<LeaseResult>({ _tag: "Failed", reason: `bad batch ${r.meta.batchId}: ${bad}` })
+        )
+      })
+    ),
   /** A train batch by id, read only (a pipeline's last stage fetches its labels). Never fails: a failure is `Failed`. */
   fetch: (bus: BusShape, s: Subjects, worker: string, batchId: string, timeoutMs = 5_000): Effect.Effect<LeaseResult> =>
     bus.request(s.dataFetch, encodeMessage(fetchBatch(worker, batchId)), { timeoutMs }).pipe(

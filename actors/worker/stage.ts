@@ -216,11 +216,10 @@ export const runStageWorker = (o: StageOptions): Effect.Effect<StageHandle, Erro
         let r = resident.get(sh)
         if (r?.key !== key) {
           if (r) for (const t of r.tensors.values()) t.dispose()
-          const names = new Set(st.params.map((p) => p.name))
           const part = { ...st, params: st.params.filter((p) => c?.params.has(p.name)) }
           r = { key, tensors: stageTensors(part, c?.params ?? new Map()) }
           resident.set(sh, r)
-          if (c && c.params.size > 0 && [...c.params.keys()].every((n) => names.has(n))) (c.params as Map<string, Float32Array>).clear()
+          if (c && c.params.size > 0 && [...c.params.keys()].every((n) => needed.has(n))) (c.params as Map<string, Float32Array>).clear()
         }
         for (const [n, t] of r.tensors) all.set(n, t)
       }
@@ -293,13 +292,9 @@ export const runStageWorker = (o: StageOptions): Effect.Effect<StageHandle, Erro
       switch (e._tag) {
         case "Lease":
           return Effect.asVoid(Effect.forkIn(
-            LoaderClient.lease(bus, s, replica, "train").pipe(
+            LoaderClient.leaseChecked(bus, s, replica, (b) => batchProblem(model, b)).pipe(
               Effect.flatMap((r) => {
                 if (r._tag !== "Batch") return offer(r._tag === "NoBatch" ? { _tag: "LeaseReplied", noBatch: { retryAfterMs: r.retryAfterMs } } : { _tag: "LeaseReplied", failed: r.reason })
-                const problem = batchProblem(model, r.batch)
-                if (problem !== undefined) {
-                  return LoaderClient.fail(bus, s, replica, r.meta.batchId, r.meta.gen, `bad batch: ${problem}`).pipe(Effect.andThen(offer({ _tag: "LeaseReplied", failed: problem })))
-                }
                 const b: LeasedBatch = {
                   meta: r.meta, data: r.batch,
                   micro: { batchId: r.meta.batchId, rows: r.batch.size, length: freeLength(model, r.batch), units: model.units(r.batch).n, gen: r.meta.gen, epochBatches: r.meta.epochBatches }

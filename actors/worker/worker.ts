@@ -206,16 +206,9 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
         case "Lease": {
           return Effect.asVoid(
             Effect.forkIn(
-              LoaderClient.lease(bus, s, id, "train").pipe(
+              // a batch that does not fit the model (names, dtypes, shapes, ids) goes back to the loader with the reason
+              LoaderClient.leaseChecked(bus, s, id, (b) => batchProblem(model, b)).pipe(
                 Effect.flatMap((r) => {
-                  // a batch that does not fit the model (names, dtypes, shapes) goes back to the loader with the reason
-                  const bad = r._tag === "Batch" ? batchProblem(model, r.batch) : undefined
-                  if (r._tag === "Batch" && bad !== undefined) {
-                    return LoaderClient.fail(bus, s, id, r.meta.batchId, r.meta.gen, `bad batch: ${bad}`).pipe(
-                      Effect.andThen(Effect.logWarning(`worker ${id}: batch ${r.meta.batchId} refused: ${bad}`)),
-                      Effect.andThen(offer({ _tag: "LeaseReplied", failed: bad }))
-                    )
-                  }
                   if (r._tag === "Batch") {
                     if (batchArrived.size > 16) batchArrived.clear()
                     batchArrived.set(r.meta.batchId, performance.now())
