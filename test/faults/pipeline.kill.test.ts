@@ -4,7 +4,7 @@
 // gradient of a step (stage 0 holds part of the step's backward, stage 1's gradients are
 // lost); it is relaunched, and stage 0 runs the step again as a new attempt on the same
 // batches and params. Then stage 1 and stage 0 are each SIGKILLed at a seeded random moment
-// and relaunched. The job completes; every planned batch is applied exactly once on both
+// and relaunched, and then the nats-server is SIGKILLed and restarted. The job completes; every planned batch is applied exactly once on both
 // shards; and the final params equal an uninterrupted run of the same batches: the test
 // rebuilds every version's batches from the applied history and replays them in this
 // process through the parameter server's own optimizer code (relative 1e-5; SGD with
@@ -42,6 +42,15 @@ describe("pipeline stage workers SIGKILLed mid-step", () => {
       await sleep(Math.floor(rnd() * 1_500))
       const v = d.version()
       await d.relaunch(id)
+      await d.waitVersion(v + 2, 60_000)
+    }
+    // 4. the nats-server itself: SIGKILLed and restarted while the stages exchange activations
+    {
+      const v = d.version()
+      expect(v, "the job must still run when nats-server dies (raise STEPS)").toBeLessThan(STEPS - 2)
+      const server = d.nats.servers[0]
+      await server.kill()
+      await server.restart()
       await d.waitVersion(v + 2, 60_000)
     }
     await d.finish(90_000)
