@@ -17,7 +17,8 @@ import { startLocalNatsServer } from "../shared/bus/local-server.ts"
 import { NatsBus } from "../shared/bus/nats.ts"
 import { subjects } from "../shared/protocol/subjects.ts"
 import { makeCluster, observe } from "../test/support/cluster.ts"
-import { drillPatch, seeded, survivingChain } from "../test/support/faults.ts"
+import { drillPatch } from "../test/support/drill-job.ts"
+import { seeded, survivingChain } from "../test/support/faults.ts"
 
 const { values: v } = parseArgs({ options: { minutes: { type: "string" }, every: { type: "string" }, seed: { type: "string" } } })
 const minutes = Number(v.minutes ?? 10)

@@ -19,7 +19,7 @@ import { decodeBytes } from "../shared/protocol/decode.ts"
 import { StepApplied } from "../shared/protocol/messages.ts"
 import { subjects } from "../shared/protocol/subjects.ts"
 import { jobLayers, uniqueJob, waitUntil } from "./support/control-job.ts"
-import { drillCorpus } from "./support/faults.ts"
+import { drillCorpus } from "./support/drill-job.ts"
 import { acquireNats, type AcquiredNats } from "./support/nats.ts"
 
 const EPOCH = 25

@@ -12,7 +12,7 @@ import { describe, expect, it } from "vitest"
 import { makePlanForJob } from "../actors/loader/loader.ts"
 import { batchId } from "../actors/loader/plan.ts"
 import { useCluster, type LeaseSeen } from "./support/cluster.ts"
-import { drillCorpus } from "./support/faults.ts"
+import { drillCorpus } from "./support/drill-job.ts"
 
 const STEPS = 35
 

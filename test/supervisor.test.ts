@@ -38,7 +38,7 @@ import { launchArgs } from "../cli/up.ts"
 import { jobActors } from "../cli/topology.ts"
 import { acquireNats, type AcquiredNats } from "./support/nats.ts"
 import { observe, waitUntil, type Observer } from "./support/cluster.ts"
-import { drillCorpus } from "./support/faults.ts"
+import { drillCorpus } from "./support/drill-job.ts"
 
 const BIN = resolve(dirname(fileURLToPath(import.meta.url)), "..", "bin", "flotilla.ts")
 

@@ -3,7 +3,8 @@
 // Run: npx vitest run test/faults/harness.test.ts   (< 1 s)
 import { describe, expect, it } from "vitest"
 import type { StepApplied } from "../../shared/protocol/messages.ts"
-import { DRILL_EPOCH_BATCHES, sameParams, survivingChain } from "../support/faults.ts"
+import { DRILL_EPOCH_BATCHES } from "../support/drill-job.ts"
+import { sameParams, survivingChain } from "../support/faults.ts"
 
 const ev = (shard: number, incarnation: number, version: number, batchIds: string[]): StepApplied => ({
   _tag: "StepApplied", v: 1, shard, incarnation, version, batchIds, contributors: batchIds.map(() => "w0"),

@@ -5,7 +5,8 @@
 // runs must be bit-identical, and every batch of the run applied exactly once.
 // Run: npx vitest run test/faults/resume.determinism.test.ts   (~40-55 s on 2 cores)
 import { describe, expect, it } from "vitest"
-import { sameParams, seeded, useDrill, type DrillSpec } from "../support/faults.ts"
+import type { DrillSpec } from "../support/drill-job.ts"
+import { sameParams, seeded, useDrill } from "../support/faults.ts"
 
 const STEPS = 40
 const SEED = 7

@@ -1,8 +1,7 @@
 // Implements: the fault-drill harness (test/faults/*.test.ts), on top of test/support/cluster.ts.
 //   - `useDrill({ nodes })`: real nats-server(s) for the file — one (restartable, with a
-//     monitoring port) or a loopback cluster of `nodes` — and `start(spec)`, which writes a
-//     tiny job (GPT 1 layer, width 16, context 16, a generated corpus of 25 batches an
-//     epoch, heartbeat 200 ms), spawns its topology as processes and observes it.
+//     monitoring port) or a loopback cluster of `nodes` — and `start(spec)`, which writes the
+//     drill job (drill-job.ts), spawns its topology as processes and observes it.
 //   - the faults: `kill(id)` (SIGKILL), `relaunch(id)` (SIGKILL if running, then the same
 //     id and flags again; a parameter server comes back WITHOUT --no-resume, so it
 //     resumes from its checkpoint), `onPushFrame` (a worker's frame on `ps.<k>.push`, to
@@ -14,8 +13,6 @@
 //     (GetAppliedLog on `ps.<k>.log`); the params are finite. `sameParams` compares two
 //     runs' params bit for bit.
 // Does not own: the actors, the healing protocol, the servers' code (shared/bus/local-server.ts).
-import { writeFileSync } from "node:fs"
-import { join } from "node:path"
 import { Effect, Exit, Layer, References, Result, Scope } from "effect"
 import { expect } from "vitest"
 import { afterAll, beforeAll } from "vitest"
@@ -30,75 +27,13 @@ import { PROTOCOL_VERSION, subjects } from "../../shared/protocol/subjects.ts"
 import { H } from "../../shared/wire/frames.ts"
 import { T as WT } from "../../shared/wire/transport.ts"
 import { mulberry32 } from "../../actors/loader/plan.ts"
+import { DRILL_EPOCH_BATCHES, drillPatch, type DrillSpec } from "./drill-job.ts"
 import { makeCluster, observe, waitUntil, type ActorExit, type ActorProcess, type Cluster, type Observer } from "./cluster.ts"
 
 export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms))
 
 /** A seeded PRNG (the loader's mulberry32) for kill points: a failing drill can be rerun as it ran. */
 export const seeded = mulberry32
-
-// ---------------------------------------------------------------- the job
-
-export interface DrillSpec {
-  readonly job: string
-  readonly workers: number
-  readonly psShards: number
-  readonly steps: number
-  /** default 0 (checkpoint only on stop). */
-  readonly checkpointEvery?: number
-  readonly leaseTimeoutMs?: number
-  readonly livenessMs?: number
-  readonly accumulate?: number
-  /** pipeline: stages per replica and micro-batches per step (each worker is then a replica of `stages` stage workers). */
-  readonly stages?: number
-  readonly microBatches?: number
-  /** merged over the train block. */
-  readonly train?: Record<string, unknown>
-  /** the optimizer block (default: the job default, AdamW). */
-  readonly optimizer?: Record<string, unknown>
-}
-
-const T_CONTEXT = 16
-const BATCH = 4
-const CORPUS_BYTES = 1_601 // 100 windows of 16 tokens: 25 batches of 4 an epoch
-
-/** ~1.6 kB of generated text (the same as test/dp.kill.test.ts). */
-export const drillCorpus = (): string => {
-  const words = ["the", "whale", "sea", "ship", "captain", "harpoon", "deck", "wind", "sail", "white", "line", "boat"]
-  let x = 12345
-  let out = ""
-  while (out.length < CORPUS_BYTES) {
-    x = (x * 1103515245 + 12345) >>> 0
-    out += words[x % words.length] + ((x >>> 8) % 9 === 0 ? ".\n" : " ")
-  }
-  return out.slice(0, CORPUS_BYTES)
-}
-
-/** Batches per epoch of the drill corpus (the loader's plan: valFraction 0). */
-export const DRILL_EPOCH_BATCHES = Math.floor(Math.floor((CORPUS_BYTES - 1) / T_CONTEXT) / BATCH)
-
-export const drillPatch = (spec: DrillSpec) => (dir: string): Record<string, unknown> => {
-  const corpus = join(dir, "corpus.txt")
-  writeFileSync(corpus, drillCorpus())
-  return {
-    job: spec.job,
-    model: { kind: "gpt", vocabSize: 256, contextLength: T_CONTEXT, layers: 1, heads: 2, width: 16 },
-    data: { corpus, batchSize: BATCH, valFraction: 0, valBatches: 1 },
-    train: {
-      steps: spec.steps,
-      accumulate: spec.accumulate ?? 1,
-      evalEvery: 0,
-      checkpointEvery: spec.checkpointEvery ?? 0,
-      heartbeatMs: 200,
-      livenessMs: spec.livenessMs ?? 2_000,
-      leaseTimeoutMs: spec.leaseTimeoutMs ?? 5_000,
-      ...spec.train
-    },
-    schedule: { kind: "constant", lr: 3e-3 },
-    ...(spec.optimizer ? { optimizer: spec.optimizer } : {}),
-    topology: { workers: spec.workers, psShards: spec.psShards, ...(spec.stages ? { stages: spec.stages, microBatches: spec.microBatches ?? spec.stages } : {}) }
-  }
-}
 
 // ---------------------------------------------------------------- NATS under test
 
