@@ -10,14 +10,18 @@
  * split, actors/param-server/checkpoint.ts `data`), so a text is tokenized exactly as in
  * training. Texts come from the command line, or one per line from --file (blank lines
  * skipped). Prints `label  probability  text` per text, or with --json one JSON array of
- * `{ text, label, probability, probabilities: { <class>: p } }`.
+ * `{ text, label, probability, probabilities: { <class>: p } }`. <checkpoint> may also be a
+ * quantized model file (`flotilla quantize`): it runs from its int8/int4 weights
+ * (actors/quantizer/qforward.ts) with the tokenizer and class names the file carries.
  * Does not own: the model's maths (shared/models), the checkpoint layout.
  */
 import { readFileSync } from "node:fs"
 import * as tf from "@tensorflow/tfjs"
 import { initBackend, type BackendPreference } from "../shared/compute/backend.ts"
 import { encodeMany, tokenizerFromJson, type WordTokenizer } from "../shared/data/tokenizer.ts"
-import { batchOf, checkParams, forward, toTensors, type ModelDef } from "../shared/models/model.ts"
+import { batchOf, checkParams, forward, toTensors, type Batch, type ModelDef } from "../shared/models/model.ts"
+import { isQModelFile, readQModelFile } from "../actors/quantizer/qfile.ts"
+import { qClassifierLogits } from "../actors/quantizer/qforward.ts"
 import { loadTrained, type Trained } from "./export.ts"
 
 export class ClassifyError extends Error {
@@ -31,10 +35,33 @@ export interface Classifier {
   readonly params: Map<string, Float32Array>
   readonly version: number
   readonly job: string
+  /** a quantized model file's forward (logits [B]); absent: the float params */
+  readonly logits?: (batch: Batch) => Float32Array
+}
+
+/** A classifier from a quantized model file: its int8/int4 weights, tokenizer and class names. */
+const loadQuantizedClassifier = (spec: string): Classifier => {
+  let r: ReturnType<typeof readQModelFile>
+  try {
+    r = readQModelFile(spec)
+  } catch (e) {
+    throw new ClassifyError((e as Error).message)
+  }
+  const data = r.info.data as { labels?: unknown; tokenizer?: unknown } | undefined
+  if (r.qm.def.task !== "classify") throw new ClassifyError(`${spec}: not a classifier (a quantized ${r.qm.def.kind})`)
+  if (!Array.isArray(data?.labels) || data.labels.length !== 2 || data.tokenizer === undefined) throw new ClassifyError(`${spec}: the quantized model carries no class names or tokenizer`)
+  let tokenizer: WordTokenizer
+  try {
+    tokenizer = tokenizerFromJson(data.tokenizer)
+  } catch (e) {
+    throw new ClassifyError(`${spec}: tokenizer: ${(e as Error).message}`)
+  }
+  return { model: r.qm.def, labels: data.labels as string[], tokenizer, params: new Map(), version: r.info.version, job: r.info.job, logits: (b) => qClassifierLogits(r.qm, b) }
 }
 
 /** Read and check a classifier from its checkpoint(s) (every shard merged: export.ts loadTrained). */
 export const loadClassifier = async (spec: string): Promise<Classifier> => {
+  if (isQModelFile(spec)) return loadQuantizedClassifier(spec)
   let t: Trained
   try {
     t = await loadTrained(spec)
@@ -72,12 +99,13 @@ export interface Prediction {
 /** P(class 1) for each text, in batches of 256. */
 export const classify = (c: Classifier, texts: readonly string[]): Prediction[] => {
   const out: Prediction[] = []
-  const named = toTensors(c.model, c.params)
+  const named = c.logits ? new Map<string, tf.Tensor>() : toTensors(c.model, c.params)
   try {
     for (let i = 0; i < texts.length; i += 256) {
       const chunk = texts.slice(i, i + 256)
       const tokens = encodeMany(c.tokenizer, chunk)
-      const p1 = tf.tidy(() => tf.sigmoid(forward(c.model, named, batchOf(chunk.length, { tokens, labels: new Float32Array(chunk.length) }))).dataSync())
+      const batch = batchOf(chunk.length, { tokens, labels: new Float32Array(chunk.length) })
+      const p1 = c.logits ? c.logits(batch).map((z) => 1 / (1 + Math.exp(-z))) : tf.tidy(() => tf.sigmoid(forward(c.model, named, batch)).dataSync())
       chunk.forEach((text, j) => {
         const p = p1[j]
         const k = p >= 0.5 ? 1 : 0

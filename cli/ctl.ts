@@ -49,6 +49,9 @@ verbs:
   set-schedule JSON              e.g. '{"kind":"cosine","lr":1e-3,"totalSteps":500}'
   set-optimizer K=V [K=V ...]    live hyperparameters, e.g. beta2=0.95 weightDecay=0.1
   set-consistency MODE [S]       sync | async | bounded S (or bounded:S)
+  set-compression CODEC [--from-version V]
+                                 the gradient codec (f32 bf16 int8 int4 sign1 topk:F) from version V
+                                 (default: a few versions ahead, chosen by the controller) on
   history [--limit N]            accepted commands: who sent what, when
 
 options:
@@ -93,7 +96,7 @@ const value = (raw: string): unknown => {
 }
 
 /** The request fields of `verb` from its positional arguments and options. */
-export const fieldsFor = (verb: ControlVerb, args: string[], opts: { fromStep?: string; limit?: string }): Record<string, unknown> => {
+export const fieldsFor = (verb: ControlVerb, args: string[], opts: { fromStep?: string; limit?: string; fromVersion?: string }): Record<string, unknown> => {
   const none = () => {
     if (args.length > 0) throw new UsageError(`${verb} takes no arguments, got ${args.join(" ")}`)
     return {}
@@ -134,6 +137,9 @@ export const fieldsFor = (verb: ControlVerb, args: string[], opts: { fromStep?: 
       if (mode === undefined || rest.length > 0) throw new UsageError("usage: flotilla ctl <job> set-consistency sync | async | bounded S")
       return { mode, ...(staleness === undefined ? {} : { staleness: value(staleness) }) }
     }
+    case "set-compression":
+      if (args.length !== 1) throw new UsageError("usage: flotilla ctl <job> set-compression f32 | bf16 | int8 | int4 | sign1 | topk:F [--from-version V]")
+      return { codec: args[0], ...(opts.fromVersion === undefined ? {} : { fromVersion: value(opts.fromVersion) }) }
   }
 }
 
@@ -168,6 +174,7 @@ export const formatStatus = (st: JobStatus): string => {
       : []),
     ...(st.epoch && (st.epoch.of > 0 || st.epoch.done > 0) ? [`epoch        ${st.epoch.done}${st.epoch.of > 0 ? ` of ${st.epoch.of}` : ""} complete`] : []),
     `consistency  ${c.mode}${c.mode === "bounded" ? ` (staleness ${c.staleness})` : ""}`,
+    ...(st.compression ? [`compression  ${st.compression.codec}${st.compression.next ? ` (${st.compression.next.codec} from version ${st.compression.next.fromVersion})` : ""}`] : []),
     `optimizer    ${opt}`,
     `state        ${st.stopped ? "stopped" : st.finished ? "finished" : st.paused ? "paused" : "running"}`
   ].join("\n")
@@ -198,6 +205,7 @@ export const ctlMain = async (argv: string[]): Promise<void> => {
       sender: { type: "string" },
       timeout: { type: "string" },
       "from-step": { type: "string" },
+      "from-version": { type: "string" },
       limit: { type: "string" },
       help: { type: "boolean", short: "h" }
     },
@@ -207,7 +215,7 @@ export const ctlMain = async (argv: string[]): Promise<void> => {
   })
   const back = (p: string) => (p.startsWith("\u0000") ? negatives[Number(p.slice(1))] : p)
   const v = parsed.values
-  for (const k of ["from-step", "limit", "timeout"] as const) if (v[k] !== undefined) v[k] = back(v[k])
+  for (const k of ["from-step", "from-version", "limit", "timeout"] as const) if (v[k] !== undefined) v[k] = back(v[k])
   const positionals = parsed.positionals.map(back)
   if (v.help || positionals.length === 0) return void process.stdout.write(CTL_HELP)
   const [job, verb, ...args] = positionals
@@ -218,7 +226,7 @@ export const ctlMain = async (argv: string[]): Promise<void> => {
   if (!isToken(sender)) throw new UsageError(`--sender must be 1-64 of [A-Za-z0-9_-], got ${JSON.stringify(sender)}`)
   const timeoutMs = v.timeout === undefined ? 5_000 : Number(v.timeout)
   if (!(timeoutMs > 0)) throw new UsageError(`--timeout must be a positive number of ms, got ${JSON.stringify(v.timeout)}`)
-  const fields = fieldsFor(verb, args, { fromStep: v["from-step"], limit: v.limit })
+  const fields = fieldsFor(verb, args, { fromStep: v["from-step"], fromVersion: v["from-version"], limit: v.limit })
   const url = v.nats ?? process.env.NATS_URL ?? "nats://127.0.0.1:4222"
 
   const program = Effect.gen(function* () {

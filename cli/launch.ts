@@ -11,16 +11,16 @@
  */
 import { existsSync } from "node:fs"
 import { hostname } from "node:os"
-import { Deferred, Effect, Layer } from "effect"
+import { Deferred, Effect, Layer, Result } from "effect"
 import { stopRequested } from "../shared/actor/control-listener.ts"
 import { NatsBus } from "../shared/bus/nats.ts"
 import { Compute, type BackendPreference } from "../shared/compute/backend.ts"
 import { loadJobFile, resolveJob, type JobConfig } from "../shared/config/job.ts"
-import { subjects } from "../shared/protocol/subjects.ts"
+import { isToken, subjects } from "../shared/protocol/subjects.ts"
 import { Metrics } from "../shared/telemetry/metrics.ts"
 import { Telemetry } from "../shared/telemetry/otel.ts"
 import { TracedBus } from "../shared/telemetry/traced-bus.ts"
-import type { Codec } from "../shared/wire/tensor.ts"
+import { codecName, parseCodec } from "../shared/wire/codecs.ts"
 import { UsageError } from "./main.ts"
 import { stageId } from "../actors/worker/stage.ts"
 import { ACTOR_ROLES, finishesOnItsOwn, isActorRole, runActor, wireRole } from "./topology.ts"
@@ -33,17 +33,26 @@ export const jobFromFlag = (flag: string | undefined): JobConfig => {
   return existsSync(flag) ? loadJobFile(flag) : resolveJob({ job: flag }, `--job ${flag}`)
 }
 
-export const codecFromFlag = (c: unknown): Codec => {
-  if (c === undefined || c === "f32") return "f32"
-  if (c === "int8" || c === "int8-block") return "int8-block"
-  throw new UsageError(`--codec must be f32 or int8, got ${JSON.stringify(c)}`)
+/** `--codec C`: a codec of the registry (its canonical name), or undefined when not given. */
+export const codecFromFlag = (c: unknown): string | undefined => {
+  if (c === undefined) return undefined
+  const r = parseCodec(String(c))
+  if (Result.isFailure(r)) throw new UsageError(`--codec: ${r.failure}`)
+  return codecName(r.success)
 }
+
+/** The job with `--codec` over train.compression.codec (the parameter servers stamp it on every version; the senders follow). */
+export const withCodec = (job: JobConfig, codec: string | undefined): JobConfig =>
+  codec === undefined ? job : { ...job, train: { ...job.train, compression: { ...job.train.compression, codec } } }
 
 export const launch = (o: { role: string; values: Record<string, unknown> }) => {
   const v = o.values
   const role = o.role
   if (!isActorRole(role)) throw new UsageError(`unknown role ${JSON.stringify(role)}: one of ${ACTOR_ROLES.join(", ")}`)
-  const job = jobFromFlag(v.job as string | undefined)
+  const job = withCodec(jobFromFlag(v.job as string | undefined), codecFromFlag(v.codec))
+  const relay = v.relay as string | undefined
+  if (relay !== undefined && !(role === "worker" || role === "quantizer")) throw new UsageError(`--relay is for a worker (push through that relay) or a quantizer (be that relay), not a ${role}`)
+  if (relay !== undefined && !isToken(relay)) throw new UsageError(`--relay must be 1-64 of [A-Za-z0-9_-], got ${JSON.stringify(relay)}`)
   const servers = String(v.nats ?? process.env.NATS_URL ?? "nats://127.0.0.1:4222").split(",")
   const shard = v.shard === undefined ? 0 : Number(v.shard)
   if (!(Number.isInteger(shard) && shard >= 0 && shard < job.topology.psShards)) {
@@ -61,7 +70,6 @@ export const launch = (o: { role: string; values: Record<string, unknown> }) => 
   const id = pipeline
     ? stage === 0 ? replica : ((v.id as string | undefined) ?? stageId(replica, stage!))
     : ((v.id as string | undefined) ?? `${role === "param-server" ? `ps${shard}` : role}-${hostname().replace(/[^A-Za-z0-9_-]/g, "")}-${process.pid}`)
-  const codec = codecFromFlag(v.codec)
   const minWorkers = v["min-workers"] === undefined ? undefined : Number(v["min-workers"])
   const bus = TracedBus.layer(NatsBus.layer({ servers, name: `flotilla-${job.job}-${id}`, waitOnFirstConnect: true }))
   // Metrics after Telemetry: its instruments live on the MeterProvider Telemetry starts
@@ -78,7 +86,7 @@ export const launch = (o: { role: string; values: Record<string, unknown> }) => 
         compute: Compute.layer(v.backend as BackendPreference | undefined),
         resume: v["no-resume"] !== true,
         minWorkers,
-        codec,
+        relay,
         nats: servers
       }
     )

@@ -9,6 +9,8 @@
  *   flotilla classify <checkpoint> [text ...] [--file F] [--json]
  *   flotilla export <checkpoint> --safetensors out.safetensors [--json]
  *   flotilla merge-lora <checkpoint> --out file.safetensors|file.ckpt [--json]
+ *   flotilla quantize <checkpoint> --mode int8-dynamic|int8-static|int4-weight [--calib-batches N] [--out FILE] [--job FILE] [--json]
+ *   flotilla generate <checkpoint|quantized-file> [--prompt TEXT] [--tokens N] [--temperature T] [--top-k K] [--seed S] [--json]
  *
  * Every command takes --help. Options override the job file, which overrides defaults.
  */
@@ -16,6 +18,7 @@ import { parseArgs, type ParseArgsConfig } from "node:util"
 import { DEFAULT_JOB, loadJobFile, resolveJob, type JobConfig } from "../shared/config/job.ts"
 import type { BackendPreference } from "../shared/compute/backend.ts"
 import { runMain } from "./runtime.ts"
+import { codecName, parseCodec } from "../shared/wire/codecs.ts"
 import { DEFAULT_RESTART_POLICY, type RestartPolicy } from "./supervisor.ts"
 
 export class UsageError extends Error {
@@ -31,6 +34,7 @@ const COMMON = {
   pipeline: { type: "string" },
   job: { type: "string" },
   consistency: { type: "string" },
+  codec: { type: "string" },
   backend: { type: "string" },
   json: { type: "boolean" },
   sample: { type: "string" },
@@ -50,6 +54,42 @@ commands:
   classify label texts with a trained classifier's checkpoint
   export   write a checkpoint as safetensors (Hugging Face GPT-2 names for a GPT)
   merge-lora  fold a LoRA job's adapters into its base weights
+  quantize post-training quantization of a checkpoint (int8 / int4), with its validation loss
+  generate sample text from a GPT checkpoint or quantized model file
+`,
+  quantize: `usage: flotilla quantize <checkpoint> --mode int8-dynamic|int8-static|int4-weight [options]
+
+Quantizes a trained checkpoint (a file or a job's checkpoint folder) and writes a quantized
+model file (docs/QUANTIZATION.md), then evaluates the float32 and the quantized model on the
+job's validation batches: sizes, validation loss (and a classifier's accuracy) side by side.
+  int8-dynamic   int8 weights per output channel; each matmul input rounded to int8 with
+                 its own absmax, per batch
+  int8-static    the same weights; activation ranges calibrated on training batches, fixed
+  int4-weight    int4 weights per group of 32 along the input dim; float activations
+
+options:
+  --calib-batches N  int8-static: training batches to calibrate on (default 8)
+  --out FILE         the quantized file (default <checkpoint>.<mode>.qmodel)
+  --job FILE         the job file whose data block to evaluate on (default: runs/<job>/job.json,
+                     then jobs/<job>.yaml, then the defaults with the checkpoint's corpus)
+  --json             one JSON object: sizeRatio, fp32ValLoss, quantValLoss, lossDelta, mode, ...
+  --nats URL         ask a live quantizer of the checkpoint's job (flotilla launch quantizer) to
+                     do it, with the paths as seen from here made absolute; here when none answers
+  --backend B        tensorflow | wasm | cpu
+`,
+  generate: `usage: flotilla generate <checkpoint|quantized-file> [options]
+
+Samples text from a trained GPT: a checkpoint file or a job's checkpoint folder (float32), or
+a quantized model file from flotilla quantize (runs from its int8/int4 weights).
+
+options:
+  --prompt TEXT      text to continue (default a newline)
+  --tokens N         bytes to sample (default 200)
+  --temperature T    softmax temperature, 0 = greedy (default 0.8)
+  --top-k K          sample among the K likeliest (default 40; 0 = all)
+  --seed S           sampling seed (default 1337)
+  --json             one JSON object: { source, format, mode, prompt, tokens, text }
+  --backend B        tensorflow | wasm | cpu
 `,
   export: `usage: flotilla export <checkpoint> --safetensors out.safetensors [--json]
 
@@ -70,8 +110,9 @@ a Flotilla checkpoint of the base model (usable by init.from); .safetensors as e
 Labels each text with a trained classifier (e.g. jobs/spam-lstm.yaml) and prints
 "label  probability  text". <checkpoint> is a checkpoint file
 (checkpoints/<job>/ps-0/v00007550.ckpt) or a job's folder (checkpoints/<job>: the newest
-version every shard holds). The checkpoint carries the model, its class names and the
-tokenizer fitted on the training split, so texts are tokenized as in training.
+version every shard holds), or a quantized model file (flotilla quantize). Either carries the
+model, its class names and the tokenizer fitted on the training split, so texts are tokenized
+as in training.
 
 options:
   --file F           one text per line (blank lines skipped), after any given as arguments
@@ -92,6 +133,7 @@ options:
   --micro-batches M  pipeline: micro-batches (loader batches) per step and replica, M ≥ S (default max(4, S))
   --pipeline P       pipeline schedule: 1f1b (default) | gpipe
   --consistency M    sync | async | bounded:S
+  --codec C          gradient codec with error feedback: f32 (default) | bf16 | int8 | int4 | sign1 | topk:F
   --backend B        tensorflow | wasm | cpu (default: best available; env FLOTILLA_BACKEND)
   --json             print a machine-readable summary instead of the report
   --sample N         characters of text to sample at the end (default 200; 0 = none)
@@ -105,7 +147,7 @@ options:
   --nats URL         an existing NATS server (default: start one on a free port)
   --steps N, --workers N, --ps-shards N, --stages S, --micro-batches M, --pipeline P,
   --consistency M, --backend B   as for start (--workers R --stages S starts R×S workers)
-  --codec C          gradient codec on the wire: f32 | int8
+  --codec C          gradient codec on the wire (train.compression.codec): f32 | bf16 | int8 | int4 | sign1 | topk:F
   --json             print a machine-readable summary at the end
   --max-restarts N   restarts allowed per actor within the restart window (default ${DEFAULT_RESTART_POLICY.maxRestarts}; 0 = none)
   --restart-window D the window of that budget: 300s, 5m, 1500ms (default ${DEFAULT_RESTART_POLICY.windowMs / 60_000}m)
@@ -115,7 +157,7 @@ backoff (${DEFAULT_RESTART_POLICY.backoffMs} ms doubling to ${DEFAULT_RESTART_PO
 parameter server resumes from its checkpoint. up fails only when an actor's budget is
 spent, with its exits and the tail of its log. An actor that exits 0 is done.
 `,
-  launch: `usage: flotilla launch <loader|worker|evaluator|param-server|scheduler> --job NAME|FILE --nats URL [options]
+  launch: `usage: flotilla launch <loader|worker|evaluator|param-server|scheduler|quantizer> --job NAME|FILE --nats URL [options]
 
 Runs one actor that joins a job over NATS. --job is a job file (JSON/YAML) or a job name
 (then the defaults are used: pass the same file to every actor of a job).
@@ -126,7 +168,10 @@ options:
   --shard K          param-server: which shard (default 0)
   --stage K          worker of a pipeline job (topology.stages > 1): which stage it hosts (required there)
   --replica R        worker of a pipeline job: which replica (a number, or an id; default 0 = worker-0)
-  --codec C          worker: gradient codec f32 | int8
+  --codec C          train.compression.codec for this actor (the parameter servers' is the one that counts:
+                     they stamp it on every version, and every sender encodes under it)
+  --relay NAME       worker: push gradients through the quantizer relay NAME (f32, over the local link);
+                     quantizer: be the relay NAME (sum its workers' gradients, one compressed push per version)
   --no-resume        param-server: start fresh at version 0, removing this shard's earlier checkpoints
                      (up passes it on the first start only, so a restart resumes)
   --min-workers N    param-server: the first step waits for N live workers
@@ -168,6 +213,13 @@ export const restartPolicyFromArgs = (v: Record<string, unknown>): Partial<Resta
 }
 
 /** Job from a file (or defaults) with command-line overrides applied. */
+/** `--codec C` as the registry's canonical name, or a usage error listing the codecs. */
+const codecOf = (c: string): string => {
+  const r = parseCodec(c)
+  if (r._tag === "Failure") throw new UsageError(`--codec: ${r.failure}`)
+  return codecName(r.success)
+}
+
 export const jobFromArgs = (file: string | undefined, v: Record<string, unknown>): JobConfig => {
   const base: Record<string, any> = file ? { ...loadJobFile(file) } : {}
   const patch: Record<string, any> = { train: {}, topology: {} }
@@ -191,6 +243,10 @@ export const jobFromArgs = (file: string | undefined, v: Record<string, unknown>
   if (v.pipeline !== undefined) {
     if (v.pipeline !== "1f1b" && v.pipeline !== "gpipe") throw new UsageError(`--pipeline must be 1f1b or gpipe, got ${JSON.stringify(v.pipeline)}`)
     patch.topology.schedule = v.pipeline
+  }
+  if (v.codec !== undefined) {
+    const given = base.train?.compression
+    patch.train.compression = { ...(typeof given === "string" ? { codec: given } : given), codec: codecOf(String(v.codec)) }
   }
   if (typeof v.jobName === "string") patch.job = v.jobName
   const merged: Record<string, any> = { ...base, train: { ...base.train, ...patch.train }, topology: { ...base.topology, ...patch.topology } }
@@ -225,7 +281,6 @@ export const main = async (argv: string[]): Promise<void> => {
       case "up": {
         const { values: v, positionals } = parse(rest, {
           nats: { type: "string" },
-          codec: { type: "string" },
           "max-restarts": { type: "string" },
           "restart-window": { type: "string" }
         })
@@ -244,7 +299,7 @@ export const main = async (argv: string[]): Promise<void> => {
           shard: { type: "string" },
           stage: { type: "string" },
           replica: { type: "string" },
-          codec: { type: "string" },
+          relay: { type: "string" },
           "no-resume": { type: "boolean" },
           "min-workers": { type: "string" }
         })
@@ -272,6 +327,20 @@ export const main = async (argv: string[]): Promise<void> => {
         if (v.help || positionals.length === 0) return void process.stdout.write(HELP["merge-lora"])
         const { mergeLoraMain } = await import("./export.ts")
         await mergeLoraMain({ checkpoint: positionals[0], out: v.out, json: v.json === true })
+        return
+      }
+      case "quantize": {
+        const { values: v, positionals } = parse(rest, { mode: { type: "string" }, "calib-batches": { type: "string" }, out: { type: "string" }, nats: { type: "string" } })
+        if (v.help || positionals.length === 0) return void process.stdout.write(HELP.quantize)
+        const { quantizeMain } = await import("./quantize.ts")
+        await quantizeMain({ checkpoint: positionals[0], mode: v.mode, calibBatches: v["calib-batches"], out: v.out, job: v.job, json: v.json === true, backend: v.backend as BackendPreference | undefined, nats: v.nats })
+        return
+      }
+      case "generate": {
+        const { values: v, positionals } = parse(rest, { prompt: { type: "string" }, tokens: { type: "string" }, temperature: { type: "string" }, "top-k": { type: "string" }, seed: { type: "string" } })
+        if (v.help || positionals.length === 0) return void process.stdout.write(HELP.generate)
+        const { generateMain } = await import("./generate.ts")
+        await generateMain({ source: positionals[0], prompt: v.prompt, tokens: v.tokens, temperature: v.temperature, topK: v["top-k"], seed: v.seed, json: v.json === true, backend: v.backend as BackendPreference | undefined })
         return
       }
       case "ctl": {

@@ -7,6 +7,7 @@
  * a terminal chart) and the path of the checkpoint THIS run wrote (an earlier run of the
  * same job name may have left files with newer versions: they are not this run's).
  */
+import { decodeTensor } from "../shared/wire/codecs.ts"
 import { mkdirSync, writeFileSync } from "node:fs"
 import { join } from "node:path"
 import { Deferred, Effect, Layer } from "effect"
@@ -87,7 +88,7 @@ export const pullParams = (job: JobConfig, who: string) =>
     const params = new Map<string, Float32Array>()
     for (let k = 0; k < job.topology.psShards; k++) {
       const r = yield* requestBundle(bus, s.psPull(k), encodeMessage({ _tag: "PullParams", v: PROTOCOL_VERSION, worker: who, minVersion: 0 }), { timeoutMs: 10_000 })
-      for (const t of r.bundle.tensors) params.set(t.name, Float32Array.from(t.data as Float32Array))
+      for (const t of r.bundle.tensors) params.set(t.name, Float32Array.from(decodeTensor(t))) // bf16 params (train.compression.params) widened
     }
     return params
   })

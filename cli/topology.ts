@@ -26,7 +26,8 @@ import type { Bus } from "../shared/bus/Bus.ts"
 import type { BackendUnavailableError, Compute } from "../shared/compute/backend.ts"
 import type { JobConfig } from "../shared/config/job.ts"
 import type { Role } from "../shared/protocol/subjects.ts"
-import type { Codec } from "../shared/wire/tensor.ts"
+import { runRelay } from "../actors/quantizer/relay.ts"
+import { serveQuantize } from "../actors/quantizer/service.ts"
 import { makeFileStore, makeJetStreamStore, type CheckpointStoreShape } from "../shared/checkpoint/store.ts"
 
 /**
@@ -42,7 +43,7 @@ export const checkpointStoreFor = (job: JobConfig, nats: readonly string[] | und
       : makeJetStreamStore({ servers: nats, name: `flotilla-${job.job}-checkpoints` }).pipe(Effect.mapError((e) => new Error(e.message)))
 
 /** The roles `flotilla launch` runs (the parameter server's wire role is `ps`). */
-export const ACTOR_ROLES = ["loader", "worker", "evaluator", "param-server", "scheduler"] as const
+export const ACTOR_ROLES = ["loader", "worker", "evaluator", "param-server", "scheduler", "quantizer"] as const
 export type ActorRole = (typeof ACTOR_ROLES)[number]
 export const isActorRole = (r: string): r is ActorRole => (ACTOR_ROLES as readonly string[]).includes(r)
 
@@ -89,8 +90,8 @@ export interface RunActorOptions {
   readonly resume?: boolean
   /** param-server: the first step waits for this many live workers (default topology.workers). */
   readonly minWorkers?: number
-  /** worker: the gradient codec on the wire (default f32). */
-  readonly codec?: Codec
+  /** worker: push through the quantizer relay of this name; quantizer: relay under this name. */
+  readonly relay?: string
   /** scheduler: NATS servers, to keep the control history in JetStream (memory when absent); param-server: for a jetstream checkpoint store. */
   readonly nats?: readonly string[]
 }
@@ -125,6 +126,15 @@ export const runActor = (
         yield* runController({ job, id: controllerIdOf(id), nats: o.nats })
         return { spec, finished: Effect.never, describe: () => `${id}: stopped` }
       }
+      case "quantizer": {
+        // post-training quantization on request, and (--relay NAME) a relay for a slow link
+        yield* serveQuantize(job.job).pipe(Effect.provide(o.compute))
+        const relay = o.relay ? yield* runRelay({ job, name: o.relay }) : undefined
+        return {
+          spec, finished: Effect.never,
+          describe: () => `${id}: stopped${relay ? ` (relay ${o.relay}: ${relay.state.stats.combined} combinations of ${relay.state.stats.parts} gradients)` : ""}`
+        }
+      }
       case "param-server": {
         const store = yield* checkpointStoreFor(job, o.nats)
         const h = yield* runParamServer({ job, shard: spec.shard, id, resume: o.resume ?? true, minWorkers: o.minWorkers, store })
@@ -138,7 +148,7 @@ export const runActor = (
           const st = h.state.stats
           return { spec, finished: Deferred.await(h.finished), describe: () => `${id}: stage ${spec.stage} done (${st.steps} steps, ${st.retries} retried, ${st.dropped} dropped)` }
         }
-        const h = yield* runWorker({ job, id, mode: spec.role === "evaluator" ? "eval" : "train", codec: o.codec }).pipe(Effect.provide(o.compute))
+        const h = yield* runWorker({ job, id, mode: spec.role === "evaluator" ? "eval" : "train", relay: o.relay }).pipe(Effect.provide(o.compute))
         const st = h.stats
         return {
           spec,

@@ -49,11 +49,13 @@ const TAIL_LINES = 40
 
 /** `flotilla launch` arguments of one actor; `restarts` > 0: a restart (a parameter server then resumes). */
 export const launchArgs = (spec: ActorSpec, restarts: number, o: { jobFile: string; url: string; codec?: string; backend?: string }): string[] => {
-  const common = ["--id", spec.id, "--job", o.jobFile, "--nats", o.url]
+  // --codec is the job's (train.compression.codec): the servers stamp it, every sender follows
+  const common = ["--id", spec.id, "--job", o.jobFile, "--nats", o.url, ...(o.codec ? ["--codec", o.codec] : [])]
   const backend = o.backend ? ["--backend", o.backend] : []
   switch (spec.role) {
     case "loader":
     case "scheduler":
+    case "quantizer":
       return [spec.role, ...common]
     case "param-server":
       // the first start is a fresh run; a restart resumes from the shard's checkpoint
@@ -61,7 +63,7 @@ export const launchArgs = (spec: ActorSpec, restarts: number, o: { jobFile: stri
     case "evaluator":
       return [spec.role, ...common, ...backend]
     case "worker":
-      return [spec.role, ...common, ...(spec.stage !== undefined ? ["--stage", String(spec.stage), "--replica", spec.replica ?? "0"] : []), ...(o.codec ? ["--codec", o.codec] : []), ...backend]
+      return [spec.role, ...common, ...(spec.stage !== undefined ? ["--stage", String(spec.stage), "--replica", spec.replica ?? "0"] : []), ...backend]
   }
 }
 

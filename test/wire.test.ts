@@ -1,7 +1,9 @@
-// Implements: pure tests of the tensor wire format — bundle encode/decode, int8 codec with
-// error feedback, CRC-32, framing and the Reassembler's fault detection.
+// Implements: pure tests of the tensor wire format — bundle encode/decode, the int8 codec
+// with error feedback through codec.ts's entry points (toWire/fromWire, quantize), CRC-32,
+// framing and the Reassembler's fault detection.
 // Run: npx vitest run test/wire.test.ts
-// Does not own: anything over a bus (test/wire.nats.test.ts).
+// Does not own: the other codecs and their dtypes (test/codecs.test.ts), anything over a bus
+// (test/wire.nats.test.ts).
 import { describe, expect, it } from "vitest"
 import { Result } from "effect"
 import { dequantize, fromWire, quantize, toWire } from "../shared/wire/codec.ts"
@@ -194,6 +196,10 @@ describe("int8 block codec", () => {
       errPlain = Math.max(errPlain, Math.abs(sumPlain[i] - sumX[i]))
     }
     expect(errFb).toBeLessThan(errPlain / 4)
+  })
+
+  it("toWire refuses an unknown codec name, naming the known ones", () => {
+    expect(() => toWire("a", [1], Float32Array.of(1), "int3")).toThrow(/unknown codec "int3": the known codecs are f32, bf16, int8/)
   })
 
   it("toWire f32 shares the data; fromWire dequantizes int8", () => {

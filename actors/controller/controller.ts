@@ -44,6 +44,8 @@ import { LrForStep, StepApplied, ValidationLoss, type ErrorCode } from "../../sh
 import { PROTOCOL_VERSION, queues, subjects } from "../../shared/protocol/subjects.ts"
 import { resolveSchedule, type Schedule, type ScheduleInput } from "../../shared/schedule/schedules.ts"
 import { jetstreamHistory, memoryHistory, type HistoryStore } from "./history.ts"
+import { codecName, parseCodec } from "../../shared/wire/codecs.ts"
+import { gradCodecAt, type CodecSwitch, type CompressionConfig } from "../../shared/wire/compression.ts"
 
 /** Control events are at-most-once: the newest REPLAY_KEEP accepted commands go out again every REPLAY_MS. */
 export const REPLAY_MS = 2_000
@@ -63,6 +65,8 @@ export interface ControlView {
   consistency: Consistency
   paused: boolean
   stopped: boolean
+  /** the job's gradient codec and the accepted switches (shared/wire/compression.ts). */
+  compression: { readonly base: CompressionConfig; readonly switches: readonly CodecSwitch[] }
 }
 
 export interface ControllerHandle {
@@ -106,7 +110,28 @@ export const validateCommand = (view: ControlView, c: ControlCommand): Result.Re
       if (c.staleness !== undefined) return Result.fail(problem("invalid-value", `staleness is only for bounded consistency, not ${c.mode}`))
       return Result.succeed({ ...view, consistency: { mode: c.mode } })
     }
+    case "SetCompression": {
+      const codec = parseCodec(c.codec)
+      if (Result.isFailure(codec)) return Result.fail(problem("invalid-value", codec.failure))
+      if (c.fromVersion === undefined) return Result.fail(problem("invalid-value", "set-compression needs the version it starts at (fromVersion)"))
+      const switches = [...view.compression.switches.filter((x) => x.fromVersion < c.fromVersion!), { fromVersion: c.fromVersion, codec: codecName(codec.success) }]
+      return Result.succeed({ ...view, compression: { ...view.compression, switches } })
+    }
   }
+}
+
+/** Versions a set-compression starts ahead of the job: at least 2, and about 2 s of progress at the rate seen. */
+export const compressionLead = (samples: ReadonlyArray<{ readonly version: number; readonly at: number }>): number => {
+  if (samples.length < 2) return 2
+  const [a, b] = [samples[0], samples[samples.length - 1]]
+  const perSec = b.at > a.at ? ((b.version - a.version) * 1000) / (b.at - a.at) : 0
+  return 2 + Math.ceil(Math.max(0, perSec) * 2)
+}
+
+/** status: the codec at `version` and the next switch, if one is pending. */
+const compressionStatus = (view: ControlView, version: number) => {
+  const next = view.compression.switches.find((x) => x.fromVersion > version)
+  return { codec: gradCodecAt(view.compression.base, view.compression.switches, version), ...(next ? { next } : {}) }
 }
 
 const str = (x: unknown, max = 128): string | undefined => (typeof x === "string" && x.length > 0 && x.length <= max ? x : undefined)
@@ -122,7 +147,10 @@ export const runController = (o: ControllerOptions): Effect.Effect<ControllerHan
     if (Result.isFailure(optimizer)) return yield* Effect.fail(new Error(`optimizer: ${optimizer.failure.message}`))
     const schedule = resolveSchedule(job.schedule as unknown as ScheduleInput)
     if (Result.isFailure(schedule)) return yield* Effect.fail(new Error(`schedule: ${schedule.failure.message}`))
-    const view: ControlView = { optimizer: optimizer.success, schedule: schedule.success, consistency: job.train.consistency, paused: false, stopped: false }
+    const view: ControlView = {
+      optimizer: optimizer.success, schedule: schedule.success, consistency: job.train.consistency, paused: false, stopped: false,
+      compression: { base: job.train.compression, switches: [] }
+    }
 
     const history: HistoryStore = o.nats
       ? yield* jetstreamHistory(job.job, o.nats).pipe(
@@ -154,6 +182,8 @@ export const runController = (o: ControllerOptions): Effect.Effect<ControllerHan
     let valMetrics: Record<string, number> | undefined
     let epochsDone = 0
     let finished = false
+    /** (newest version, when heard) over the last 10 s: how fast the job moves (set-compression's lead). */
+    let progress: Array<{ version: number; at: number }> = []
     const onApplied = (m: BusMessage) => {
       const r = decodeBytes(StepApplied, m.subject, m.data)
       if (Result.isFailure(r)) return
@@ -163,6 +193,8 @@ export const runController = (o: ControllerOptions): Effect.Effect<ControllerHan
       if (!cur || a.incarnation > cur.incarnation || (a.incarnation === cur.incarnation && a.version > cur.version)) {
         shards.set(a.shard, { incarnation: a.incarnation, version: a.version })
       }
+      const at = Date.now()
+      if (a.version > (progress.at(-1)?.version ?? -1)) progress = [...progress.filter((p) => at - p.at <= 10_000), { version: a.version, at }]
       lastLoss = Number.isFinite(a.loss) ? a.loss : null
       if (a.shard === 0 && a.epochsDone !== undefined) epochsDone = a.epochsDone
       lastLr = a.lr
@@ -209,7 +241,7 @@ export const runController = (o: ControllerOptions): Effect.Effect<ControllerHan
           version: v, shards: [...shards].sort(([a], [b]) => a - b).map(([shard, x]) => ({ shard, version: x.version })),
           step: lastStep, lr: next, schedule: view.schedule.kind, lastLoss, lastValLoss,
           ...(valMetrics ? { valMetrics } : {}), epoch: { done: epochsDone, of: job.train.epochs },
-          consistency: view.consistency, optimizer: { ...view.optimizer }, paused: view.paused, stopped: view.stopped, finished
+          consistency: view.consistency, compression: compressionStatus(view, v ?? 0), optimizer: { ...view.optimizer }, paused: view.paused, stopped: view.stopped, finished
         }
         return reply
       })
@@ -264,9 +296,18 @@ export const runController = (o: ControllerOptions): Effect.Effect<ControllerHan
         const reply: ControlHistory = { _tag: "ControlHistory", v: PROTOCOL_VERSION, job: job.job, requestId: req.requestId, by: id, at: Date.now(), store: history.kind, entries }
         return yield* bus.respond(m, encodeMessage(reply))
       }
-      const next = validateCommand(view, req)
+      let command: ControlCommand = req
+      if (req._tag === "SetCompression") {
+        // the switch version: one every sender and every shard can still meet (the broadcast carries it)
+        const newest = Math.max(-1, ...[...shards.values()].map((x) => x.version))
+        if (req.fromVersion !== undefined && req.fromVersion <= newest) {
+          return yield* refuse(m, problem("invalid-value", `fromVersion ${req.fromVersion} has passed: the job is at version ${newest}; give a later one, or none`), raw)
+        }
+        command = { ...req, fromVersion: req.fromVersion ?? Math.max(0, newest) + compressionLead(progress) }
+      }
+      const next = validateCommand(view, command)
       if (Result.isFailure(next)) return yield* refuse(m, next.failure, raw)
-      yield* accept(m, verb, req, next.success).pipe(
+      yield* accept(m, verb, command, next.success).pipe(
         Effect.catch((e) => refuse(m, problem("internal", `could not record the command: ${e.message}`), raw))
       )
     })

@@ -101,7 +101,7 @@ export const decodeBatch = (m: BusMessage): LeaseResult => {
   if (Result.isFailure(bundle)) return { _tag: "Failed", reason: `batch ${d.success.batchId}: ${bundle.failure.message}` }
   const tensors = new Map<string, Int32Array | Float32Array>()
   for (const t of bundle.success.tensors) {
-    if (t.dtype === "int8") return { _tag: "Failed", reason: `batch ${d.success.batchId}: tensor ${t.name} is int8; batches carry int32 and float32 only` }
+    if (t.dtype !== "int32" && t.dtype !== "float32") return { _tag: "Failed", reason: `batch ${d.success.batchId}: tensor ${t.name} is ${t.dtype}; batches carry int32 and float32 only` }
     tensors.set(t.name, t.data as Int32Array | Float32Array)
   }
   return { _tag: "Batch", meta: d.success, batch: { size: d.success.B, tensors } }

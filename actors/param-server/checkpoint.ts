@@ -27,6 +27,7 @@ import type { OptimizerConfig, OptimizerSlots } from "../../shared/optim/optimiz
 import type { Consistency } from "../../shared/config/job.ts"
 import { AppliedLogJson } from "../../shared/protocol/applied-log.ts"
 import { decodeValue } from "../../shared/protocol/decode.ts"
+import type { CodecSwitch } from "../../shared/wire/compression.ts"
 
 const MAGIC = new TextEncoder().encode("FLOTCKPT")
 const FORMAT = 2
@@ -45,6 +46,10 @@ export interface ShardCheckpoint {
   readonly log: AppliedLogJson
   /** shard 0: the scheduler's state as of this version (shared/schedule/state.ts); else absent. */
   readonly schedule?: unknown
+  /** accepted `set-compression`s (absent: none). */
+  readonly codecSwitches?: readonly CodecSwitch[]
+  /** the run (the first incarnation of a fresh start): senders keep their residuals only within one run. */
+  readonly run?: number
   /** what inference needs besides the params (a classifier's labels and tokenizer: DataInfo from the loader); absent for a language model. */
   readonly data?: unknown
   readonly params: ReadonlyMap<string, Float32Array>
@@ -72,7 +77,7 @@ export const encodeCheckpoint = (c: ShardCheckpoint): Uint8Array => {
       crc32: crc32(payload),
       payloadBytes: payload.byteLength,
       manifest,
-      state: { job: c.job, shard: c.shard, version: c.version, updates: c.updates, optimizer: c.optimizer, consistency: c.consistency, log: c.log, schedule: c.schedule, data: c.data }
+      state: { job: c.job, shard: c.shard, version: c.version, updates: c.updates, optimizer: c.optimizer, consistency: c.consistency, log: c.log, schedule: c.schedule, data: c.data, codecSwitches: c.codecSwitches, run: c.run }
     })
   )
   // pad the header so the payload starts 4-byte aligned in the file
@@ -127,7 +132,9 @@ export const decodeCheckpoint = (bytes: Uint8Array, what = "checkpoint"): ShardC
   if (Result.isFailure(log)) fail(`applied log: ${log.failure.reason}`)
   return {
     job: st.job, shard: st.shard, version: st.version, updates: st.updates, optimizer: st.optimizer, consistency: st.consistency,
-    log: Result.getOrThrow(log), schedule: st.schedule, data: st.data, params, shapes, slots
+    log: Result.getOrThrow(log), schedule: st.schedule, data: st.data, params, shapes, slots,
+    ...(Number.isFinite(st.run) ? { run: st.run } : {}),
+    ...(Array.isArray(st.codecSwitches) ? { codecSwitches: st.codecSwitches.filter((x: any) => Number.isInteger(x?.fromVersion) && typeof x?.codec === "string") } : {})
   }
 }
 

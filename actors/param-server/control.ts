@@ -1,6 +1,6 @@
 /**
  * Implements: what a control command does to a parameter-server shard (pause, resume,
- * checkpoint, stop, set-optimizer, set-consistency), as part of the mailbox reducer
+ * checkpoint, stop, set-optimizer, set-consistency, set-compression), as part of the mailbox reducer
  * (core.ts calls it for a `ControlApplied` event; the control listener has already
  * validated the command and put it in order). Mutates the state and adds effects, like
  * the rest of the reducer. Does not own: set-lr / set-schedule (the scheduler's).
@@ -34,6 +34,15 @@ export const control = (s: PsState, ev: ControlApplied, out: PsEffect[]) => {
         s.core.optimizer = makeOptimizer(next.success)
         out.push({ _tag: "Log", level: "info", message: `optimizer → ${JSON.stringify(next.success)}` })
       }
+      break
+    }
+    case "set-compression": {
+      // the controller chose the version; one this shard has already broadcast starts at the next one
+      const from = Number(c.fromVersion)
+      const at = from > s.core.version ? from : s.core.version + 1
+      if (at !== from) out.push({ _tag: "Log", level: "warn", message: `set-compression ${c.codec} from version ${from} arrived at version ${s.core.version}: it starts at ${at} on this shard` })
+      s.codecSwitches = [...s.codecSwitches.filter((x) => x.fromVersion < at), { fromVersion: at, codec: String(c.codec) }]
+      out.push({ _tag: "Log", level: "info", message: `gradient codec → ${c.codec} from version ${at}` })
       break
     }
     case "set-consistency": {

@@ -31,6 +31,7 @@ import type { AppliedStep, GradientPush, Held, ShardState } from "./aggregate.ts
 import type { Subjects } from "../../shared/protocol/subjects.ts"
 import * as P from "./protocol.ts"
 import { control } from "./control.ts"
+import type { CodecSwitch, CompressionConfig } from "../../shared/wire/compression.ts"
 
 export interface PsConfig {
   readonly subjects: Subjects
@@ -50,6 +51,8 @@ export interface PsConfig {
   readonly resendMs: number
   /** a resumed (or rolled-back) shard's first version waits this long at most for workers to show up (livenessMs). */
   readonly joinGraceMs: number
+  /** the job's compression policy (train.compression): the params encoding and the gradient codec stamped on each version. */
+  readonly compression?: CompressionConfig
 }
 
 type Phase =
@@ -63,8 +66,11 @@ export interface PsState {
   readonly cfg: PsConfig
   core: ShardState
   incarnation: number
-  /** live workers (membership). */
+  /** live workers (membership): the ones the barrier waits for (relays included, relayed workers not). */
   readonly members: Set<string>
+  /** live relayed workers and relays: what the first step's `minWorkers` counts besides `members`. */
+  readonly relayed: Set<string>
+  readonly relays: Set<string>
   /** sync leader: who the open version waits for. */
   barrier: Set<string>
   started: boolean
@@ -94,11 +100,16 @@ export interface PsState {
   lastProgress: number
   now: number
   rollingBack: boolean
+  /** accepted `set-compression`s (checkpointed): the codec stamped on version v is gradCodecAt(cfg.compression, these, v). */
+  codecSwitches: CodecSwitch[]
+  /** the run this shard's params belong to: its first incarnation (checkpointed; a resume keeps it, a fresh start makes a new one). */
+  readonly run: number
 }
 
 export type PsEvent =
   | { readonly _tag: "GradientsReceived"; readonly push: GradientPush; readonly incarnation: number; readonly subject: string }
-  | { readonly _tag: "MemberJoined"; readonly id: string }
+  /** `relayed`: a worker that pushes through a relay (not waited for itself); `relay`: a relay (waited for, not counted as a worker). */
+  | { readonly _tag: "MemberJoined"; readonly id: string; readonly relayed?: boolean; readonly relay?: boolean }
   | { readonly _tag: "MemberLeft"; readonly id: string; readonly why: string }
   | { readonly _tag: "PeerSeen"; readonly shard: number; readonly incarnation: number; readonly version: number }
   | { readonly _tag: "HeldReported"; readonly msg: GradientsHeld }
@@ -127,12 +138,14 @@ export type PsEffect =
   | { readonly _tag: "Finished" }
   | { readonly _tag: "Log"; readonly level: "info" | "warn"; readonly message: string }
 
-export const initialState = (cfg: PsConfig, core: ShardState, o: { incarnation: number; schedule?: unknown; now: number }): PsState => {
+export const initialState = (cfg: PsConfig, core: ShardState, o: { incarnation: number; schedule?: unknown; now: number; codecSwitches?: readonly CodecSwitch[]; run?: number }): PsState => {
   const s: PsState = {
   cfg,
   core,
   incarnation: o.incarnation,
   members: new Set(),
+  relayed: new Set(),
+  relays: new Set(),
   barrier: new Set(),
   started: false,
   resumedAt: core.version > 0 ? o.now : undefined,
@@ -151,7 +164,9 @@ export const initialState = (cfg: PsConfig, core: ShardState, o: { incarnation: 
   lastResend: o.now,
   lastProgress: o.now,
   now: o.now,
-  rollingBack: false
+  rollingBack: false,
+  codecSwitches: [...(o.codecSwitches ?? [])],
+  run: o.run ?? o.incarnation
   }
   s.done = finished(s)
   return s
@@ -193,12 +208,19 @@ export const step = (s: PsState, e: PsEvent): PsEffect[] => {
       break
     }
     case "MemberJoined":
+      if (e.relayed) {
+        s.relayed.add(e.id)
+        break
+      }
+      if (e.relay) s.relays.add(e.id)
       s.members.add(e.id)
       // before the first update every live worker is in the barrier; later, a worker that
       // joins is in the barrier of the next version
       if (!s.started) s.barrier = new Set(s.members)
       break
     case "MemberLeft":
+      if (s.relayed.delete(e.id)) break
+      s.relays.delete(e.id)
       s.members.delete(e.id)
       s.barrier.delete(e.id)
       out.push({ _tag: "Log", level: "info", message: `worker ${e.id} left (${e.why}); the barrier waits for [${waitingFor(s)}]` })
@@ -361,7 +383,7 @@ const heldEverywhere = (s: PsState): Held[] =>
  * the first version after a restart is not made of whoever pushed first.
  */
 const canStart = (s: PsState): boolean =>
-  s.started || s.members.size >= s.cfg.minWorkers || (s.resumedAt !== undefined && s.now - s.resumedAt >= s.cfg.joinGraceMs)
+  s.started || s.members.size - s.relays.size + s.relayed.size >= s.cfg.minWorkers || (s.resumedAt !== undefined && s.now - s.resumedAt >= s.cfg.joinGraceMs)
 
 /** Start the next update when its inputs are there (called after every event). */
 const progress = (s: PsState, out: PsEffect[]) => {

@@ -23,6 +23,7 @@ import { decodeValue } from "../../shared/protocol/decode.ts"
 import { PROTOCOL_VERSION, type Subjects } from "../../shared/protocol/subjects.ts"
 import type { TensorBundle } from "../../shared/wire/tensor.ts"
 import { requestBundle } from "../../shared/wire/transport.ts"
+import { DEFAULT_COMPRESSION, gradCodecAt, paramsTensors } from "../../shared/wire/compression.ts"
 import type { AppliedStep, GradientPush, Held } from "./aggregate.ts"
 import type { PsState } from "./core.ts"
 
@@ -61,10 +62,12 @@ export const appliedLog = (s: PsState): AppliedLog => ({
 
 /** The params of this shard as a bundle (views of the live arrays: send before the next update). */
 export const paramsBundle = (s: PsState): TensorBundle => ({
-  tensors: s.core.specs.map((sp) => ({ name: sp.name, dtype: "float32" as const, shape: sp.shape, data: s.core.params.get(sp.name)! })),
+  // f32 views of the live arrays, or (train.compression.params: bf16) bf16 copies of the big ones
+  tensors: paramsTensors(s.cfg.compression ?? DEFAULT_COMPRESSION, s.core.specs, s.core.params),
   meta: {
-    kind: "params", job: s.cfg.job, version: s.core.version, step: s.core.version, sender: s.cfg.id, codec: "f32",
-    extra: { shard: s.cfg.shard, incarnation: s.incarnation, epochsDone: s.core.log.openFrom } satisfies ParamsMeta
+    kind: "params", job: s.cfg.job, version: s.core.version, step: s.core.version, sender: s.cfg.id, codec: s.cfg.compression?.params ?? "f32",
+    // the codec of the gradients computed on this version: every sender follows it, so a switch happens at one version
+    extra: { shard: s.cfg.shard, incarnation: s.incarnation, epochsDone: s.core.log.openFrom, codec: gradCodecAt(s.cfg.compression ?? DEFAULT_COMPRESSION, s.codecSwitches, s.core.version), run: s.run } satisfies ParamsMeta
   }
 })
 

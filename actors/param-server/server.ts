@@ -31,7 +31,7 @@ import { PROTOCOL_VERSION, subjects } from "../../shared/protocol/subjects.ts"
 import { resolveSchedule, type ScheduleInput } from "../../shared/schedule/schedules.ts"
 import { initialState as initialSchedulerState, lrFrom, parseState } from "../../shared/schedule/state.ts"
 import { currentMetrics } from "../../shared/telemetry/metrics.ts"
-import { fromWire } from "../../shared/wire/codec.ts"
+import { decodeTensor } from "../../shared/wire/codecs.ts"
 import { denseGrads } from "../../shared/wire/rows.ts"
 import type { TensorBundle } from "../../shared/wire/tensor.ts"
 import { receiveBundles, replyWithBundle, sendBundle } from "../../shared/wire/transport.ts"
@@ -133,10 +133,10 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
       {
         subjects: s, job: job.job, id, shard, shards: job.topology.psShards, steps: job.train.steps, epochs: job.train.epochs, checkpointEvery: job.train.checkpointEvery,
         minWorkers: o.minWorkers ?? job.topology.workers, decisionWaitMs: Math.max(1_000, 4 * job.train.heartbeatMs), resendMs: 500,
-        joinGraceMs: job.train.livenessMs
+        joinGraceMs: job.train.livenessMs, compression: job.train.compression
       },
       init.core,
-      { incarnation, schedule: init.schedule, now: Date.now() }
+      { incarnation, schedule: init.schedule, now: Date.now(), codecSwitches: found?.checkpoint.codecSwitches, run: found?.checkpoint.run }
     )
     yield* Effect.logInfo(
       found
@@ -180,7 +180,7 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
     const checkpoint = (why: string) =>
       saveCheckpoint(store, {
         job: job.job, shard, version: state.core.version, updates: state.core.updates, optimizer: state.core.optimizer.config,
-        consistency: state.core.consistency, log: state.core.log.toJSON(), schedule: state.schedule,
+        consistency: state.core.consistency, log: state.core.log.toJSON(), schedule: state.schedule, codecSwitches: state.codecSwitches, run: state.run,
         // init.from as an absolute path: merge-lora and export rebuild a LoRA job's base from it, from any folder
         data: shard === 0 ? { model: job.model, lora: job.train.lora, init: job.init && { ...job.init, from: job.init.from.startsWith("store:") ? job.init.from : resolve(job.init.from) }, seed: job.train.seed, ...(Ref.getUnsafe(dataInfo) ?? {}) } : undefined,
         // LoRA: only the adapters (the frozen base is the job's init, rebuilt on resume)
@@ -277,7 +277,9 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
 
     // ---- inputs: everything below only decodes at the edge and enqueues
     yield* trackMembership(s, job.train.livenessMs, (e) =>
-      e.member.role !== "worker" ? Effect.void : offer(e.kind === "left" ? { _tag: "MemberLeft", id: e.member.id, why: e.why } : { _tag: "MemberJoined", id: e.member.id })
+      // a relayed worker (heartbeat info `relay`) counts for the first step but is waited for through its relay
+      e.member.role !== "worker" ? Effect.void
+      : offer(e.kind === "left" ? { _tag: "MemberLeft", id: e.member.id, why: e.why } : { _tag: "MemberJoined", id: e.member.id, ...(e.member.info?.relay !== undefined ? { relayed: true } : e.member.info?.relayFor !== undefined ? { relay: true } : {}) })
     )
     yield* bus.subscribe(s.hbRole("ps"), (m) => {
       const hb = decodeBytes(Heartbeat, m.subject, m.data)
@@ -301,7 +303,13 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
         if (Result.isFailure(g)) return yield* bad("bad-message", g.failure.reason)
         const x = g.success
         // an embedding's gradient may come as its non-zero rows (shared/wire/rows.ts)
-        const dense = denseGrads(bundle.tensors.map((t) => ({ name: t.name, shape: t.shape, values: t.dtype === "int32" ? (t.data as Int32Array) : fromWire(t) })), (n) => specShapes.get(n))
+        // any codec of the registry (the bundle says which, per tensor); an inconsistent one is refused with its reason
+        let dense: ReturnType<typeof denseGrads>
+        try {
+          dense = denseGrads(bundle.tensors.map((t) => ({ name: t.name, shape: t.shape, values: t.dtype === "int32" ? (t.data as Int32Array) : decodeTensor(t) })), (n) => specShapes.get(n))
+        } catch (err) {
+          dense = { problem: `cannot decode ${m.codec} gradient: ${(err as Error).message}` }
+        }
         if ("problem" in dense) {
           return yield* reject({ code: "bad-tensor", reason: dense.problem, subject: info.subject, sender: m.sender }).pipe(
             Effect.flatMap((msg) => (/^[A-Za-z0-9_-]{1,64}$/.test(m.sender) ? bus.publish(s.psAck(shard, m.sender), encodeMessage(msg)).pipe(Effect.ignore) : Effect.void))
@@ -341,7 +349,7 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
       const r = decodeBytes(NormShare, m.subject, m.data)
       return Result.isSuccess(r) ? offerTraced({ _tag: "NormShared", msg: r.success }) : Effect.logWarning(r.failure.message)
     })
-    const verbs: ReadonlyArray<CommandVerb> = ["pause", "resume", "checkpoint", "stop", "set-optimizer", "set-consistency"]
+    const verbs: ReadonlyArray<CommandVerb> = ["pause", "resume", "checkpoint", "stop", "set-optimizer", "set-consistency", "set-compression"]
     yield* onControl(s, Object.fromEntries(verbs.filter((v) => (CONTROL_VERBS as readonly string[]).includes(v)).map((v) => [v, (_: unknown, ev: never) => offer({ _tag: "ControlApplied", event: ev })])))
     // (suspended: each Tick reads the clock when it is sent)
     yield* Effect.forkScoped(Effect.forever(Effect.sleep(TICK_MS).pipe(Effect.andThen(Effect.suspend(() => offer({ _tag: "Tick", now: Date.now() }))))))

@@ -80,7 +80,7 @@ export interface WorkerState extends ParamsCache {
 
 export type WorkerEvent =
   | { readonly _tag: "LeaseReplied"; readonly batch?: Batch; readonly noBatch?: { reason: string; retryAfterMs: number }; readonly failed?: string }
-  | { readonly _tag: "ParamsReceived"; readonly shard: number; readonly incarnation: number; readonly version: number; readonly params: ReadonlyMap<string, Float32Array>; readonly epochsDone?: number }
+  | { readonly _tag: "ParamsReceived"; readonly shard: number; readonly incarnation: number; readonly version: number; readonly params: ReadonlyMap<string, Float32Array>; readonly epochsDone?: number; readonly codec?: string; readonly run?: number }
   | { readonly _tag: "PullEnded"; readonly shard: number }
   | { readonly _tag: "ServerSeen"; readonly shard: number; readonly incarnation: number; readonly version: number }
   | { readonly _tag: "PushAcked"; readonly ack: PushAck }

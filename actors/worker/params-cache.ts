@@ -17,6 +17,10 @@ export interface CachedShard {
   readonly incarnation: number
   readonly version: number
   readonly params: ReadonlyMap<string, Float32Array>
+  /** the codec of gradients computed on this version, as the server stamped it (absent: f32). */
+  readonly codec?: string
+  /** the run the server's params belong to (ParamsMeta.run). */
+  readonly run?: number
 }
 
 /** After seeing a new server incarnation, leases of an older lease generation are dropped for this long. */
@@ -45,13 +49,13 @@ export const isNewer = (cur: { readonly incarnation: number; readonly version: n
 /** A params bundle of `shard`: "stale" (not newer: ignored), "newer", or "restarted" (a newer incarnation replaced the cache). */
 export const receiveParams = (
   c: ParamsCache,
-  e: { readonly shard: number; readonly incarnation: number; readonly version: number; readonly params: ReadonlyMap<string, Float32Array> },
+  e: { readonly shard: number; readonly incarnation: number; readonly version: number; readonly params: ReadonlyMap<string, Float32Array>; readonly codec?: string; readonly run?: number },
   now: number
 ): "stale" | "newer" | "restarted" => {
   c.pulling.delete(e.shard)
   const cur = c.cache.get(e.shard)
   if (!isNewer(cur, e.incarnation, e.version)) return "stale"
-  c.cache.set(e.shard, { incarnation: e.incarnation, version: e.version, params: e.params })
+  c.cache.set(e.shard, { incarnation: e.incarnation, version: e.version, params: e.params, ...(e.codec !== undefined ? { codec: e.codec } : {}), ...(e.run !== undefined ? { run: e.run } : {}) })
   if (cur === undefined || e.incarnation <= cur.incarnation) return "newer"
   c.restartIncarnation = Math.max(c.restartIncarnation, e.incarnation)
   c.restartSeenAt = now

@@ -32,6 +32,7 @@ import type { TensorBundle } from "../../shared/wire/tensor.ts"
 import { receiveBundles, sendBundle } from "../../shared/wire/transport.ts"
 import { LoaderClient } from "../loader/protocol.ts"
 import { ParamServerClient, paramsMeta } from "../param-server/protocol.ts"
+import { decodeTensor } from "../../shared/wire/codecs.ts"
 import { initialStage, step, type StageConfig, type StageEffect, type StageEvent, type StageState } from "./stage-core.ts"
 import type { LeasedBatch } from "./stage-run.ts"
 
@@ -119,7 +120,7 @@ export const runStageWorker = (o: StageOptions): Effect.Effect<StageHandle, Erro
       if (Result.isFailure(m) || !cfg.reads.includes(m.success.shard)) return undefined
       // a shard of another stage (the tied embedding's): keep copies of what this stage reads, so the bundle's buffer can go
       const own = cfg.pushes.has(m.success.shard)
-      const params = new Map(b.tensors.filter((t) => own || needed.has(t.name)).map((t) => [t.name, own ? (t.data as Float32Array) : Float32Array.from(t.data as Float32Array)]))
+      const params = new Map(b.tensors.filter((t) => own || needed.has(t.name)).map((t) => [t.name, own || t.dtype !== "float32" ? decodeTensor(t) : Float32Array.from(t.data as Float32Array)]))
       return { _tag: "ParamsReceived", shard: m.success.shard, incarnation: m.success.incarnation, version: b.meta.version, params }
     }
     const limits = bundleLimits(job, model)

@@ -29,9 +29,10 @@ import { explainWasmAbort } from "../../shared/compute/memory.ts"
 import { bundleLimits, heapProblemFor, shardOfForJob } from "../../shared/models/pipeline.ts"
 import { PROTOCOL_VERSION, subjects } from "../../shared/protocol/subjects.ts"
 import { currentMetrics } from "../../shared/telemetry/metrics.ts"
-import { toWire } from "../../shared/wire/codec.ts"
-import { toSparseRows } from "../../shared/wire/rows.ts"
-import type { Codec, TensorBundle } from "../../shared/wire/tensor.ts"
+import { decodeTensor } from "../../shared/wire/codecs.ts"
+import { GradEncoder, specOf } from "../../shared/wire/compression.ts"
+import type { TensorBundle } from "../../shared/wire/tensor.ts"
+import { loadSenderState, restoreResiduals, saveSenderState, senderStateFile } from "../../shared/checkpoint/sender-state.ts"
 import { receiveBundles, sendBundle } from "../../shared/wire/transport.ts"
 import { LoaderClient } from "../loader/protocol.ts"
 import { ParamServerClient, paramsMeta } from "../param-server/protocol.ts"
@@ -43,8 +44,11 @@ export interface WorkerOptions {
   readonly job: JobConfig
   readonly id: string
   readonly mode?: "train" | "eval"
-  /** gradient codec on the wire (int8-block uses error feedback). Default f32. */
-  readonly codec?: Codec
+  /**
+   * push gradients to the quantizer relay of this name (actors/quantizer) over the fast local
+   * link, f32; it sums its workers' gradients and sends one compressed push per version on.
+   */
+  readonly relay?: string
 }
 
 export interface WorkerHandle {
@@ -72,8 +76,27 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
     if (heap !== undefined) return yield* Effect.fail(new Error(heap))
     const shardOf = shardOfForJob(job, model)
     const limits = bundleLimits(job, model)
-    const codec: Codec = o.codec ?? "f32"
-    const residuals = new Map<string, Float32Array>()
+    // error feedback: what each tensor's codec could not send yet (kept across restarts: sender-state.ts)
+    const encoder = new GradEncoder(job.train.compression.minElements)
+    const senderState = mode === "train" && !o.relay ? senderStateFile(job, id) : undefined
+    // restored at the first step, once the params say which run they belong to (a fresh start is a new run)
+    let toRestore = senderState ? loadSenderState(senderState, job.job, id) : undefined
+    if (toRestore?._tag === "Corrupt") yield* Effect.logWarning(`worker ${id}: ${toRestore.reason}; starting with zero residuals`)
+    const restoreSaved = () => {
+      if (toRestore?._tag !== "Loaded") return undefined
+      const r = restoreResiduals(encoder.residuals, toRestore, (k) => state.cache.get(k)?.run, shardOf, new Map(model.specs.map((sp) => [sp.name, sp.shape.reduce((a, b) => a * b, 1)])))
+      toRestore = undefined
+      return `error-feedback residuals of ${r.restored} tensors restored from ${senderState}${r.dropped ? `; ${r.dropped} dropped (another run of the job, or another model)` : ""}`
+    }
+    let savedAt = -1
+    const saveResiduals = (version: number) =>
+      Effect.sync(() => {
+        if (!senderState || encoder.residuals.size === 0) return
+        const runs = Object.fromEntries([...state.cache].filter(([, c]) => c.run !== undefined).map(([k, c]) => [String(k), c.run!]))
+        saveSenderState(senderState, { job: job.job, sender: id, version, runs, residuals: encoder.residuals })
+        savedAt = version
+      }).pipe(Effect.catch((e) => Effect.logWarning(`worker ${id}: could not save its residuals: ${String(e)}`)))
+    if (senderState) yield* Effect.addFinalizer(() => saveResiduals(Math.max(0, savedAt)).pipe(Effect.ignore))
     const stats = { steps: 0, stale: 0, tokens: 0, bytesSent: 0, resent: 0, pulls: 0 }
     const finished = yield* Deferred.make<void>()
     const metrics = yield* currentMetrics
@@ -85,7 +108,11 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
     const paramsEvent = (b: TensorBundle): WorkerEvent | undefined => {
       const m = paramsMeta(b)
       if (Result.isFailure(m) || !(m.success.shard < shards)) return undefined
-      return { _tag: "ParamsReceived", shard: m.success.shard, incarnation: m.success.incarnation, version: b.meta.version, params: new Map(b.tensors.map((t) => [t.name, t.data as Float32Array])), epochsDone: m.success.epochsDone }
+      return {
+        _tag: "ParamsReceived", shard: m.success.shard, incarnation: m.success.incarnation, version: b.meta.version, epochsDone: m.success.epochsDone, codec: m.success.codec, run: m.success.run,
+        // f32 as is; bf16 (train.compression.params) widened
+        params: new Map(b.tensors.map((t) => [t.name, decodeTensor(t)]))
+      }
     }
     yield* receiveBundles(bus, s.psVersionAll, (b) => {
       const e = paramsEvent(b)
@@ -105,7 +132,8 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
       return Number.isInteger(k) && k < shards && Number.isFinite(inc) && Number.isInteger(ver) ? offer({ _tag: "ServerSeen", shard: k, incarnation: inc, version: ver }) : Effect.void
     })
 
-    const hb = yield* runHeartbeat(s, mode === "eval" ? "evaluator" : "worker", id, job.train.heartbeatMs)
+    // a relayed worker says so from its first beat: the parameter servers wait for its relay, not for it
+    const hb = yield* runHeartbeat(s, mode === "eval" ? "evaluator" : "worker", id, job.train.heartbeatMs, o.relay ? { relay: o.relay } : {})
 
     // ---- join: pull every shard once (broadcasts, heartbeats and the watchdog keep us current)
     const joinPull = (k: number) =>
@@ -170,28 +198,28 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
           Effect.withSpan("worker.forward_backward", { attributes: { "flotilla.version": v, "flotilla.micro_batches": e.micro.length } })
         )
         const t3 = performance.now()
+        const restored = restoreSaved()
+        if (restored) yield* Effect.logInfo(`worker ${id}: ${restored}`)
         let normSq = 0
         for (const x of g.grads.values()) for (let i = 0; i < x.length; i++) normSq += x[i] * x[i]
         const tokens = e.micro.reduce((n, b) => n + model.units(b.data).n, 0)
         const first = e.micro[0].meta
         const bundles = new Map<number, TensorBundle>()
         for (let k = 0; k < shards; k++) {
-          // frozen tensors (train.freeze, LoRA's base) are not sent: the shard holds no optimizer state for them
+          // the codec the server stamped on the version computed on (a relay's workers send f32: the relay compresses)
+          const codecName = o.relay ? "f32" : state.cache.get(k)!.codec ?? "f32"
+          const codec = specOf(codecName)
+          // frozen tensors (train.freeze, LoRA's base) are not sent: the shard holds no optimizer state for them.
+          // f32: an embedding's gradient goes as its non-zero rows when that is smaller (shared/wire/rows.ts)
           const tensors = model.specs
             .filter((sp) => shardOf.get(sp.name) === k && trainable.has(sp.name))
-            .flatMap((sp) => {
-              // f32: an embedding's gradient goes as its non-zero rows when that is smaller (shared/wire/rows.ts)
-              const rows = codec === "f32" ? toSparseRows(sp.name, sp.shape, g.grads.get(sp.name)!) : undefined
-              if (rows) return rows
-              let residual = residuals.get(sp.name)
-              if (codec !== "f32" && !residual) residuals.set(sp.name, (residual = new Float32Array(g.grads.get(sp.name)!.length)))
-              return [toWire(sp.name, sp.shape, g.grads.get(sp.name)!, codec, { residual })]
-            })
+            .flatMap((sp) => encoder.encode(codec, sp.name, sp.shape, g.grads.get(sp.name)!))
           const extra: GradMeta = {
             samples: g.samples, tokens, loss: g.loss, normSq, micro: g.batchId, gen: first.gen, epochBatches: first.epochBatches,
-            incarnation: state.cache.get(k)!.incarnation
+            incarnation: state.cache.get(k)!.incarnation,
+            ...(o.relay ? { stamp: state.cache.get(k)!.codec ?? "f32", ...(state.cache.get(k)!.run !== undefined ? { run: state.cache.get(k)!.run } : {}) } : {})
           }
-          bundles.set(k, { tensors, meta: { kind: "grads", job: job.job, version: e.versions.get(k)!, step: e.versions.get(k)!, sender: id, batchId: g.batchId, codec, extra } })
+          bundles.set(k, { tensors, meta: { kind: "grads", job: job.job, version: e.versions.get(k)!, step: e.versions.get(k)!, sender: id, batchId: g.batchId, codec: codecName, extra } })
         }
         const batchAt = Math.max(lastPushAt, ...e.micro.map((b) => batchArrived.get(b.meta.batchId) ?? lastPushAt))
         for (const b of e.micro) batchArrived.delete(b.meta.batchId)
@@ -231,7 +259,7 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
           // the short sleep lets the lease request's socket write happen before TensorFlow.js holds the thread
           return Effect.sleep(1).pipe(Effect.andThen(compute(e)), Effect.orDie)
         case "Push":
-          return sendBundle(bus, s.psPush(e.shard), e.bundle).pipe(
+          return sendBundle(bus, o.relay ? s.relayPush(o.relay, e.shard) : s.psPush(e.shard), e.bundle).pipe(
             Effect.tap((sent) => Effect.sync(() => {
               stats.bytesSent += sent.bytes
               metrics.addBytes("sent", sent.bytes, "grads")
@@ -246,7 +274,9 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
           const c = computeTimes
           stats.steps++
           stats.tokens += c.tokens
-          hb.setInfo({ version: c.version, steps: stats.steps })
+          hb.setInfo({ version: c.version, steps: stats.steps, ...(o.relay ? { relay: o.relay } : {}) })
+          // the residuals are saved with the job's checkpoint cadence (and on a clean exit)
+          const save = senderState && job.train.checkpointEvery > 0 && Math.floor(c.version / job.train.checkpointEvery) > Math.floor(savedAt / job.train.checkpointEvery) ? saveResiduals(c.version) : Effect.void
           const metric: WorkerStep = {
             _tag: "WorkerStep", v: PROTOCOL_VERSION, worker: id, version: c.version, batchId: e.inflight.batchId, loss: c.loss, tokens: c.tokens,
             waitBatchMs: c.waitBatch, waitParamsMs: c.waitParams, computeMs: c.compute, pushMs: t4 - c.t3, bytesSent: stats.bytesSent - bytesAtLastPush
@@ -256,7 +286,7 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
           metrics.recordStepTimes({ wait_batch: metric.waitBatchMs, wait_params: metric.waitParamsMs, compute: metric.computeMs, push: metric.pushMs, total: t4 - lastPushAt })
           if (t4 > lastPushAt) metrics.recordTokensPerSec((c.tokens * 1000) / (t4 - lastPushAt))
           lastPushAt = t4
-          return bus.publish(s.metrics("worker"), encodeMessage(metric)).pipe(Effect.ignore)
+          return save.pipe(Effect.andThen(bus.publish(s.metrics("worker"), encodeMessage(metric))), Effect.ignore)
         }
         case "Pull":
           return Effect.asVoid(Effect.forkIn(pull(e.shard, e.minVersion), scope))

@@ -121,7 +121,9 @@ export const runHeartbeat = (
   s: Subjects,
   role: Role,
   id: string,
-  intervalMs: number
+  intervalMs: number,
+  /** info from the first beat on (e.g. a relayed worker's `relay`, which decides who counts it). */
+  initialInfo: Record<string, string | number> = {}
 ): Effect.Effect<HeartbeatHandle, never, Bus | Scope.Scope> =>
   Effect.gen(function* () {
     const bus = yield* Bus
@@ -129,7 +131,7 @@ export const runHeartbeat = (
     const restarts = restartsFromEnv()
     let seq = 0
     let state: "running" | "paused" | "leaving" = "running"
-    let info: Record<string, string | number> = {}
+    let info: Record<string, string | number> = { ...initialInfo }
     const beat = Effect.suspend(() =>
       bus.publish(
         s.hb(role, id),

@@ -14,6 +14,8 @@ import { decodeValue } from "../protocol/decode.ts"
 import { resolveOptimizer } from "../optim/optimizers.ts"
 import { resolveSchedule } from "../schedule/schedules.ts"
 import { TOKEN_PATTERN } from "../protocol/subjects.ts"
+import { parseCodec } from "../wire/codecs.ts"
+import { DEFAULT_COMPRESSION } from "../wire/compression.ts"
 
 const PosInt = Schema.Int.check(Schema.isGreaterThan(0))
 const NonNegInt = Schema.Int.check(Schema.isGreaterThanOrEqualTo(0))
@@ -77,6 +79,19 @@ export const Lora = Schema.Struct({
 })
 export type Lora = typeof Lora.Type
 
+/** `train.compression` (shared/wire/compression.ts); a bare codec name is `{ codec }`. */
+export const Compression = Schema.Struct({
+  /** the gradient codec: f32, bf16, int8, int4, sign1, topk:F (checked against the registry). */
+  codec: Schema.String,
+  /** versions that push f32 before the codec starts. */
+  warmupSteps: NonNegInt,
+  /** tensors smaller than this travel f32. */
+  minElements: NonNegInt,
+  /** the params broadcast: f32 or bf16. */
+  params: Schema.Literals(["f32", "bf16"])
+})
+export type Compression = typeof Compression.Type
+
 export const JobConfig = Schema.Struct({
   /** job name: the `<job>` token of every subject. */
   job: Schema.String.check(Schema.isPattern(TOKEN_PATTERN)),
@@ -117,6 +132,8 @@ export const JobConfig = Schema.Struct({
     lora: Schema.optional(Lora),
     /** where parameter servers keep checkpoints: "file" (checkpointDir) or "jetstream" (a JetStream object store on the job's NATS, so a server relaunched on another host finds them). */
     checkpointStore: Schema.Literals(["file", "jetstream"]),
+    /** gradient compression on the wire, with error feedback (shared/wire/compression.ts); `ctl set-compression` changes the codec live. */
+    compression: Compression,
     /** global-norm gradient clipping (0 = off). */
     clipNorm: Schema.Finite.check(Schema.isGreaterThanOrEqualTo(0)),
     /** a leased batch not applied within this time is re-issued. */
@@ -160,6 +177,7 @@ export const DEFAULT_JOB: JobConfig = {
     checkpointDir: "checkpoints",
     checkpointStore: "file",
     freeze: [],
+    compression: DEFAULT_COMPRESSION,
     clipNorm: 1,
     leaseTimeoutMs: 30_000,
     heartbeatMs: 500,
@@ -219,7 +237,9 @@ export const resolveJob = (partial: unknown, source = "job"): JobConfig => {
       ...(pTop.microBatches === undefined ? { microBatches: Math.max(4, stages) } : {})
     }
   }
-  const merged = deepMerge(base, p) as Record<string, unknown>
+  // `train.compression: int8` is `{ codec: int8 }`
+  const given = typeof pTrain.compression === "string" ? { ...p, train: { ...pTrain, compression: { codec: pTrain.compression } } } : p
+  const merged = deepMerge(base, given) as Record<string, unknown>
   const sched = merged.schedule as Record<string, unknown>
   const perEpoch = isPlainObject(sched) && sched.per === "epoch"
   const steps = perEpoch ? (merged.train as Record<string, unknown>)?.epochs : (merged.train as Record<string, unknown>)?.steps
@@ -239,6 +259,8 @@ export const resolveJob = (partial: unknown, source = "job"): JobConfig => {
     throw new JobConfigError(`${source}: model.width (${job.model.width}) must be divisible by model.heads (${job.model.heads})`)
   }
   pipelineProblem(job, source)
+  const codec = parseCodec(job.train.compression.codec)
+  if (Result.isFailure(codec)) throw new JobConfigError(`${source}: train.compression.codec: ${codec.failure}`)
   const opt = resolveOptimizer(job.optimizer as never)
   if (Result.isFailure(opt)) throw new JobConfigError(`${source}: ${opt.failure.message}`)
   const schedR = resolveSchedule(job.schedule as never)

@@ -71,6 +71,18 @@ export const SetConsistency = Schema.Struct({
   mode: ConsistencyMode,
   staleness: Schema.optional(NonNegInt)
 })
+/**
+ * `set-compression`: gradients computed on params versions ≥ `fromVersion` travel under
+ * `codec` (shared/wire/codecs.ts). The controller checks the name and, when `fromVersion` is
+ * absent, picks a version a little ahead of the job's (every actor must hear of it first);
+ * the broadcast always carries it, and every parameter server stamps it on its params.
+ */
+export const SetCompression = Schema.Struct({
+  _tag: Schema.Literal("SetCompression"),
+  ...envelope,
+  codec: Schema.String.check(Schema.isMinLength(1), Schema.isMaxLength(32)),
+  fromVersion: Schema.optional(NonNegInt)
+})
 /** `history`: the accepted commands, oldest first (the last `limit`, default 100). */
 export const GetControlHistory = Schema.Struct({
   _tag: Schema.Literal("GetControlHistory"),
@@ -89,6 +101,7 @@ export const CONTROL_REQUESTS = {
   "set-schedule": SetSchedule,
   "set-optimizer": SetOptimizer,
   "set-consistency": SetConsistency,
+  "set-compression": SetCompression,
   history: GetControlHistory
 } as const
 
@@ -99,11 +112,11 @@ export type ControlRequestOf<V extends ControlVerb> = (typeof CONTROL_REQUESTS)[
 export type ControlRequest = ControlRequestOf<ControlVerb>
 
 /** The verbs that change the job (recorded in the history and broadcast); the rest are queries. */
-export const COMMAND_VERBS = ["pause", "resume", "stop", "checkpoint", "set-lr", "set-schedule", "set-optimizer", "set-consistency"] as const
+export const COMMAND_VERBS = ["pause", "resume", "stop", "checkpoint", "set-lr", "set-schedule", "set-optimizer", "set-consistency", "set-compression"] as const
 export type CommandVerb = (typeof COMMAND_VERBS)[number]
 export const isCommandVerb = (v: string): v is CommandVerb => (COMMAND_VERBS as readonly string[]).includes(v)
 
-export const ControlCommand = Schema.Union([PauseJob, ResumeJob, StopJob, CheckpointJob, SetLr, SetSchedule, SetOptimizer, SetConsistency])
+export const ControlCommand = Schema.Union([PauseJob, ResumeJob, StopJob, CheckpointJob, SetLr, SetSchedule, SetOptimizer, SetConsistency, SetCompression])
 export type ControlCommand = typeof ControlCommand.Type
 
 // ---------------------------------------------------------------- the broadcast event
@@ -202,6 +215,8 @@ export const JobStatus = Schema.Struct({
   /** complete epochs (shard 0's applied log) and the job's limit (0 = none). */
   epoch: Schema.optional(Schema.Struct({ done: Schema.Int, of: Schema.Int })),
   consistency: Schema.Struct({ mode: ConsistencyMode, staleness: Schema.optional(NonNegInt) }),
+  /** the gradient codec now, and the next one with the version it starts at, if a switch is pending. */
+  compression: Schema.optional(Schema.Struct({ codec: Schema.String, next: Schema.optional(Schema.Struct({ codec: Schema.String, fromVersion: NonNegInt })) })),
   optimizer: Schema.Record(Schema.String, Schema.Unknown),
   paused: Schema.Boolean,
   stopped: Schema.Boolean,

@@ -141,7 +141,11 @@ export const GradMeta = Schema.Struct({
   micro: Schema.String,
   gen: NonNegInt,
   epochBatches: NonNegInt,
-  incarnation: NonNeg
+  incarnation: NonNeg,
+  /** a relayed worker's f32 push: the codec the server stamped on its version, for the relay to encode under. */
+  stamp: Schema.optional(Schema.String.check(Schema.isMaxLength(32))),
+  /** with `stamp`: the run of the params it was computed on (ParamsMeta.run). */
+  run: Schema.optional(NonNeg)
 })
 export type GradMeta = typeof GradMeta.Type
 
@@ -151,7 +155,11 @@ export const ParamsMeta = Schema.Struct({
   /** when this server process started (ms): a new one means a restart, maybe at a lower version. */
   incarnation: NonNeg,
   /** complete epochs in the shard's applied log at this version (evaluation per epoch). */
-  epochsDone: Schema.optional(NonNegInt)
+  epochsDone: Schema.optional(NonNegInt),
+  /** the codec of gradients computed on this version (shared/wire/compression.ts); absent: f32. */
+  codec: Schema.optional(Schema.String.check(Schema.isMaxLength(32))),
+  /** the run the params belong to (a fresh start makes a new one): a sender's saved residuals are kept only within it. */
+  run: Schema.optional(NonNeg)
 })
 export type ParamsMeta = typeof ParamsMeta.Type
 

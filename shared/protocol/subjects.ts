@@ -74,6 +74,11 @@ export const subjects = (job: string) => {
     /** pipeline: activations into stage k of a replica (from stage k−1), and activation gradients into stage k (from k+1; the tied-weight gradient into stage 0). */
     pipeFwd: (replica: string, stage: number) => `${p}.pipe.${assertToken("replica", replica)}.${stage}.fwd`,
     pipeBwd: (replica: string, stage: number) => `${p}.pipe.${assertToken("replica", replica)}.${stage}.bwd`,
+    /** a relayed worker's gradient for shard k, to the quantizer relay `name` (actors/quantizer/relay.ts). */
+    relayPush: (name: string, shard: number) => `${p}.relay.${assertToken("relay name", name)}.${shard}.push`,
+    relayPushAll: (name: string) => `${p}.relay.${assertToken("relay name", name)}.*.push`,
+    /** request/reply, queue group `quantizer`: post-training quantization of a checkpoint (actors/quantizer/service.ts). */
+    quantize: `${p}.quantize`,
     /** request/reply, queue group `scheduler`: the LR for a step. */
     lr: `${p}.lr`,
     metrics: (role: Role) => `${p}.metrics.${role}`,
@@ -99,5 +104,6 @@ export const queues = {
   loader: "loader",
   scheduler: "scheduler",
   ps: (shard: number) => `ps-${shard}`,
-  control: "control"
+  control: "control",
+  quantizer: "quantizer"
 } as const

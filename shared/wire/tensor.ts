@@ -3,33 +3,52 @@
 // says where each tensor lives. Encoding and decoding are pure; decoding validates
 // everything (schema, dtypes, shape products against byte lengths, bounds, alignment,
 // unique names) and fails with a `WireDecodeError` carrying a specific `reason`.
-// Does not own: quantization (codec.ts), splitting into bus-sized frames (frames.ts),
-// moving bytes over the bus (transport.ts).
+// Does not own: the codecs, what the bytes of each dtype mean and how float32 values are
+// recovered from them (codecs.ts); splitting into bus-sized frames (frames.ts); moving bytes
+// over the bus (transport.ts).
 //
-// Layout (protocol v1). For each tensor, in manifest order:
-//   offset       = align4(cursor); `byteLength` = numel × bytes(dtype) bytes of data
-//   scalesOffset = align4(offset + byteLength) (int8 only); ceil(numel / blockSize)
-//                  float32 absmax scales (dequantized value = q × scale of its block)
+// Layout (protocol v1). For each tensor, in manifest order, with n = numel of its LOGICAL
+// `shape` (the product; 1 for a scalar, shape []):
+//   offset       = align4(cursor); `byteLength` bytes of data, by dtype:
+//                    float32, int32: 4n   bf16: 2n (uint16)   int8: n
+//                    int4: ceil(n/2) (two per byte)   sign1: ceil(n/8) (one bit each)
+//                    topk: 4k (the k kept float32 values)
+//   scalesOffset = align4(offset + byteLength) (int8, int4, sign1 only; with `blockSize`):
+//                  ceil(n / blockSize) float32 scales, one per block
+//   indexOffset  = align4(offset + byteLength) (topk only; with `k`, 1 ≤ k ≤ n, or 0 when
+//                  n is 0): k uint32 element indices, strictly increasing, each < n
 // int32 tensors (a batch's token ids) are laid out like float32 ones, with no scales.
-// numel is the product of `shape` (1 for a scalar, shape []). Padding bytes are zero; the
-// payload ends right after the last tensor. All multi-byte values are little-endian
-// IEEE-754. Because every offset is a multiple of 4, a receiver whose payload buffer is
-// itself 4-aligned views float32 data in place (decode copies only when it is not).
+// Padding bytes are zero; the payload ends right after the last tensor. All multi-byte
+// values are little-endian. Because every offset is a multiple of 4, a receiver whose
+// payload buffer is itself 4-aligned views the data, scales and indices in place (decode
+// copies only when it is not). `meta.codec` names the codec the sender used (codecs.ts
+// parseCodec, e.g. "int8", "topk:0.01"; the old "int8-block" still decodes); a receiver
+// does not need it to decode, each tensor's dtype says how. The dtypes bf16, int4, sign1,
+// topk and the fields k, indexOffset were added within v1 (old bundles decode unchanged).
 
 import { Data, Result, Schema } from "effect"
+import { parseCodec } from "./codecs.ts"
 
-export type DType = "float32" | "int8" | "int32"
-export type Codec = "f32" | "int8-block"
+export const DTYPES = ["float32", "int8", "int32", "bf16", "int4", "sign1", "topk"] as const
+export type DType = (typeof DTYPES)[number]
+/** A codec name that codecs.ts `parseCodec` accepts: "f32", "bf16", "int8", "topk:0.01", ... */
+export type Codec = string
 
 export interface WireTensor {
   readonly name: string
   readonly dtype: DType
   /** Row-major; [] is a scalar. */
   readonly shape: ReadonlyArray<number>
-  readonly data: Float32Array | Int8Array | Int32Array
-  /** int8 only: one absmax scale per block of `blockSize` consecutive elements. */
+  /**
+   * float32: Float32Array; int32: Int32Array; int8: Int8Array; bf16: Uint16Array; int4,
+   * sign1: the packed Uint8Array; topk: the k kept values, a Float32Array.
+   */
+  readonly data: Float32Array | Int8Array | Int32Array | Uint16Array | Uint8Array
+  /** int8, int4, sign1: one scale per block of `blockSize` consecutive elements. */
   readonly scales?: Float32Array
   readonly blockSize?: number
+  /** topk only: the element index of each value in `data`, strictly increasing, < numel. */
+  readonly indices?: Uint32Array
 }
 
 export interface BundleMeta {
@@ -41,6 +60,7 @@ export interface BundleMeta {
   readonly step: number
   readonly sender: string
   readonly batchId?: string
+  /** The codec name (codecs.ts parseCodec); decoding a bundle rejects an unknown one. */
   readonly codec: Codec
   readonly extra?: Readonly<Record<string, string | number>>
 }
@@ -56,12 +76,15 @@ const Nat = Schema.Int.check(Schema.isGreaterThanOrEqualTo(0))
 
 export const ManifestTensor = Schema.Struct({
   name: Schema.NonEmptyString,
-  dtype: Schema.Literals(["float32", "int8", "int32"]),
+  dtype: Schema.Literals(DTYPES),
   shape: Schema.Array(Nat),
   offset: Nat,
   byteLength: Nat,
   scalesOffset: Schema.optionalKey(Nat),
-  blockSize: Schema.optionalKey(Nat.check(Schema.isGreaterThanOrEqualTo(1)))
+  blockSize: Schema.optionalKey(Nat.check(Schema.isGreaterThanOrEqualTo(1))),
+  /** topk only: values kept, and where their uint32 indices start. */
+  k: Schema.optionalKey(Nat),
+  indexOffset: Schema.optionalKey(Nat)
 })
 export type ManifestTensor = typeof ManifestTensor.Type
 
@@ -72,7 +95,7 @@ export const BundleMetaSchema = Schema.Struct({
   step: Schema.Int,
   sender: Schema.String,
   batchId: Schema.optionalKey(Schema.String),
-  codec: Schema.Literals(["f32", "int8-block"]),
+  codec: Schema.String, // checked by parseCodec in parseManifest
   extra: Schema.optionalKey(Schema.Record(Schema.String, Schema.Union([Schema.String, Schema.Finite])))
 })
 
@@ -102,6 +125,8 @@ export type WireDecodeReason =
   | "misaligned"
   | "overlap"
   | "bad-scales"
+  | "bad-index"
+  | "unknown-codec"
   | "missing-manifest"
 
 /** A manifest or payload that does not describe valid tensors. */
@@ -110,7 +135,7 @@ export class WireDecodeError extends Data.TaggedError("WireDecodeError")<{
   readonly message: string
 }> {}
 
-export type WireEncodeReason = "duplicate-name" | "bad-name" | "bad-shape" | "dtype-mismatch" | "length-mismatch" | "bad-scales"
+export type WireEncodeReason = "duplicate-name" | "bad-name" | "bad-shape" | "dtype-mismatch" | "length-mismatch" | "bad-scales" | "bad-index"
 
 /** A bundle that cannot be encoded (a caller bug: data length vs shape, names, scales). */
 export class WireEncodeError extends Data.TaggedError("WireEncodeError")<{
@@ -118,7 +143,41 @@ export class WireEncodeError extends Data.TaggedError("WireEncodeError")<{
   readonly message: string
 }> {}
 
-const BYTES: Record<DType, number> = { float32: 4, int8: 1, int32: 4 }
+/** Bytes of data of a tensor of `numel` elements (topk: of its `k` kept values). */
+export const dataBytes = (dtype: DType, numel: number, k = 0): number => {
+  switch (dtype) {
+    case "float32":
+    case "int32":
+      return 4 * numel
+    case "bf16":
+      return 2 * numel
+    case "int8":
+      return numel
+    case "int4":
+      return Math.ceil(numel / 2)
+    case "sign1":
+      return Math.ceil(numel / 8)
+    case "topk":
+      return 4 * k
+  }
+}
+/** The typed array each dtype's data is. */
+const ARRAY: Record<DType, Function> = {
+  float32: Float32Array, int32: Int32Array, int8: Int8Array, bf16: Uint16Array, int4: Uint8Array, sign1: Uint8Array, topk: Float32Array
+}
+const BLOCKED: ReadonlySet<DType> = new Set(["int8", "int4", "sign1"])
+
+/** Why topk indices do not describe a tensor of numel elements, or undefined when they do. */
+const badIndices = (indices: Uint32Array, numel: number): string | undefined => {
+  const k = indices.length
+  if (k > numel || (k === 0 && numel > 0)) return `k = ${k} kept values must be in [1, ${numel}] (numel)`
+  for (let j = 0, prev = -1; j < k; j++) {
+    const i = indices[j]
+    if (i <= prev || i >= numel) return `indices[${j}] = ${i} must be > ${prev} (strictly increasing) and < ${numel} (numel)`
+    prev = i
+  }
+  return undefined
+}
 /** The next multiple of 4 (arithmetic, not a bitwise AND: payloads may pass 2 GiB). */
 const align4 = (n: number): number => Math.ceil(n / 4) * 4
 const LITTLE_ENDIAN = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1
@@ -160,22 +219,39 @@ export const encodeBundle = (
     names.add(t.name)
     const numel = numelOf(t.shape)
     if (numel < 0) return encodeFail("bad-shape", `${at}: shape [${t.shape}] is not a list of non-negative integers`)
-    const ok = t.dtype === "float32" ? t.data instanceof Float32Array : t.dtype === "int32" ? t.data instanceof Int32Array : t.dtype === "int8" && t.data instanceof Int8Array
-    if (!ok) return encodeFail("dtype-mismatch", `${at}: dtype ${t.dtype} with a ${t.data?.constructor?.name} (float32 needs Float32Array, int32 Int32Array, int8 Int8Array)`)
-    if (t.data.length !== numel) return encodeFail("length-mismatch", `${at}: shape [${t.shape}] has ${numel} elements, data has ${t.data.length}`)
+    const Array_ = ARRAY[t.dtype]
+    if (Array_ === undefined || !(t.data instanceof Array_)) {
+      return encodeFail("dtype-mismatch", `${at}: dtype ${t.dtype} needs a ${Array_?.name ?? `known dtype (${DTYPES.join(", ")})`}, got a ${t.data?.constructor?.name}`)
+    }
+    let k = 0
+    if (t.dtype === "topk") {
+      if (!(t.indices instanceof Uint32Array)) return encodeFail("bad-index", `${at}: topk needs a Uint32Array of indices, got ${(t.indices as { constructor?: { name?: string } } | undefined)?.constructor?.name ?? "none"}`)
+      k = t.indices.length
+      if (t.data.length !== k) return encodeFail("length-mismatch", `${at}: ${k} indices but ${t.data.length} values`)
+      const bad = badIndices(t.indices, numel)
+      if (bad) return encodeFail("bad-index", `${at}: ${bad}`)
+    }
+    const byteLength = dataBytes(t.dtype, numel, k)
+    if (t.data.byteLength !== byteLength) {
+      return encodeFail("length-mismatch", `${at}: shape [${t.shape}] has ${numel} elements, ${byteLength} bytes as ${t.dtype}; data has ${t.data.byteLength} bytes`)
+    }
     const offset = align4(cursor)
-    const byteLength = numel * BYTES[t.dtype]
     cursor = offset + byteLength
-    if (t.dtype === "int8") {
+    const entry: ManifestTensor = { name: t.name, dtype: t.dtype, shape: [...t.shape], offset, byteLength }
+    if (BLOCKED.has(t.dtype)) {
       const bs = t.blockSize
       if (bs === undefined || !Number.isSafeInteger(bs) || bs < 1 || !(t.scales instanceof Float32Array) || t.scales.length !== blocksOf(numel, bs)) {
-        return encodeFail("bad-scales", `${at}: int8 needs blockSize ≥ 1 and ceil(numel / blockSize) = ${bs ? blocksOf(numel, bs) : "?"} float32 scales, got ${t.scales?.length}`)
+        return encodeFail("bad-scales", `${at}: ${t.dtype} needs blockSize ≥ 1 and ceil(numel / blockSize) = ${bs ? blocksOf(numel, bs) : "?"} float32 scales, got ${t.scales?.length}`)
       }
       const scalesOffset = align4(cursor)
       cursor = scalesOffset + t.scales.byteLength
-      entries.push({ name: t.name, dtype: t.dtype, shape: [...t.shape], offset, byteLength, scalesOffset, blockSize: bs })
+      entries.push({ ...entry, scalesOffset, blockSize: bs })
+    } else if (t.dtype === "topk") {
+      const indexOffset = align4(cursor)
+      cursor = indexOffset + 4 * k
+      entries.push({ ...entry, k, indexOffset })
     } else {
-      entries.push({ name: t.name, dtype: t.dtype, shape: [...t.shape], offset, byteLength })
+      entries.push(entry)
     }
   }
   const payload = alloc(cursor) // every byte is written below, padding included
@@ -189,6 +265,7 @@ export const encodeBundle = (
     const e = entries[i]
     put(e.offset, new Uint8Array(t.data.buffer, t.data.byteOffset, e.byteLength))
     if (e.scalesOffset !== undefined && t.scales) put(e.scalesOffset, new Uint8Array(t.scales.buffer, t.scales.byteOffset, t.scales.byteLength))
+    if (e.indexOffset !== undefined && t.indices) put(e.indexOffset, new Uint8Array(t.indices.buffer, t.indices.byteOffset, t.indices.byteLength))
   })
   const manifest: Manifest = { v: WIRE_FORMAT_VERSION, byteLength: cursor, meta: bundle.meta, tensors: entries }
   return Result.succeed({ manifest, payload })
@@ -218,14 +295,17 @@ export const parseManifest = (input: unknown): Result.Result<Manifest, WireDecod
     }
   }
   const r = decodeManifestSchema(value)
-  return Result.isSuccess(r) ? Result.succeed(r.success) : decodeFail("bad-manifest", `manifest: ${r.failure.message}`)
+  if (Result.isFailure(r)) return decodeFail("bad-manifest", `manifest: ${r.failure.message}`)
+  const codec = parseCodec(r.success.meta.codec)
+  if (Result.isFailure(codec)) return decodeFail("unknown-codec", `manifest meta.codec: ${codec.failure}`)
+  return Result.succeed(r.success)
 }
 
 /**
- * Validate `manifest` against `payload` and view the tensors. Float32 data and scales are
- * views into `payload` (no copy) when `payload.byteOffset` is a multiple of 4, copies
- * otherwise; int8 data is always a view. Keep `payload` alive and unmodified while the
- * bundle is in use.
+ * Validate `manifest` against `payload` and view the tensors. Data, scales and indices are
+ * views into `payload` (no copy) when its address suits them (`payload.byteOffset` a
+ * multiple of 4), copies otherwise; int8, int4 and sign1 data are always views. Keep
+ * `payload` alive and unmodified while the bundle is in use.
  */
 export const decodeBundle = (manifest: unknown, payload: Uint8Array): Result.Result<TensorBundle, WireDecodeError> => {
   if (!LITTLE_ENDIAN) throw new Error("flotilla wire: big-endian hosts are not supported")
@@ -253,36 +333,63 @@ export const decodeBundle = (manifest: unknown, payload: Uint8Array): Result.Res
     names.add(e.name)
     const numel = numelOf(e.shape)
     if (numel < 0) return decodeFail("bad-shape", `${at}: shape [${e.shape}] has too many elements`)
-    if (e.byteLength !== numel * BYTES[e.dtype]) {
-      return decodeFail("byte-length-mismatch", `${at}: shape [${e.shape}] of ${e.dtype} needs ${numel * BYTES[e.dtype]} bytes, manifest says ${e.byteLength}`)
+    const blocked = BLOCKED.has(e.dtype)
+    if (!blocked && (e.scalesOffset !== undefined || e.blockSize !== undefined)) return decodeFail("bad-scales", `${at}: ${e.dtype} tensors carry no scales or blockSize`)
+    if (blocked && (e.scalesOffset === undefined || e.blockSize === undefined)) return decodeFail("bad-scales", `${at}: ${e.dtype} tensors need scalesOffset and blockSize`)
+    const topk = e.dtype === "topk"
+    if (!topk && (e.k !== undefined || e.indexOffset !== undefined)) return decodeFail("bad-index", `${at}: ${e.dtype} tensors carry no k or indexOffset`)
+    if (topk && (e.k === undefined || e.indexOffset === undefined)) return decodeFail("bad-index", `${at}: topk tensors need k and indexOffset`)
+    const k = e.k ?? 0
+    if (topk && (k > numel || (k === 0 && numel > 0))) return decodeFail("bad-index", `${at}: k = ${k} kept values must be in [1, ${numel}] (numel of shape [${e.shape}])`)
+    const want = dataBytes(e.dtype, numel, k)
+    if (e.byteLength !== want) {
+      return decodeFail("byte-length-mismatch", `${at}: shape [${e.shape}] of ${e.dtype}${topk ? ` with k = ${k}` : ""} needs ${want} bytes, manifest says ${e.byteLength}`)
     }
     const bad = region(at, "data", e.offset, e.byteLength)
     if (bad) return bad
-    if (e.dtype === "float32" || e.dtype === "int32") {
-      if (e.scalesOffset !== undefined || e.blockSize !== undefined) return decodeFail("bad-scales", `${at}: ${e.dtype} tensors carry no scales or blockSize`)
-      const f = viewF32(payload, e.offset, numel)
-      tensors.push({ name: e.name, dtype: e.dtype, shape: e.shape, data: e.dtype === "float32" ? f : new Int32Array(f.buffer, f.byteOffset, numel) })
-      continue
+    const data = dataView(e.dtype, payload, e.offset, e.byteLength)
+    if (blocked) {
+      const nScales = blocksOf(numel, e.blockSize!)
+      const badScales = region(at, "scales", e.scalesOffset!, nScales * 4)
+      if (badScales) return badScales
+      tensors.push({ name: e.name, dtype: e.dtype, shape: e.shape, data, scales: viewAs(Float32Array, payload, e.scalesOffset!, nScales), blockSize: e.blockSize })
+    } else if (topk) {
+      const badIdx = region(at, "indices", e.indexOffset!, 4 * k)
+      if (badIdx) return badIdx
+      const indices = viewAs(Uint32Array, payload, e.indexOffset!, k)
+      const why = badIndices(indices, numel)
+      if (why) return decodeFail("bad-index", `${at}: ${why}`)
+      tensors.push({ name: e.name, dtype: e.dtype, shape: e.shape, data, indices })
+    } else {
+      tensors.push({ name: e.name, dtype: e.dtype, shape: e.shape, data })
     }
-    if (e.scalesOffset === undefined || e.blockSize === undefined) return decodeFail("bad-scales", `${at}: int8 tensors need scalesOffset and blockSize`)
-    const nScales = blocksOf(numel, e.blockSize)
-    const badScales = region(at, "scales", e.scalesOffset, nScales * 4)
-    if (badScales) return badScales
-    tensors.push({
-      name: e.name,
-      dtype: "int8",
-      shape: e.shape,
-      data: new Int8Array(payload.buffer, payload.byteOffset + e.offset, numel),
-      scales: viewF32(payload, e.scalesOffset, nScales),
-      blockSize: e.blockSize
-    })
   }
   return Result.succeed({ tensors, meta: m.meta })
 }
 
-const viewF32 = (payload: Uint8Array, offset: number, length: number): Float32Array => {
+type TypedArrayOf<T> = { new (buffer: ArrayBufferLike, byteOffset: number, length: number): T; readonly BYTES_PER_ELEMENT: number }
+
+/** `length` elements of payload[offset..]: a view when the address is aligned for them, else a copy. */
+const viewAs = <T>(C: TypedArrayOf<T>, payload: Uint8Array, offset: number, length: number): T => {
   const at = payload.byteOffset + offset
-  if (at % 4 === 0) return new Float32Array(payload.buffer, at, length)
+  if (at % C.BYTES_PER_ELEMENT === 0) return new C(payload.buffer, at, length)
   // Uint8Array's slice copies (a Node Buffer's slice would be a view of its whole pool)
-  return new Float32Array(Uint8Array.prototype.slice.call(payload, offset, offset + length * 4).buffer)
+  return new C(Uint8Array.prototype.slice.call(payload, offset, offset + length * C.BYTES_PER_ELEMENT).buffer, 0, length)
+}
+
+const dataView = (dtype: DType, payload: Uint8Array, offset: number, byteLength: number): WireTensor["data"] => {
+  switch (dtype) {
+    case "float32":
+    case "topk":
+      return viewAs(Float32Array, payload, offset, byteLength / 4)
+    case "int32":
+      return viewAs(Int32Array, payload, offset, byteLength / 4)
+    case "bf16":
+      return viewAs(Uint16Array, payload, offset, byteLength / 2)
+    case "int8":
+      return new Int8Array(payload.buffer, payload.byteOffset + offset, byteLength)
+    case "int4":
+    case "sign1":
+      return new Uint8Array(payload.buffer, payload.byteOffset + offset, byteLength)
+  }
 }

@@ -10,6 +10,7 @@
 //     lease (the `data.lease` request and its reply, so a test knows which batch a worker
 //     holds); `until(pred)` waits on them; `pull(k)` fetches shard k's params as a worker does.
 // Does not own: the NATS server (test/support/nats.ts), the actors, the CLI.
+import { decodeTensor } from "../../shared/wire/codecs.ts"
 import { spawn, type ChildProcess } from "node:child_process"
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs"
 import { tmpdir } from "node:os"
@@ -37,7 +38,7 @@ import { acquireNats, type AcquiredNats } from "./nats.ts"
 
 const BIN = resolve(dirname(fileURLToPath(import.meta.url)), "..", "..", "bin", "flotilla.ts")
 
-export type ActorRole = "loader" | "worker" | "evaluator" | "param-server" | "scheduler"
+export type ActorRole = "loader" | "worker" | "evaluator" | "param-server" | "scheduler" | "quantizer"
 
 export interface ActorExit {
   readonly code: number | null
@@ -365,7 +366,7 @@ export const observe = async (url: string, job: JobConfig): Promise<Observer> =>
           const bus = yield* Bus
           const r = yield* requestBundle(bus, s.psPull(shard), encodeMessage({ _tag: "PullParams", v: PROTOCOL_VERSION, worker: "test-observer", minVersion: 0 }), { timeoutMs: 10_000 })
           const params = new Map<string, Float32Array>()
-          for (const t of r.bundle.tensors) params.set(t.name, Float32Array.from(t.data as Float32Array))
+          for (const t of r.bundle.tensors) params.set(t.name, Float32Array.from(decodeTensor(t))) // bf16 params (train.compression.params) widened
           return { version: r.bundle.meta.version, params }
         })
       ),
