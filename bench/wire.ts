@@ -2,7 +2,11 @@
 // sendBundle/receiveBundles of the same bundle, side by side in one run, for a gpt-mini
 // sized float32 gradient bundle (0.88 M floats in 53 tensors, ≈ 3.5 MB) and its int8
 // block-quantized form (≈ 0.89 MB). Goal (the wire issue): wire ≥ 0.8 × raw throughput.
+// Also, first, a codec table: encode (plain and with error feedback) and decode ms per 1M
+// floats for every codec of shared/wire/codecs.ts, with its bytes vs f32 (best of 15, one
+// core, in this process).
 // Run: node bench/wire.ts [--bundles 32] [--reps 7] [--window 4] [--owned]
+//      node bench/wire.ts --codecs        (the codec table only, no NATS)
 //   uses $NATS_URL if set, else starts a local nats-server (shared/bus/local-server.ts,
 //   default max_payload 1 MiB, so both paths send 1 MiB-ish messages).
 // Does not own: the wire format (shared/wire/), the bus (shared/bus/).
@@ -27,7 +31,8 @@ import { Bus } from "../shared/bus/Bus.ts"
 import type { BusShape } from "../shared/bus/Bus.ts"
 import { startLocalNatsServer } from "../shared/bus/local-server.ts"
 import { NatsBus } from "../shared/bus/nats.ts"
-import { quantize } from "../shared/wire/codec.ts"
+import { Result } from "effect"
+import { decodeTensor, encodedBytes, encodeTensor, parseCodec } from "../shared/wire/codecs.ts"
 import { DEFAULT_HEADROOM, frameMessage, headerBytes } from "../shared/wire/frames.ts"
 import { encodeBundle, manifestToJson } from "../shared/wire/tensor.ts"
 import type { TensorBundle, WireTensor } from "../shared/wire/tensor.ts"
@@ -133,23 +138,53 @@ const makeBundles = () => {
   })
   const meta = { kind: "grads", job: "bench", version: 1, step: 1, sender: "bench-w0" }
   const t0 = performance.now()
-  const q: Array<WireTensor> = f32.map((t) => {
-    const { q, scales, blockSize } = quantize(t.data as Float32Array)
-    return { name: t.name, dtype: "int8", shape: t.shape, data: q, scales, blockSize }
-  })
+  const int8 = Result.getOrThrow(parseCodec("int8"))
+  const q: Array<WireTensor> = f32.map((t) => encodeTensor(int8, t.name, t.shape, t.data as Float32Array))
   const quantMs = performance.now() - t0
   const numel = f32.reduce((a, t) => a + t.data.length, 0)
   return {
     numel,
     quantMs,
     f32: { meta: { ...meta, codec: "f32" }, tensors: f32 } as TensorBundle,
-    int8: { meta: { ...meta, codec: "int8-block" }, tensors: q } as TensorBundle
+    int8: { meta: { ...meta, codec: "int8" }, tensors: q } as TensorBundle
   }
+}
+
+/** encode / encode with error feedback / decode ms per 1M floats of every codec, best of 15. */
+const codecTable = () => {
+  const n = 1 << 20
+  let s = 7
+  const x = new Float32Array(n)
+  for (let i = 0; i < n; i++) x[i] = ((s = (s * 1103515245 + 12345) & 0x7fffffff) / 0x7fffffff - 0.5) * 1e-2
+  console.log(`codecs, per ${n} floats (best of 15):`)
+  console.log(`${"codec".padEnd(10)} ${"encode ms".padStart(10)} ${"with EF ms".padStart(11)} ${"decode ms".padStart(10)} ${"bytes".padStart(9)} ${"vs f32".padStart(7)}`)
+  for (const name of ["f32", "bf16", "int8", "int4", "sign1", "topk:0.01", "topk:0.1"]) {
+    const c = Result.getOrThrow(parseCodec(name))
+    const residual = new Float32Array(n)
+    const out = new Float32Array(n)
+    let [enc, ef, dec] = [Infinity, Infinity, Infinity]
+    for (let rep = 0; rep < 15; rep++) {
+      let t0 = performance.now()
+      const w = encodeTensor(c, "g", [n], x)
+      enc = Math.min(enc, performance.now() - t0)
+      t0 = performance.now()
+      encodeTensor(c, "g", [n], x, residual)
+      ef = Math.min(ef, performance.now() - t0)
+      t0 = performance.now()
+      decodeTensor(w, out)
+      dec = Math.min(dec, performance.now() - t0)
+    }
+    const bytes = encodedBytes(c, n)
+    console.log(`${name.padEnd(10)} ${enc.toFixed(2).padStart(10)} ${ef.toFixed(2).padStart(11)} ${dec.toFixed(2).padStart(10)} ${String(bytes).padStart(9)} ${((4 * n) / bytes).toFixed(1).padStart(6)}×`)
+  }
+  console.log("")
 }
 
 const median = (xs: Array<number>) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]
 
 const main = async () => {
+  codecTable()
+  if (process.argv.includes("--codecs")) return
   const bundles = arg("bundles", 32)
   const reps = arg("reps", 7)
   const window = arg("window", 4)
@@ -214,7 +249,7 @@ const main = async () => {
     return { mbs: (payloadBytes * bundles) / 1e6 / (ms / 1000), sendCpu, recvCpu: childCpuMs / bundles }
   }
 
-  for (const [workload, bundle] of [["f32 (3.5 MB)", f32], ["int8-block (0.9 MB)", int8]] as const) {
+  for (const [workload, bundle] of [["f32 (3.5 MB)", f32], ["int8 (0.9 MB)", int8]] as const) {
     const { manifest, payload } = Effect.runSync(Effect.fromResult(encodeBundle(bundle)))
     const frames = Effect.runSync(Effect.fromResult(frameMessage(payload, { id: "bench-w0-x-0", maxPayload, manifest: manifestToJson(manifest) })))
     const piece = maxPayload - DEFAULT_HEADROOM
