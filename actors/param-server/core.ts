@@ -31,6 +31,7 @@ import type { AppliedStep, GradientPush, Held, ShardState } from "./aggregate.ts
 import type { Subjects } from "../../shared/protocol/subjects.ts"
 import * as P from "./protocol.ts"
 import { control } from "./control.ts"
+import { canStart, memberJoined, memberLeft } from "./members.ts"
 import type { CodecSwitch, CompressionConfig } from "../../shared/wire/compression.ts"
 
 export interface PsConfig {
@@ -208,22 +209,10 @@ export const step = (s: PsState, e: PsEvent): PsEffect[] => {
       break
     }
     case "MemberJoined":
-      if (e.relayed) {
-        s.relayed.add(e.id)
-        break
-      }
-      if (e.relay) s.relays.add(e.id)
-      s.members.add(e.id)
-      // before the first update every live worker is in the barrier; later, a worker that
-      // joins is in the barrier of the next version
-      if (!s.started) s.barrier = new Set(s.members)
+      memberJoined(s, e)
       break
     case "MemberLeft":
-      if (s.relayed.delete(e.id)) break
-      s.relays.delete(e.id)
-      s.members.delete(e.id)
-      s.barrier.delete(e.id)
-      out.push({ _tag: "Log", level: "info", message: `worker ${e.id} left (${e.why}); the barrier waits for [${waitingFor(s)}]` })
+      if (memberLeft(s, e.id)) out.push({ _tag: "Log", level: "info", message: `worker ${e.id} left (${e.why}); the barrier waits for [${waitingFor(s)}]` })
       break
     case "PeerSeen":
       peerSeen(s, e.shard, e.incarnation, e.version, out)
@@ -376,14 +365,6 @@ const heldEverywhere = (s: PsState): Held[] =>
     }
     return true
   })
-
-/**
- * The first version waits for the workers: all `minWorkers` of them on a fresh start; after
- * a resume or rollback, those heard within `joinGraceMs` (some may be gone for good), so
- * the first version after a restart is not made of whoever pushed first.
- */
-const canStart = (s: PsState): boolean =>
-  s.started || s.members.size - s.relays.size + s.relayed.size >= s.cfg.minWorkers || (s.resumedAt !== undefined && s.now - s.resumedAt >= s.cfg.joinGraceMs)
 
 /** Start the next update when its inputs are there (called after every event). */
 const progress = (s: PsState, out: PsEffect[]) => {
