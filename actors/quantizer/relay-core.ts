@@ -3,7 +3,7 @@
  * launched with `--relay NAME` push their f32 gradients to it over the fast local link
  * (`relay.<name>.<k>.push`); it sums them and sends ONE compressed push per version and
  * shard to the parameter servers, as sender `relay-<name>`, and hands the servers' answers
- * back to each worker as if the servers had answered it (`ps.<k>.ack.<worker>`).
+ * back to each worker as if the servers had answered it (on `relay.<name>.<k>.ack.<worker>`).
  *
  * The protocol it keeps (docs/PROTOCOL.md, "Relays"):
  *  - sync: version v's combination is made once all the relay's live workers have pushed v

@@ -4,7 +4,7 @@
  * `relay.<name>.*.push`, the servers' answers on `ps.*.ack.relay-<name>`, membership of the
  * workers whose heartbeats say `relay: NAME`, control, a Tick) feeds the reducer; its
  * effects are performed in order: forward a combination to `ps.<k>.push`, answer a worker
- * on `ps.<k>.ack.<worker>` (where the servers would).
+ * on `relay.<name>.<k>.ack.<worker>` (the servers' answer, passed on).
  *
  * To the parameter servers the relay is ONE worker, `relay-<name>`, while it has workers:
  * it heartbeats as that worker then and leaves (a `leaving` beat) when its last one goes, so
@@ -89,7 +89,7 @@ export const runRelay = (o: RelayOptions): Effect.Effect<RelayHandle, Error, Bus
 
     // ---- inputs
     const refuse = (worker: string, shard: number, code: Rejected["code"], reason: string, subject: string) =>
-      report({ code, reason, subject, sender: worker }).pipe(Effect.flatMap((msg) => bus.publish(s.psAck(shard, worker), encodeMessage(msg))), Effect.ignore)
+      report({ code, reason, subject, sender: worker }).pipe(Effect.flatMap((msg) => bus.publish(s.relayAck(name, shard, worker), encodeMessage(msg))), Effect.ignore)
     const onPush = (shard: number) => (b: TensorBundle, info: { readonly subject: string }) => {
       const m = b.meta
       if (!/^[A-Za-z0-9_-]{1,64}$/.test(m.sender)) return report({ code: "bad-message", reason: `sender ${JSON.stringify(m.sender)} is not an actor id`, subject: info.subject }).pipe(Effect.asVoid)
@@ -169,9 +169,9 @@ export const runRelay = (o: RelayOptions): Effect.Effect<RelayHandle, Error, Bus
             Effect.catch((err) => Effect.logWarning(`relay ${name}: forward to shard ${e.shard} failed (${err.message}); it is resent`))
           )
         case "AckWorker":
-          return bus.publish(s.psAck(e.ack.shard, e.worker), encodeMessage(e.ack)).pipe(Effect.ignore)
+          return bus.publish(s.relayAck(name, e.ack.shard, e.worker), encodeMessage(e.ack)).pipe(Effect.ignore)
         case "RefuseWorker":
-          return bus.publish(s.psAck(e.shard, e.worker), encodeMessage(rejected(e.rejected))).pipe(Effect.ignore)
+          return bus.publish(s.relayAck(name, e.shard, e.worker), encodeMessage(rejected(e.rejected))).pipe(Effect.ignore)
         case "Log":
           return e.level === "warn" ? Effect.logWarning(`relay ${name}: ${e.message}`) : Effect.logInfo(`relay ${name}: ${e.message}`)
       }

@@ -153,7 +153,8 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
       return { finished, stats } satisfies WorkerHandle
     }
 
-    yield* bus.subscribe(s.psAckFor(id), (m) => {
+    // a relayed worker hears from its relay (which passes the servers' answers on), the others from the servers
+    yield* bus.subscribe(o.relay ? s.relayAckFor(o.relay, id) : s.psAckFor(id), (m) => {
       const shard = Number(m.subject.split(".").at(-3))
       const a = decodeBytes(PushAck, m.subject, m.data)
       if (Result.isSuccess(a)) return offer({ _tag: "PushAcked", ack: a.success })

@@ -77,6 +77,9 @@ export const subjects = (job: string) => {
     /** a relayed worker's gradient for shard k, to the quantizer relay `name` (actors/quantizer/relay.ts). */
     relayPush: (name: string, shard: number) => `${p}.relay.${assertToken("relay name", name)}.${shard}.push`,
     relayPushAll: (name: string) => `${p}.relay.${assertToken("relay name", name)}.*.push`,
+    /** the relay's answer to a relayed worker's push to shard k (the servers' PushAck or Rejected, passed on). */
+    relayAck: (name: string, shard: number, worker: string) => `${p}.relay.${assertToken("relay name", name)}.${shard}.ack.${assertToken("worker id", worker)}`,
+    relayAckFor: (name: string, worker: string) => `${p}.relay.${assertToken("relay name", name)}.*.ack.${assertToken("worker id", worker)}`,
     /** request/reply, queue group `quantizer`: post-training quantization of a checkpoint (actors/quantizer/service.ts). */
     quantize: `${p}.quantize`,
     /** request/reply, queue group `scheduler`: the LR for a step. */
