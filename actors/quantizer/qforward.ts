@@ -22,7 +22,7 @@
  */
 import * as tf from "@tensorflow/tfjs"
 import { batchMatMul, gelu, layerNorm, linear, matMul2d } from "../../shared/compute/ops.ts"
-import { gptInputsTargets, sampleLogits, type GenerateOptions, type GptConfig } from "../../shared/models/gpt.ts"
+import { causalMask, gptInputsTargets, sampleLogits, type GenerateOptions, type GptConfig } from "../../shared/models/gpt.ts"
 import type { LstmClassifierConfig } from "../../shared/models/lstm-classifier.ts"
 import { checkBatch, type Batch } from "../../shared/models/model.ts"
 import { Rng } from "../../shared/models/rng.ts"
@@ -32,18 +32,6 @@ import { activationsFor, isInt8, quantizeActivation, weight, weightRows, type Ac
 const dense = (qm: QModel, act: Activations, w: string, b: string, x: tf.Tensor2D): tf.Tensor2D => {
   const xin = isInt8(qm, w) ? (quantizeActivation(act, w, x) as tf.Tensor2D) : x
   return linear(xin, weight(qm, w), weight(qm, b))
-}
-
-const causalMasks = new Map<number, Float32Array>()
-/** Additive causal mask [T, T]: 0 where key j ≤ query i, −1e9 above the diagonal (gpt.ts). */
-const causalMask = (T: number): tf.Tensor2D => {
-  let m = causalMasks.get(T)
-  if (m === undefined) {
-    m = new Float32Array(T * T)
-    for (let i = 0; i < T; i++) for (let j = i + 1; j < T; j++) m[i * T + j] = -1e9
-    causalMasks.set(T, m)
-  }
-  return tf.tensor2d(m, [T, T])
 }
 
 /** GPT forward. x: [B, T] token ids (row-major) → logits [B*T, V]. Call inside a tidy. */

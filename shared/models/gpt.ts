@@ -186,7 +186,7 @@ export const gptInit = (c: GptConfig, specs: readonly ParamSpec[], seed: number)
 
 /** Additive causal mask [T,T]: 0 where key j <= query i, -1e9 above the diagonal. */
 const causalMasks = new Map<number, Float32Array>()
-const causalMask = (T: number): tf.Tensor2D => {
+export const causalMask = (T: number): tf.Tensor2D => {
   let m = causalMasks.get(T)
   if (m === undefined) {
     m = new Float32Array(T * T)
