@@ -32,6 +32,7 @@ import {
 import { decodeBytes, encodeMessage } from "../shared/protocol/decode.ts"
 import { isToken, subjects } from "../shared/protocol/subjects.ts"
 import { UsageError } from "./main.ts"
+import { AUTH_HELP, AUTH_OPTIONS, authFromArgs } from "./auth.ts"
 import { logLevelFromEnv, loggingLayer } from "./runtime.ts"
 
 export const CTL_HELP = `usage: flotilla ctl <job> <verb> [args] [--nats URL] [--json]
@@ -59,6 +60,9 @@ options:
   --json          print the controller's reply as JSON
   --sender ID     who you are in the history (default ctl-<user>-<host>)
   --timeout MS    how long to wait for the reply (default 5000)
+
+${AUTH_HELP}  status and history need the job's observer role; every other verb its operator
+  (docs/SECURITY.md).
 `
 
 /** This client's id in the history: ctl-<user>-<host>, as a subject token. */
@@ -207,6 +211,7 @@ export const ctlMain = async (argv: string[]): Promise<void> => {
       "from-step": { type: "string" },
       "from-version": { type: "string" },
       limit: { type: "string" },
+      ...AUTH_OPTIONS,
       help: { type: "boolean", short: "h" }
     },
     allowPositionals: true,
@@ -228,13 +233,14 @@ export const ctlMain = async (argv: string[]): Promise<void> => {
   if (!(timeoutMs > 0)) throw new UsageError(`--timeout must be a positive number of ms, got ${JSON.stringify(v.timeout)}`)
   const fields = fieldsFor(verb, args, { fromStep: v["from-step"], fromVersion: v["from-version"], limit: v.limit })
   const url = v.nats ?? process.env.NATS_URL ?? "nats://127.0.0.1:4222"
+  const auth = authFromArgs(v)
 
   const program = Effect.gen(function* () {
     const bus = yield* Bus
     return yield* requestControl(bus, job, verb, fields, { sender, timeoutMs })
   }).pipe(
     Effect.scoped,
-    Effect.provide(NatsBus.layer({ servers: url.split(","), name: `flotilla-ctl-${sender}`, connectTimeoutMs: 3_000 })),
+    Effect.provide(NatsBus.layer({ servers: url.split(","), name: `flotilla-ctl-${sender}`, connectTimeoutMs: 3_000, auth })),
     Effect.provide(loggingLayer(logLevelFromEnv("Warn")))
   )
 

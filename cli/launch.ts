@@ -8,12 +8,17 @@
  * (actors/controller), its history in JetStream when the server has it.
  * $FLOTILLA_RESTARTS (set by `flotilla up` when it restarts an actor) goes out in the
  * actor's heartbeats, so `flotilla ctl <job> status` shows it.
+ * Credentials (cli/auth.ts: --creds, --nkey, --user/--password, --token, TLS, or their
+ * NATS_* variables) go to every connection the actor opens: the bus, the control history,
+ * the JetStream checkpoint store. A parameter server's id defaults to `ps-<shard>`, the id
+ * its role's permissions name (shared/bus/permissions.ts).
  */
 import { existsSync } from "node:fs"
 import { hostname } from "node:os"
 import { Deferred, Effect, Layer, Result } from "effect"
 import { stopRequested } from "../shared/actor/control-listener.ts"
-import { NatsBus } from "../shared/bus/nats.ts"
+import { describeAuth, NatsBus } from "../shared/bus/nats.ts"
+import { authFromArgs } from "./auth.ts"
 import { Compute, type BackendPreference } from "../shared/compute/backend.ts"
 import { loadJobFile, resolveJob, type JobConfig } from "../shared/config/job.ts"
 import { isToken, subjects } from "../shared/protocol/subjects.ts"
@@ -54,6 +59,7 @@ export const launch = (o: { role: string; values: Record<string, unknown> }) => 
   if (relay !== undefined && !(role === "worker" || role === "quantizer")) throw new UsageError(`--relay is for a worker (push through that relay) or a quantizer (be that relay), not a ${role}`)
   if (relay !== undefined && !isToken(relay)) throw new UsageError(`--relay must be 1-64 of [A-Za-z0-9_-], got ${JSON.stringify(relay)}`)
   const servers = String(v.nats ?? process.env.NATS_URL ?? "nats://127.0.0.1:4222").split(",")
+  const auth = authFromArgs(v)
   const shard = v.shard === undefined ? 0 : Number(v.shard)
   if (!(Number.isInteger(shard) && shard >= 0 && shard < job.topology.psShards)) {
     throw new UsageError(`--shard must be in [0, ${job.topology.psShards}) for this job, got ${v.shard}`)
@@ -69,14 +75,14 @@ export const launch = (o: { role: string; values: Record<string, unknown> }) => 
   const replica = /^\d+$/.test(replicaFlag) ? `worker-${replicaFlag}` : replicaFlag
   const id = pipeline
     ? stage === 0 ? replica : ((v.id as string | undefined) ?? stageId(replica, stage!))
-    : ((v.id as string | undefined) ?? `${role === "param-server" ? `ps${shard}` : role}-${hostname().replace(/[^A-Za-z0-9_-]/g, "")}-${process.pid}`)
+    : ((v.id as string | undefined) ?? (role === "param-server" ? `ps-${shard}` : `${role}-${hostname().replace(/[^A-Za-z0-9_-]/g, "")}-${process.pid}`))
   const minWorkers = v["min-workers"] === undefined ? undefined : Number(v["min-workers"])
-  const bus = TracedBus.layer(NatsBus.layer({ servers, name: `flotilla-${job.job}-${id}`, waitOnFirstConnect: true }))
+  const bus = TracedBus.layer(NatsBus.layer({ servers, name: `flotilla-${job.job}-${id}`, waitOnFirstConnect: true, auth }))
   // Metrics after Telemetry: its instruments live on the MeterProvider Telemetry starts
   const telemetry = Metrics.layer.pipe(Layer.provideMerge(Telemetry.layer({ role: wireRole(role), instanceId: id, job: job.job })))
 
   const program = Effect.gen(function* () {
-    yield* Effect.logInfo(`launch ${role} ${id} for job ${job.job} on ${servers.join(",")}`)
+    yield* Effect.logInfo(`launch ${role} ${id} for job ${job.job} on ${servers.join(",")} (${describeAuth(auth)})`)
     const stop = yield* stopRequested(subjects(job.job))
     const actor = yield* runActor(
       { role, id, shard, ...(pipeline ? { stage, replica } : {}) },
@@ -87,7 +93,8 @@ export const launch = (o: { role: string; values: Record<string, unknown> }) => 
         resume: v["no-resume"] !== true,
         minWorkers,
         relay,
-        nats: servers
+        nats: servers,
+        natsAuth: auth
       }
     )
     if (finishesOnItsOwn(role)) {

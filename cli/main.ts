@@ -11,8 +11,13 @@
  *   flotilla merge-lora <checkpoint> --out file.safetensors|file.ckpt [--json]
  *   flotilla quantize <checkpoint> --mode int8-dynamic|int8-static|int4-weight [--calib-batches N] [--out FILE] [--job FILE] [--json]
  *   flotilla generate <checkpoint|quantized-file> [--prompt TEXT] [--tokens N] [--temperature T] [--top-k K] [--seed S] [--json]
+ *   flotilla infra account <job> [--out DIR] [--shards K] [--force] [--env-refs]
+ *   flotilla infra routes [--out FILE] [--force]
  *
  * Every command takes --help. Options override the job file, which overrides defaults.
+ * Every command that talks to NATS (up, launch, ctl, quantize --nats) takes credentials:
+ * --creds, --nkey, --user/--password, --token, --tls-ca/--tls-cert/--tls-key, or the
+ * NATS_* variables (cli/auth.ts, docs/SECURITY.md).
  */
 import { parseArgs, type ParseArgsConfig } from "node:util"
 import { DEFAULT_JOB, loadJobFile, resolveJob, type JobConfig } from "../shared/config/job.ts"
@@ -20,6 +25,7 @@ import type { BackendPreference } from "../shared/compute/backend.ts"
 import { runMain } from "./runtime.ts"
 import { codecName, parseCodec } from "../shared/wire/codecs.ts"
 import { DEFAULT_RESTART_POLICY, type RestartPolicy } from "./supervisor.ts"
+import { AUTH_HELP, AUTH_OPTIONS, authFromArgs } from "./auth.ts"
 
 export class UsageError extends Error {
   readonly _tag = "UsageError"
@@ -38,6 +44,7 @@ const COMMON = {
   backend: { type: "string" },
   json: { type: "boolean" },
   sample: { type: "string" },
+  ...AUTH_OPTIONS,
   help: { type: "boolean", short: "h" }
 } as const satisfies ParseArgsConfig["options"]
 
@@ -56,6 +63,7 @@ commands:
   merge-lora  fold a LoRA job's adapters into its base weights
   quantize post-training quantization of a checkpoint (int8 / int4), with its validation loss
   generate sample text from a GPT checkpoint or quantized model file
+  infra    operator tools: a job's NATS account and per-role credentials (infra account)
 `,
   quantize: `usage: flotilla quantize <checkpoint> --mode int8-dynamic|int8-static|int4-weight [options]
 
@@ -75,8 +83,10 @@ options:
   --json             one JSON object: sizeRatio, fp32ValLoss, quantValLoss, lossDelta, mode, ...
   --nats URL         ask a live quantizer of the checkpoint's job (flotilla launch quantizer) to
                      do it, with the paths as seen from here made absolute; here when none answers
+                     (as the job's operator role: the credentials below)
   --backend B        tensorflow | wasm | cpu
-`,
+
+${AUTH_HELP}`,
   generate: `usage: flotilla generate <checkpoint|quantized-file> [options]
 
 Samples text from a trained GPT: a checkpoint file or a job's checkpoint folder (float32), or
@@ -156,7 +166,14 @@ An actor that dies (a crash, a signal) before the job is over is restarted after
 backoff (${DEFAULT_RESTART_POLICY.backoffMs} ms doubling to ${DEFAULT_RESTART_POLICY.backoffMaxMs / 1000} s; reset once it stayed up ${DEFAULT_RESTART_POLICY.resetAfterMs / 1000} s); a restarted
 parameter server resumes from its checkpoint. up fails only when an actor's budget is
 spent, with its exits and the tail of its log. An actor that exits 0 is done.
-`,
+
+The nats-server up starts listens on 127.0.0.1 only and admits only this run's users: one
+per role, least privilege, random passwords, handed to each process in its environment.
+It prints how to reach the run with flotilla ctl (an operator nkey in runs/<job>/operator.nk).
+With --nats, every process connects with the credentials given below, or, with
+  --account DIR      the directory flotilla infra account wrote: each process as its role
+
+${AUTH_HELP}`,
   launch: `usage: flotilla launch <loader|worker|evaluator|param-server|scheduler|quantizer> --job NAME|FILE --nats URL [options]
 
 Runs one actor that joins a job over NATS. --job is a job file (JSON/YAML) or a job name
@@ -175,6 +192,33 @@ options:
   --no-resume        param-server: start fresh at version 0, removing this shard's earlier checkpoints
                      (up passes it on the first start only, so a restart resumes)
   --min-workers N    param-server: the first step waits for N live workers
+
+${AUTH_HELP}  Each role has its own user on a secured server (docs/SECURITY.md); a parameter server's id
+  defaults to ps-<shard>, the id its user may heartbeat as.
+`,
+  infra: `usage: flotilla infra account <job> [--out DIR] [--shards K] [--force] [--env-refs]
+       flotilla infra routes [--out FILE] [--force]
+
+Writes what an operator needs to add job <job> to a shared nats-server (docs/SECURITY.md):
+  DIR/account.conf   the job's account: one nkey user per role with least-privilege permissions;
+                     include it inside the accounts { } block of the server's config
+  DIR/<role>.nk      each role's nkey seed (mode 0600): give it to that role's processes only,
+                     flotilla launch <role> --nkey FILE (or NATS_NKEY=FILE); roles: loader, scheduler,
+                     ps-0 … ps-<K-1>, worker, evaluator, quantizer, observer, operator, driver
+  DIR/nkeys.env      the public keys as FLOTILLA_<JOB>_<ROLE>_NKEY=…, for a server config that names
+                     them as variables (infra/nats/nats.conf does, for job gpt)
+
+options:
+  --out DIR          where (default nats-accounts/<job>); created mode 0700
+  --shards K         parameter-server shards of the job: one user per shard (default 1, or the
+                     job file's topology.psShards with --job FILE)
+  --force            replace seeds already in DIR (a key rotation: restart the job's processes)
+  --env-refs         print the account block with $FLOTILLA_<JOB>_<ROLE>_NKEY references (the form of
+                     infra/nats/nats.conf) and write nothing
+
+infra routes writes FILE (default nats-accounts/routes.env, mode 0600): a random route password
+and the route URLs nats-1..3 with it (FLOTILLA_ROUTE_PASSWORD, FLOTILLA_ROUTE_1..3), the variables
+the cluster configs in infra/nats/cluster/ read.
 `
 }
 
@@ -281,15 +325,20 @@ export const main = async (argv: string[]): Promise<void> => {
       case "up": {
         const { values: v, positionals } = parse(rest, {
           nats: { type: "string" },
+          account: { type: "string" },
           "max-restarts": { type: "string" },
           "restart-window": { type: "string" }
         })
         if (v.help) return void process.stdout.write(HELP.up)
         const job = jobFromArgs(positionals[0], v)
         const restarts = restartPolicyFromArgs(v)
+        if (v.account !== undefined && v.nats === undefined) throw new UsageError("--account DIR is for a server given with --nats (up's own server makes its own users)")
+        const given = Object.keys(AUTH_OPTIONS).filter((k) => v[k] !== undefined)
+        if (v.nats === undefined && given.length > 0) throw new UsageError(`--${given[0]} is for a server given with --nats (up's own server makes its own users)`)
+        const auth = v.nats === undefined ? undefined : authFromArgs(v)
         const { up } = await import("./up.ts")
         const sample = v.sample === undefined ? 200 : Number(v.sample)
-        runMain(up({ job, jobFile: positionals[0], nats: v.nats, json: v.json === true, codec: v.codec, backend: v.backend, sample, restarts }), "Warn")
+        runMain(up({ job, jobFile: positionals[0], nats: v.nats, json: v.json === true, codec: v.codec, backend: v.backend, sample, restarts, auth, account: v.account }), "Warn")
         return
       }
       case "launch": {
@@ -333,7 +382,7 @@ export const main = async (argv: string[]): Promise<void> => {
         const { values: v, positionals } = parse(rest, { mode: { type: "string" }, "calib-batches": { type: "string" }, out: { type: "string" }, nats: { type: "string" } })
         if (v.help || positionals.length === 0) return void process.stdout.write(HELP.quantize)
         const { quantizeMain } = await import("./quantize.ts")
-        await quantizeMain({ checkpoint: positionals[0], mode: v.mode, calibBatches: v["calib-batches"], out: v.out, job: v.job, json: v.json === true, backend: v.backend as BackendPreference | undefined, nats: v.nats })
+        await quantizeMain({ checkpoint: positionals[0], mode: v.mode, calibBatches: v["calib-batches"], out: v.out, job: v.job, json: v.json === true, backend: v.backend as BackendPreference | undefined, nats: v.nats, auth: authFromArgs(v) })
         return
       }
       case "generate": {
@@ -341,6 +390,13 @@ export const main = async (argv: string[]): Promise<void> => {
         if (v.help || positionals.length === 0) return void process.stdout.write(HELP.generate)
         const { generateMain } = await import("./generate.ts")
         await generateMain({ source: positionals[0], prompt: v.prompt, tokens: v.tokens, temperature: v.temperature, topK: v["top-k"], seed: v.seed, json: v.json === true, backend: v.backend as BackendPreference | undefined })
+        return
+      }
+      case "infra": {
+        const { values: v, positionals } = parse(rest, { out: { type: "string" }, shards: { type: "string" }, force: { type: "boolean" }, "env-refs": { type: "boolean" } })
+        if (v.help || positionals.length === 0) return void process.stdout.write(HELP.infra)
+        const { infraMain } = await import("./infra.ts")
+        infraMain({ command: positionals[0], args: positionals.slice(1), out: v.out, shards: v.shards, jobFile: v.job, force: v.force === true, envRefs: v["env-refs"] === true })
         return
       }
       case "ctl": {

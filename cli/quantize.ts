@@ -17,7 +17,7 @@ import { resolve } from "node:path"
 import { QuantizerClient } from "../actors/quantizer/service.ts"
 import { decodeCheckpoint } from "../actors/param-server/checkpoint.ts"
 import { Bus } from "../shared/bus/Bus.ts"
-import { NatsBus } from "../shared/bus/nats.ts"
+import { NatsBus, type NatsAuth } from "../shared/bus/nats.ts"
 
 export class QuantizeCliError extends Error {
   readonly _tag = "QuantizeCliError"
@@ -33,6 +33,8 @@ export interface QuantizeCliOptions {
   readonly backend?: BackendPreference
   /** ask a live quantizer on these NATS servers first (embedded when none answers). */
   readonly nats?: string
+  /** its credentials (cli/auth.ts): the job's operator role may ask `quantize`. */
+  readonly auth?: NatsAuth
 }
 
 /** The request the options say, or a QuantizeCliError naming the bad option. */
@@ -83,15 +85,15 @@ const viaQuantizer = async (o: QuantizeCliOptions, req: QuantizeRequest): Promis
     return yield* QuantizerClient.quantize(bus, job, { ...req, checkpoint: resolve(req.checkpoint), ...(req.out ? { out: resolve(req.out) } : {}) })
   }).pipe(
     Effect.scoped,
-    Effect.provide(NatsBus.layer({ servers: o.nats.split(","), name: "flotilla-quantize", connectTimeoutMs: 3_000 })),
+    Effect.provide(NatsBus.layer({ servers: o.nats.split(","), name: "flotilla-quantize", connectTimeoutMs: 3_000, auth: o.auth })),
     Effect.provide(loggingLayer(logLevelFromEnv("Warn"))),
     Effect.result
   )
   const r = await Effect.runPromise(program)
   if (Result.isSuccess(r)) return r
-  const e = r.failure as { _tag?: string }
+  const e = r.failure as { _tag?: string; message?: string }
   if (e._tag === "NoRespondersError" || e._tag === "BusConnectionError" || e._tag === "BusTimeoutError") {
-    process.stderr.write(`no quantizer of job ${job} answered on ${o.nats}: quantizing here\n`)
+    process.stderr.write(`no quantizer of job ${job} answered on ${o.nats}${e._tag === "BusConnectionError" ? ` (${e.message})` : ""}: quantizing here\n`)
     return undefined
   }
   return r

@@ -23,6 +23,7 @@ import { runScheduler } from "../actors/scheduler/scheduler.ts"
 import { runWorker } from "../actors/worker/worker.ts"
 import { runStageWorker, stageId } from "../actors/worker/stage.ts"
 import type { Bus } from "../shared/bus/Bus.ts"
+import type { NatsAuth } from "../shared/bus/nats.ts"
 import type { BackendUnavailableError, Compute } from "../shared/compute/backend.ts"
 import type { JobConfig } from "../shared/config/job.ts"
 import type { Role } from "../shared/protocol/subjects.ts"
@@ -35,12 +36,12 @@ import { makeFileStore, makeJetStreamStore, type CheckpointStoreShape } from "..
  * checkpointDir, or the JetStream object store on the job's NATS servers (its connection
  * lives as long as the scope).
  */
-export const checkpointStoreFor = (job: JobConfig, nats: readonly string[] | undefined): Effect.Effect<CheckpointStoreShape, Error, Scope.Scope> =>
+export const checkpointStoreFor = (job: JobConfig, nats: readonly string[] | undefined, auth?: NatsAuth): Effect.Effect<CheckpointStoreShape, Error, Scope.Scope> =>
   job.train.checkpointStore === "file"
     ? Effect.succeed(makeFileStore(job.train.checkpointDir))
     : nats === undefined || nats.length === 0
       ? Effect.fail(new Error("train.checkpointStore is jetstream, which needs NATS: use `flotilla up` or `flotilla launch --nats URL` (the embedded `flotilla start` has no NATS server)"))
-      : makeJetStreamStore({ servers: nats, name: `flotilla-${job.job}-checkpoints` }).pipe(Effect.mapError((e) => new Error(e.message)))
+      : makeJetStreamStore({ servers: nats, name: `flotilla-${job.job}-checkpoints`, auth }).pipe(Effect.mapError((e) => new Error(e.message)))
 
 /** The roles `flotilla launch` runs (the parameter server's wire role is `ps`). */
 export const ACTOR_ROLES = ["loader", "worker", "evaluator", "param-server", "scheduler", "quantizer"] as const
@@ -94,6 +95,8 @@ export interface RunActorOptions {
   readonly relay?: string
   /** scheduler: NATS servers, to keep the control history in JetStream (memory when absent); param-server: for a jetstream checkpoint store. */
   readonly nats?: readonly string[]
+  /** the credentials of those own connections (the history's, the checkpoint store's): this actor's. */
+  readonly natsAuth?: NatsAuth
 }
 
 export interface RunningActor {
@@ -123,7 +126,7 @@ export const runActor = (
       }
       case "scheduler": {
         yield* runScheduler({ job, id })
-        yield* runController({ job, id: controllerIdOf(id), nats: o.nats })
+        yield* runController({ job, id: controllerIdOf(id), nats: o.nats, natsAuth: o.natsAuth })
         return { spec, finished: Effect.never, describe: () => `${id}: stopped` }
       }
       case "quantizer": {
@@ -136,7 +139,7 @@ export const runActor = (
         }
       }
       case "param-server": {
-        const store = yield* checkpointStoreFor(job, o.nats)
+        const store = yield* checkpointStoreFor(job, o.nats, o.natsAuth)
         const h = yield* runParamServer({ job, shard: spec.shard, id, resume: o.resume ?? true, minWorkers: o.minWorkers, store })
         return { spec, finished: Deferred.await(h.finished), describe: () => `${id}: shard ${spec.shard} at version ${h.state.version}` }
       }

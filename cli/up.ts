@@ -12,15 +12,28 @@
  * its count of restarts; a restarted parameter server resumes from its checkpoint (the
  * first start of each is a fresh run, --no-resume). `up` fails only when a child's budget
  * is spent, with that child's exits and the tail of its log.
+ *
+ * Credentials (docs/SECURITY.md). The server `up` starts listens on 127.0.0.1 only and
+ * admits only the users it made for this run: one per role, with the least-privilege
+ * permissions of shared/bus/permissions.ts and a random password each, in a config file
+ * readable by its owner only; each child gets its role's user in its environment (never
+ * on its command line), and `up` prints how to reach the run with `flotilla ctl` (an
+ * operator nkey seed in runs/<job>/operator.nk, mode 0600). With --nats, every process
+ * connects with the credentials `up` was given, or, with --account DIR (what `flotilla
+ * infra account` wrote), each as its own role.
  */
 import { spawn, type ChildProcess } from "node:child_process"
-import { mkdirSync, writeFileSync } from "node:fs"
+import { randomBytes } from "node:crypto"
+import { chmodSync, existsSync, mkdirSync, rmSync, writeFileSync } from "node:fs"
 import { dirname, join, resolve } from "node:path"
 import { fileURLToPath } from "node:url"
 import { Deferred, Effect, Layer } from "effect"
 import { stopRequested } from "../shared/actor/control-listener.ts"
 import { startLocalNatsServer } from "../shared/bus/local-server.ts"
-import { NatsBus } from "../shared/bus/nats.ts"
+import { NatsBus, nkeyPublicKey, type NatsAuth } from "../shared/bus/nats.ts"
+import { accountBlock, roleOfActor, type JobRole, type UserAuth } from "../shared/bus/permissions.ts"
+import { nkeys } from "nats"
+import { authEnv, withoutAuthEnv } from "./auth.ts"
 import { Compute, type BackendPreference } from "../shared/compute/backend.ts"
 import type { JobConfig } from "../shared/config/job.ts"
 import { subjects } from "../shared/protocol/subjects.ts"
@@ -42,6 +55,51 @@ export interface UpOptions {
   readonly runsDir?: string
   /** restart budget and backoff (default DEFAULT_RESTART_POLICY: 10 restarts per child in 5 min). */
   readonly restarts?: Partial<RestartPolicy>
+  /** with `nats`: the credentials every process connects with. */
+  readonly auth?: NatsAuth
+  /** with `nats`: a directory `flotilla infra account` wrote; each process connects as its role (`<role>.nk`). */
+  readonly account?: string
+}
+
+export class UpCredentialsError extends Error {
+  readonly _tag = "UpCredentialsError"
+}
+
+/** The roles `up` connects as: every actor's, and its own (driver). */
+const rolesOf = (specs: ReadonlyArray<ActorSpec>): JobRole[] => [...new Set<JobRole>([...specs.map((s) => roleOfActor(s.role, s.shard)), "driver"])]
+
+/**
+ * Credentials of this run's own server: a random password per role (users `<job>-<role>`)
+ * and an operator nkey whose seed goes to `operatorSeedFile` (mode 0600) for `flotilla ctl`.
+ * Returns the server's account config and each role's credential.
+ */
+export const localCredentials = (job: JobConfig, roles: ReadonlyArray<JobRole>, operatorSeedFile: string): { config: string; auth: Map<JobRole, NatsAuth> } => {
+  const auth = new Map<JobRole, NatsAuth>()
+  const users: Array<{ role: JobRole; auth: UserAuth }> = []
+  for (const role of roles) {
+    const user = `${job.job}-${role}`
+    const password = randomBytes(24).toString("base64url")
+    auth.set(role, { user, password })
+    users.push({ role, auth: { kind: "password", user, password } })
+  }
+  const kp = nkeys.createUser()
+  const seed = new TextDecoder().decode(kp.getSeed() as Uint8Array)
+  writeFileSync(operatorSeedFile, seed + "\n", { mode: 0o600 })
+  chmodSync(operatorSeedFile, 0o600)
+  auth.set("operator", { nkey: operatorSeedFile })
+  users.push({ role: "operator", auth: { kind: "nkey", nkey: nkeyPublicKey(seed) } })
+  return { config: `accounts {\n${accountBlock(job.job, users)}}\n`, auth }
+}
+
+/** With --account DIR: each role's seed file there, all checked before anything starts. */
+const accountCredentials = (dir: string, roles: ReadonlyArray<JobRole>): Map<JobRole, NatsAuth> => {
+  const out = new Map<JobRole, NatsAuth>()
+  for (const role of roles) {
+    const file = join(dir, `${role}.nk`)
+    if (!existsSync(file)) throw new UpCredentialsError(`--account ${dir}: no ${role}.nk there (\`flotilla infra account <job> --shards K --out ${dir}\` writes one per role)`)
+    out.set(role, { nkey: file })
+  }
+  return out
 }
 
 /** The last lines a child wrote (across its restarts), for the message when it fails. */
@@ -76,14 +134,25 @@ export const up = (o: UpOptions) =>
     const jobFile = join(dir, "job.json")
     writeFileSync(jobFile, JSON.stringify(job, null, 2))
 
+    const specs = jobActors(job)
+    const roles = rolesOf(specs)
     let url = o.nats
+    /** each role's credentials; undefined: every process uses o.auth. */
+    let credentials: Map<JobRole, NatsAuth> | undefined
+    if (url && o.account) credentials = yield* Effect.try({ try: () => accountCredentials(o.account!, roles), catch: (e) => e as UpCredentialsError })
     if (!url) {
+      const operatorSeed = join(dir, "operator.nk")
+      const local = localCredentials(job, roles, operatorSeed)
+      credentials = local.auth
+      // the seed is of this run's server only: gone with it
+      yield* Effect.addFinalizer(() => Effect.sync(() => rmSync(operatorSeed, { force: true })))
       const server = yield* Effect.acquireRelease(
-        Effect.promise(() => startLocalNatsServer({ jetstream: true })), // JetStream: the control history
+        // loopback only; JetStream: the control history. The config (with the passwords) is mode 0600.
+        Effect.promise(() => startLocalNatsServer({ host: "127.0.0.1", jetstream: true, extraConfig: local.config })),
         (s) => Effect.promise(() => s.stop())
       )
       url = server.url
-      if (!o.json) process.stderr.write(`flotilla up: started nats-server at ${url}\n`)
+      process.stderr.write(`flotilla up: started nats-server at ${url} (credentials required; control this run with \`flotilla ctl ${job.job} status --nats ${url} --nkey ${operatorSeed}\`)\n`)
       // the server it started is supervised too: restarted on the same port (and JetStream
       // store) if it dies; the actors reconnect by themselves. Ends with this command's scope.
       yield* Effect.forkScoped(
@@ -101,7 +170,8 @@ export const up = (o: UpOptions) =>
       )
     }
     const quiet = process.env.FLOTILLA_LOG === undefined
-    const specs = jobActors(job)
+    const authOf = (role: JobRole): NatsAuth | undefined => (credentials ? credentials.get(role) : o.auth)
+    const driverAuth = authOf("driver")
     const byId = new Map(specs.map((s) => [s.id, s]))
     const tails = new Map<string, string[]>(specs.map((s) => [s.id, []]))
     const policy: RestartPolicy = { ...DEFAULT_RESTART_POLICY, ...o.restarts }
@@ -109,7 +179,8 @@ export const up = (o: UpOptions) =>
     const spawnChild = (id: string, restarts: number): ChildProcess => {
       const spec = byId.get(id)!
       const proc = spawn(process.execPath, [BIN, "launch", ...launchArgs(spec, restarts, { jobFile, url: url!, codec: o.codec, backend: o.backend })], {
-        env: { FLOTILLA_LOG: quiet ? "warn" : "info", ...process.env, FLOTILLA_RESTARTS: String(restarts) },
+        // its own credential only, in its environment (not on its command line)
+        env: { FLOTILLA_LOG: quiet ? "warn" : "info", ...withoutAuthEnv(process.env), ...authEnv(authOf(roleOfActor(spec.role, spec.shard))), FLOTILLA_RESTARTS: String(restarts) },
         stdio: ["ignore", "pipe", "pipe"]
       })
       const tail = tails.get(id)!
@@ -128,7 +199,7 @@ export const up = (o: UpOptions) =>
     }
 
     // the observer's connection lives as long as this command (a plain `provide` would close it at once)
-    const driverBus = yield* Layer.build(NatsBus.layer({ servers: url, name: `flotilla-${job.job}-driver` })).pipe(Effect.orDie)
+    const driverBus = yield* Layer.build(NatsBus.layer({ servers: url, name: `flotilla-${job.job}-driver`, auth: driverAuth })).pipe(Effect.orDie)
     const observer = yield* observeJob(job, { progress: !o.json }).pipe(Effect.provideContext(driverBus))
     const stop = yield* stopRequested(subjects(job.job)).pipe(Effect.provideContext(driverBus))
 
@@ -152,10 +223,10 @@ export const up = (o: UpOptions) =>
     const params = result.stopped
       ? undefined
       : yield* pullParams(job, "driver").pipe(
-          Effect.provide(NatsBus.layer({ servers: url, name: `flotilla-${job.job}-driver-pull` })),
+          Effect.provide(NatsBus.layer({ servers: url, name: `flotilla-${job.job}-driver-pull`, auth: driverAuth })),
           Effect.orDie
         )
-    const store = yield* checkpointStoreFor(job, [url]).pipe(Effect.orDie)
+    const store = yield* checkpointStoreFor(job, [url], driverAuth).pipe(Effect.orDie)
     yield* report(job, result.summary, params, { json: o.json, runsDir: o.runsDir, sample: o.sample, startedAt, store }).pipe(
       Effect.provide(Compute.layer(o.backend as BackendPreference | undefined)),
       Effect.orDie

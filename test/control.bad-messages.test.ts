@@ -154,7 +154,7 @@ const train = (job: JobConfig, bad: Bad[] | undefined) =>
       optimizer: run.ps.state.optimizer.config,
       consistency: run.ps.state.consistency,
       events: run.events.length,
-      controllerErrors: run.errors.filter((e) => e.by === "controller-0"),
+      controllerErrors: run.errors.filter((e) => e.by === "scheduler-0-controller"),
       history: yield* run.controller.history.list(1_000),
       lrs: [...lrs]
     }

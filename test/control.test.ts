@@ -205,14 +205,14 @@ describe("control plane over NATS", () => {
         expect(e.sender).toBe(SENDER)
         expect(e.at).toBeGreaterThanOrEqual(t0)
         expect(e.at).toBeLessThanOrEqual(t1)
-        expect(e.by).toBe("controller-0")
+        expect(e.by).toBe("scheduler-0-controller")
       }
       expect(h.entries[0].command).toMatchObject({ _tag: "SetLr", lr: 5e-4, sender: SENDER })
       expect(run.events.map((e) => e.seq)).toEqual([1, 2, 3]) // what was broadcast is what was recorded
       expect(formatHistory(h)).toContain(SENDER)
 
       // a second controller on the same job reads the same stream (as a restarted one would)
-      const second = yield* runController({ job, id: "controller-1", nats: [nats.url] })
+      const second = yield* runController({ job, id: "scheduler-1-controller", nats: [nats.url] })
       const again = yield* second.history.list(10)
       expect(again.map((e) => [e.seq, e.verb, e.sender, e.at])).toEqual(h.entries.map((e) => [e.seq, e.verb, e.sender, e.at]))
       const limited = yield* requestControl(bus, job.job, "history", { limit: 2 }, { sender: SENDER })

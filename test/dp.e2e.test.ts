@@ -70,7 +70,7 @@ describe("data-parallel job, every actor its own process", () => {
     const schedule = resolveSchedule(job.schedule as unknown as ScheduleInput)
     if (schedule._tag !== "Success") throw new Error("schedule")
     for (const a of shards[0]) expect(a.lr).toBeCloseTo(lrAt(schedule.success, a.version - 1), 12)
-    expect(obs.errors, "nothing rejected").toEqual([])
+    expect(obs.errors, `nothing rejected: ${JSON.stringify(obs.errors)}`).toEqual([])
 
     // ---- the end: workers and evaluator leave by themselves, shards checkpoint
     for (const p of [...workers, evaluator]) expect(await p.exited, p.id).toEqual({ code: 0, signal: null })

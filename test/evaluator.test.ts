@@ -6,7 +6,7 @@
 import { describe, expect, it } from "vitest"
 import { evalStep, initialEval, QUIET_MS, type EvalEffect, type EvalEvent } from "../actors/worker/eval-core.ts"
 
-const params = (shard: number, incarnation: number, version: number): EvalEvent => ({ _tag: "ParamsReceived", shard, incarnation, version, params: new Map([[`w${shard}`, Float32Array.of(version)]]) })
+const params = (shard: number, incarnation: number, version: number): EvalEvent => ({ _tag: "ParamsReceived", shard, incarnation, version, params: new Map([[`w${shard}`, Float32Array.of(version)]]), source: "pull" })
 const evaluated = (fx: EvalEffect[]) => fx.filter((e) => e._tag === "Evaluate").map((e) => (e as Extract<EvalEffect, { _tag: "Evaluate" }>).version)
 
 describe("evaluator reducer", () => {
@@ -61,9 +61,10 @@ describe("evaluator reducer", () => {
     const s = initialEval({ shards: 2, steps: 100, every: 10, epochs: 0 }, 0)
     evalStep(s, params(0, 1, 3))
     expect(evalStep(s, { _tag: "ServerSeen", shard: 0, incarnation: 1, version: 3 })).toEqual([])
-    expect(evalStep(s, { _tag: "ServerSeen", shard: 0, incarnation: 1, version: 4 })).toEqual([{ _tag: "Pull", shard: 0 }])
-    expect(evalStep(s, { _tag: "ServerSeen", shard: 1, incarnation: 2, version: 0 })).toEqual([{ _tag: "Pull", shard: 1 }])
+    expect(evalStep(s, { _tag: "ServerSeen", shard: 0, incarnation: 1, version: 4 })).toMatchObject([{ _tag: "Pull", shard: 0 }])
+    expect(evalStep(s, { _tag: "ServerSeen", shard: 1, incarnation: 2, version: 0 })).toMatchObject([{ _tag: "Pull", shard: 1 }])
+    expect(evalStep(s, { _tag: "ServerSeen", shard: 1, incarnation: 2, version: 0 })).toEqual([]) // one pull at a time per shard
     expect(evalStep(s, { _tag: "Tick", now: QUIET_MS - 1 })).toEqual([])
-    expect(evalStep(s, { _tag: "Tick", now: QUIET_MS })).toEqual([{ _tag: "Pull", shard: 0 }, { _tag: "Pull", shard: 1 }])
+    expect(evalStep(s, { _tag: "Tick", now: QUIET_MS })).toMatchObject([{ _tag: "Pull", shard: 0 }, { _tag: "Pull", shard: 1 }])
   })
 })

@@ -198,7 +198,7 @@ const simulate = (S: number, M: number, schedule: "1f1b" | "gpipe", batches: num
     sim.states[k].now = clock.now
     for (const fx of step(sim.states[k], e)) perform(k, fx)
   }
-  for (let k = 0; k < S; k++) run(k, { _tag: "ParamsReceived", shard: k, incarnation: 1, version: 0, params: new Map() })
+  for (let k = 0; k < S; k++) run(k, { _tag: "ParamsReceived", shard: k, incarnation: 1, version: 0, params: new Map(), source: "pull" })
   for (let guard = 0; guard < 10_000 && !(o.until?.(sim) ?? false); guard++) {
     const next = queue.shift()
     if (!next) {

@@ -10,6 +10,7 @@ import { dequantize, fromWire, quantize, toWire } from "../shared/wire/codec.ts"
 import { crc32, crc32Combine, crc32Table } from "../shared/wire/crc32.ts"
 import { BufferPool, DEFAULT_HEADROOM, frameMessage, H, headerBytes, Reassembler } from "../shared/wire/frames.ts"
 import type { AcceptResult, Frame } from "../shared/wire/frames.ts"
+import { costOf } from "../shared/wire/budget.ts"
 import { decodeBundle, encodeBundle, manifestToJson, parseManifest } from "../shared/wire/tensor.ts"
 import { denseGrads, toSparseRows } from "../shared/wire/rows.ts"
 import type { BundleMeta, TensorBundle, WireTensor } from "../shared/wire/tensor.ts"
@@ -301,7 +302,7 @@ describe("frames", () => {
     const r = new Reassembler({ timeoutMs: 1000 })
     const rs = feed(r, frames.filter((_, i) => i !== 2), 0)
     expect(tags(rs).every((t) => t === "Pending")).toBe(true)
-    expect(r.outstandingBytes).toBe(payload.length)
+    expect(r.outstandingBytes).toBe(costOf(payload.length, frames.length)) // charged in full: buffer and chunk bookkeeping
     expect(r.sweep(999)).toEqual([])
     const [e] = r.sweep(1000)
     expect(e.reason).toBe("timeout")
@@ -370,7 +371,7 @@ describe("frames", () => {
     const r = new Reassembler({ maxOutstandingMessages: 1 })
     const other = frame(bytes(3 * MAX), { id: "m2" })
     expect(tags(feed(r, [frames[0], other[0]]))).toEqual(["Pending", "Rejected:over-budget"])
-    const rb = new Reassembler({ maxOutstandingBytes: payload.length + 100 })
+    const rb = new Reassembler({ maxOutstandingBytes: costOf(payload.length, frames.length) + 100 })
     expect(tags(feed(rb, [frames[0], other[0]]))).toEqual(["Pending", "Rejected:over-budget"])
     expect(tags(feed(rb, frames.slice(1))).at(-1)).toBe("Complete")
     expect(rb.outstandingBytes).toBe(0)

@@ -15,7 +15,7 @@ const batch = (id: string, gen = 10): Batch => ({
   meta: { _tag: "BatchLeased", v: 1, batchId: id, epoch: 0, index: Number(id.split("-b")[1]), split: "train", B: 2, T: 4, attempt: 1, leaseMs: 1000, gen, epochBatches: 25 } as BatchLeased,
   data: { size: 2, tensors: new Map([["tokens", new Int32Array(10)]]) }
 })
-const params = (shard: number, version: number, incarnation = 1): WorkerEvent => ({ _tag: "ParamsReceived", shard, incarnation, version, params: new Map() })
+const params = (shard: number, version: number, incarnation = 1): WorkerEvent => ({ _tag: "ParamsReceived", shard, incarnation, version, params: new Map(), source: "pull" })
 const bundle = { tensors: [], meta: { kind: "grads", job: "j", version: 0, step: 0, sender: "w0", codec: "f32" } } as unknown as TensorBundle
 const tags = (fx: WorkerEffect[]) => fx.map((e) => e._tag)
 const run = (s: WorkerState, e: WorkerEvent) => step(s, e)
@@ -96,6 +96,18 @@ describe("worker reducer", () => {
     run(s, { _tag: "PullEnded", shard: 1 })
     const late = run(s, { _tag: "Tick", now: 2_500 })
     expect(late.filter((e) => e._tag === "Pull").map((e) => (e as { shard: number }).shard)).toEqual([0, 1])
+  })
+
+  it("a step that computes longer than watchdogMs does not make it pull: the wait counts from the push", () => {
+    const s = computing()
+    expect(run(s, { _tag: "Tick", now: 5_000 }).filter((e) => e._tag === "Pull")).toEqual([]) // computing
+    s.now = 5_000
+    computed(s)
+    run(s, ack(0, "e0-b0"))
+    run(s, ack(1, "e0-b0"))
+    run(s, { _tag: "LeaseReplied", batch: batch("e0-b1") })
+    expect(run(s, { _tag: "Tick", now: 5_500 }).filter((e) => e._tag === "Pull")).toEqual([])
+    expect(run(s, { _tag: "Tick", now: 7_100 }).filter((e) => e._tag === "Pull").length).toBe(2) // a real wait still pulls
   })
 
   it("async: the next gradient waits until the push is applied, not merely held", () => {

@@ -5,9 +5,10 @@
  *
  * Every message is decoded and validated before anything changes: its size, the verb
  * (the subject's last token), JSON, the verb's schema (no unknown fields), the job, and
- * the values against the job's live state (LR finite and >= 0; an optimizer patch through
- * setHyperparams, a schedule through resolveSchedule, bounded consistency needs a
- * staleness). A bad message gets a `ControlRejected` reply naming the problem, goes out
+ * the values (shared/protocol/control-check.ts: an LR finite in [0, MAX_LR], a schedule
+ * that resolves, bounded consistency needs a staleness; the same checks every control
+ * listener applies to the broadcast) and against the job's live state (an optimizer patch
+ * through setHyperparams). A bad message gets a `ControlRejected` reply naming the problem, goes out
  * on the job's `errors` subject as a `Rejected`, and changes nothing. An accepted command
  * is recorded in the history (actors/controller/history.ts: JetStream on NATS, memory
  * embedded), broadcast as `ControlApplied` on `events.control` (the actors act on it:
@@ -44,7 +45,9 @@ import { LrForStep, StepApplied, ValidationLoss, type ErrorCode } from "../../sh
 import { PROTOCOL_VERSION, queues, subjects } from "../../shared/protocol/subjects.ts"
 import { resolveSchedule, type Schedule, type ScheduleInput } from "../../shared/schedule/schedules.ts"
 import { jetstreamHistory, memoryHistory, type HistoryStore } from "./history.ts"
+import type { NatsAuth } from "../../shared/bus/nats.ts"
 import { codecName, parseCodec } from "../../shared/wire/codecs.ts"
+import { commandProblem, eventProblem } from "../../shared/protocol/control-check.ts"
 import { gradCodecAt, type CodecSwitch, type CompressionConfig } from "../../shared/wire/compression.ts"
 
 /** Control events are at-most-once: the newest REPLAY_KEEP accepted commands go out again every REPLAY_MS. */
@@ -56,6 +59,8 @@ export interface ControllerOptions {
   readonly id: string
   /** NATS servers: keep the history in JetStream there (memory when absent or without JetStream). */
   readonly nats?: readonly string[]
+  /** the credentials of that history connection (the scheduler's: shared/bus/permissions.ts). */
+  readonly natsAuth?: NatsAuth
 }
 
 /** What the controller believes the job is running (the job file plus accepted commands). */
@@ -77,10 +82,11 @@ export interface ControllerHandle {
 type Problem = { readonly code: ErrorCode; readonly reason: string }
 const problem = (code: ErrorCode, reason: string): Problem => ({ code, reason })
 
-const finiteNonNeg = (x: number) => Number.isFinite(x) && x >= 0
-
 /** Check a decoded command against the live view; returns the view it leads to, or a problem. */
 export const validateCommand = (view: ControlView, c: ControlCommand): Result.Result<ControlView, Problem> => {
+  // the checks that need no state: the same the control listeners apply to every event (shared/protocol/control-check.ts)
+  const pure = commandProblem(c)
+  if (pure !== undefined) return Result.fail(pure)
   switch (c._tag) {
     case "PauseJob":
       return Result.succeed({ ...view, paused: true })
@@ -89,31 +95,21 @@ export const validateCommand = (view: ControlView, c: ControlCommand): Result.Re
     case "StopJob":
       return Result.succeed({ ...view, stopped: true, paused: true })
     case "CheckpointJob":
-      return Result.succeed(view)
     case "SetLr":
-      if (!finiteNonNeg(c.lr)) return Result.fail(problem("invalid-value", `lr must be a finite number >= 0, got ${c.lr}`))
       return Result.succeed(view)
     case "SetSchedule": {
       const r = resolveSchedule(c.schedule as unknown as ScheduleInput)
       return Result.isFailure(r) ? Result.fail(problem("invalid-value", r.failure.message)) : Result.succeed({ ...view, schedule: r.success })
     }
     case "SetOptimizer": {
-      if (Object.keys(c.patch).length === 0) return Result.fail(problem("invalid-value", "the optimizer patch is empty: give field=value pairs"))
       const r = setHyperparams(view.optimizer, c.patch as OptimizerPatch)
       return Result.isFailure(r) ? Result.fail(problem("invalid-value", r.failure.message)) : Result.succeed({ ...view, optimizer: r.success })
     }
-    case "SetConsistency": {
-      if (c.mode === "bounded") {
-        if (c.staleness === undefined) return Result.fail(problem("invalid-value", "bounded consistency needs a staleness (an integer >= 0)"))
-        return Result.succeed({ ...view, consistency: { mode: "bounded", staleness: c.staleness } })
-      }
-      if (c.staleness !== undefined) return Result.fail(problem("invalid-value", `staleness is only for bounded consistency, not ${c.mode}`))
-      return Result.succeed({ ...view, consistency: { mode: c.mode } })
-    }
+    case "SetConsistency":
+      return Result.succeed({ ...view, consistency: c.mode === "bounded" ? { mode: "bounded", staleness: c.staleness ?? 0 } : { mode: c.mode } })
     case "SetCompression": {
       const codec = parseCodec(c.codec)
-      if (Result.isFailure(codec)) return Result.fail(problem("invalid-value", codec.failure))
-      if (c.fromVersion === undefined) return Result.fail(problem("invalid-value", "set-compression needs the version it starts at (fromVersion)"))
+      if (Result.isFailure(codec) || c.fromVersion === undefined) return Result.fail(problem("invalid-value", "set-compression needs a codec of the registry and fromVersion"))
       const switches = [...view.compression.switches.filter((x) => x.fromVersion < c.fromVersion!), { fromVersion: c.fromVersion, codec: codecName(codec.success) }]
       return Result.succeed({ ...view, compression: { ...view.compression, switches } })
     }
@@ -153,7 +149,7 @@ export const runController = (o: ControllerOptions): Effect.Effect<ControllerHan
     }
 
     const history: HistoryStore = o.nats
-      ? yield* jetstreamHistory(job.job, o.nats).pipe(
+      ? yield* jetstreamHistory(job.job, o.nats, o.natsAuth).pipe(
           Effect.catch((e) =>
             Effect.logWarning(`controller ${id}: no JetStream (${e.message}); keeping the control history in memory`).pipe(Effect.as(memoryHistory()))
           )
@@ -212,7 +208,8 @@ export const runController = (o: ControllerOptions): Effect.Effect<ControllerHan
     // other controllers of this job (queue group members) keep our view current
     const onPeer = (m: BusMessage) => {
       const r = decodeBytes(ControlApplied, m.subject, m.data)
-      if (Result.isSuccess(r) && r.success.by !== id && r.success.replayed !== true) {
+      // a peer is another controller of this job: what no controller could have issued is not taken in (nor replayed)
+      if (Result.isSuccess(r) && r.success.by !== id && r.success.replayed !== true && eventProblem(r.success, job.job) === undefined) {
         const next = validateCommand(view, r.success.command)
         if (Result.isSuccess(next)) Object.assign(view, next.success)
         remember(r.success)

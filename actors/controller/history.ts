@@ -8,7 +8,7 @@
  *   memory     the controller's own list (the embedded default, or a server without
  *              JetStream).
  * The Bus does not expose JetStream, so the jetstream store opens its own `nats`
- * connection from the URL, closed with the store's scope.
+ * connection from the URL (with the controller's credentials), closed with the store's scope.
  * Does not own: validation (controller.ts), the event schema (shared/protocol/control.ts).
  */
 import { connect, DeliverPolicy, DiscardPolicy, type JetStreamClient, type JetStreamManager, type NatsConnection } from "nats"
@@ -16,6 +16,7 @@ import { Effect, Result, Scope } from "effect"
 import { ControlApplied } from "../../shared/protocol/control.ts"
 import { decodeBytes, encodeMessage } from "../../shared/protocol/decode.ts"
 import { subjects } from "../../shared/protocol/subjects.ts"
+import { natsConnectAuth, type NatsAuth } from "../../shared/bus/nats.ts"
 
 export interface HistoryStore {
   readonly kind: "jetstream" | "memory"
@@ -50,12 +51,12 @@ const asError = (e: unknown) => (e instanceof Error ? e : new Error(String(e)))
  * The JetStream store on `servers`; fails when JetStream is not enabled there (the
  * caller falls back to memory).
  */
-export const jetstreamHistory = (job: string, servers: readonly string[]): Effect.Effect<HistoryStore, Error, Scope.Scope> =>
+export const jetstreamHistory = (job: string, servers: readonly string[], auth?: NatsAuth): Effect.Effect<HistoryStore, Error, Scope.Scope> =>
   Effect.gen(function* () {
     const subject = subjects(job).history
     const stream = historyStreamName(job)
     const nc: NatsConnection = yield* Effect.acquireRelease(
-      Effect.tryPromise({ try: () => connect({ servers: [...servers], name: `flotilla-${job}-history`, maxReconnectAttempts: -1 }), catch: asError }),
+      Effect.tryPromise({ try: () => connect({ servers: [...servers], name: `flotilla-${job}-history`, maxReconnectAttempts: -1, ...natsConnectAuth(auth) }), catch: asError }),
       (c) => Effect.promise(() => c.drain().catch(() => c.close()))
     )
     const jsm: JetStreamManager = yield* Effect.tryPromise({ try: () => nc.jetstreamManager({ timeout: 3_000 }), catch: asError })

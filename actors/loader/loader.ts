@@ -266,7 +266,7 @@ export const runLoader = (o: LoaderOptions): Effect.Effect<LoaderHandle, Error, 
       pause: () => offer({ _tag: "ControlApplied", verb: "pause" }),
       resume: () => offer({ _tag: "ControlApplied", verb: "resume" }),
       stop: () => offer({ _tag: "ControlApplied", verb: "stop" })
-    })
+    }, id)
     const tickMs = o.tickMs ?? 250
     yield* Effect.forkScoped(Effect.suspend(() => offer({ _tag: "Tick", now: Date.now() })).pipe(Effect.repeat(Schedule.spaced(tickMs))))
 

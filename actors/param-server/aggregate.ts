@@ -14,7 +14,12 @@
  * the same one, only the first chosen is used. A resend of a held or applied gradient is
  * acknowledged again (`already`), so a worker may resend until it hears back.
  * Non-finite gradients, wrong tensor sets or shapes are rejected with a reason and never
- * touch the params. No I/O and no clocks: core.ts drives it.
+ * touch the params. A step is all or nothing: what it changes is saved first (snapshot.ts)
+ * and put back when the new params or optimizer slots are not all finite (an overflow: a
+ * huge LR or gradient, momentum adding up — a slot that overflowed would poison every
+ * later step); the step is then refused (`applyChecked`) — or, for a
+ * shard of a coordinated sync job whose peers apply the same version, the version is
+ * made with this shard's params kept (`keep`). No I/O and no clocks: core.ts drives it.
  */
 import { findNonFinite } from "../../shared/optim/clip.ts"
 import { makeOptimizer, type Optimizer, type OptimizerConfig, type OptimizerSlots } from "../../shared/optim/optimizers.ts"
@@ -22,6 +27,7 @@ import type { Consistency } from "../../shared/config/job.ts"
 import { AppliedLog, parseBatchId, type BatchRef } from "../../shared/protocol/applied-log.ts"
 import type { ErrorCode } from "../../shared/protocol/messages.ts"
 import type { Spec } from "../../shared/protocol/sharding.ts"
+import { StepSnapshot } from "./snapshot.ts"
 
 export interface GradientPush {
   readonly sender: string
@@ -44,6 +50,11 @@ export type Held = GradientPush & { readonly staleness: number; readonly micro: 
 export type Admission =
   | { readonly ok: true; readonly staleness: number; readonly already?: "held" | "applied" }
   | { readonly ok: false; readonly code: ErrorCode; readonly reason: string }
+
+/** What `applyChecked` did: a new version (`kept`: with this shard's params unchanged), or nothing (`refused`). */
+export type ApplyResult =
+  | { readonly step: AppliedStep; readonly dropped: Held[]; readonly kept?: string; readonly refused?: undefined }
+  | { readonly step?: undefined; readonly refused: { readonly reason: string; readonly pushes: readonly Held[] } }
 
 export interface AppliedStep {
   readonly version: number
@@ -82,6 +93,10 @@ export class ShardState {
   readonly log: AppliedLog
   /** held gradients in arrival order (sync: at most one per sender, all of the open version). */
   private held: Held[] = []
+  /** what a step changes, saved before it (undone when its result is not finite). */
+  private readonly snapshot = new StepSnapshot(PREV_GRAD)
+  /** the trained params (the ones a step changes), for the finite check. */
+  private readonly trainedParams: ReadonlyMap<string, Float32Array>
 
   constructor(o: {
     specs: readonly Spec[]
@@ -110,6 +125,7 @@ export class ShardState {
       const p = o.params.get(s.name)
       if (!p || p.length !== numel(s.shape)) throw new RangeError(`param ${s.name}: expected ${numel(s.shape)} elements, got ${p?.length}`)
     }
+    this.trainedParams = new Map(this.trained.map((s) => [s.name, o.params.get(s.name)!]))
   }
 
   isApplied = (batchId: string) => this.log.hasId(batchId)
@@ -223,10 +239,26 @@ export class ShardState {
    * by the global norm (`globalSumSq` = the squared norm over every shard when known, else
    * this shard's own), optimizer step with `lr`, version + 1, record the micro-batches.
    * Sync: every other held gradient is dropped (returned in `dropped`), as it is stale now.
+   * Throws when the step's params are not finite (nothing changed): see `applyChecked`.
    */
-  apply(lr: number, pushes: readonly Held[], globalSumSq?: number): { step: AppliedStep; dropped: Held[] } {
+  apply(lr: number, pushes: readonly Held[], globalSumSq?: number): { step: AppliedStep; dropped: Held[]; kept?: string } {
+    const r = this.applyChecked(lr, pushes, globalSumSq, "refuse")
+    if (r.refused) throw new RangeError(r.refused.reason)
+    return r
+  }
+
+  /**
+   * `apply`, all or nothing: when the new params or slots are not all finite, the params and slots
+   * are put back as they were, and with `refuse` the step is not made (the version stays,
+   * `pushes` are no longer held: the caller refuses them; sync: the others stay held, they
+   * are still of the open version); with `keep` the version is made with this shard's
+   * params unchanged (`kept` says why).
+   */
+  applyChecked(lr: number, pushes: readonly Held[], globalSumSq: number | undefined, onNonFinite: "refuse" | "keep"): ApplyResult {
     if (pushes.length === 0) throw new RangeError("apply: no gradients")
     const { agg, sumSq } = this.aggregate(pushes)
+    const names = this.trained.map((s) => s.name)
+    this.snapshot.save(names, this.params, this.slots)
     const ratio = this.compensateDelay(agg, pushes)
     const norm = Math.sqrt((globalSumSq ?? sumSq) * ratio)
     if (this.clipNorm > 0) {
@@ -235,6 +267,19 @@ export class ShardState {
     }
     this.updates++
     for (const s of this.trained) this.optimizer.update(this.params.get(s.name)!, agg.get(s.name)!, this.slots.get(s.name)!, lr, this.updates)
+    const bad = findNonFinite(this.trainedParams) ?? findNonFinite(this.slotArrays())
+    let kept: string | undefined
+    if (bad) {
+      this.snapshot.restore(names, this.params, this.slots)
+      this.updates--
+      const reason = `the step to version ${this.version + 1} made ${bad.name}[${bad.index}] ${bad.value} (lr ${lr}, ${pushes.length} gradient${pushes.length === 1 ? "" : "s"}, norm ${norm})`
+      if (onNonFinite === "refuse") {
+        const chosen = new Set(pushes)
+        this.held = this.held.filter((h) => !chosen.has(h))
+        return { refused: { reason, pushes } }
+      }
+      kept = reason
+    }
     this.version++
     const chosen = new Set(pushes)
     let dropped: Held[] = []
@@ -264,7 +309,8 @@ export class ShardState {
         gradNorm: norm,
         maxStaleness: pushes.reduce((m, p) => Math.max(m, this.version - 1 - p.version), 0)
       },
-      dropped
+      dropped,
+      ...(kept !== undefined ? { kept } : {})
     }
   }
 
@@ -300,6 +346,13 @@ export class ShardState {
       }
     }
     return rawSq > 0 ? extSq / rawSq : 1
+  }
+
+  /** The optimizer state a step changes, by `<tensor>.<slot>` (the delay compensation's copy of a finite gradient aside). */
+  private slotArrays(): Map<string, Float32Array> {
+    const out = new Map<string, Float32Array>()
+    for (const s of this.trained) for (const [k, a] of Object.entries(this.slots.get(s.name)!)) if (k !== PREV_GRAD) out.set(`${s.name}.${k}`, a)
+    return out
   }
 
   /** Bounded/async: the oldest held gradient. */

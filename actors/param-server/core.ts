@@ -31,6 +31,7 @@ import type { AppliedStep, GradientPush, Held, ShardState } from "./aggregate.ts
 import type { Subjects } from "../../shared/protocol/subjects.ts"
 import * as P from "./protocol.ts"
 import { control } from "./control.ts"
+import { stepKept, stepRefused } from "./refuse-step.ts"
 import { canStart, memberJoined, memberLeft } from "./members.ts"
 import type { CodecSwitch, CompressionConfig } from "../../shared/wire/compression.ts"
 
@@ -421,7 +422,11 @@ const applyOrShare = (s: PsState, version: number, pushes: readonly Held[], lr: 
 }
 
 const finishApply = (s: PsState, pushes: readonly Held[], lr: number, globalSumSq: number | undefined, out: PsEffect[]) => {
-  const { step, dropped } = s.core.apply(lr, pushes, globalSumSq)
+  // all or nothing (aggregate.ts): a step whose params would not be finite is refused (refuse-step.ts)
+  const r = s.core.applyChecked(lr, pushes, globalSumSq, coordinated(s) ? "keep" : "refuse")
+  if (r.refused) return stepRefused(s, r.refused, out)
+  const { step, dropped } = r
+  if (r.kept !== undefined) stepKept(s, r.kept, out)
   for (const p of pushes) if ((p.epochBatches ?? 0) > 0) s.epochBatches = p.epochBatches!
   s.phase = { _tag: "Idle" }
   s.done = finished(s)

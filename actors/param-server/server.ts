@@ -27,6 +27,8 @@ import { CONTROL_VERBS, type CommandVerb } from "../../shared/protocol/control.t
 import { decodeBytes, decodeValue, encodeMessage } from "../../shared/protocol/decode.ts"
 import { GetDecision, GradientsHeld, GradMeta, Heartbeat, LrForStep, NormShare, PullParams, GetAppliedLog, StepDecided } from "../../shared/protocol/messages.ts"
 import { bundleLimits, shardOfForJob } from "../../shared/models/pipeline.ts"
+import { gradMetaProblem } from "../../shared/protocol/limits.ts"
+import { senderOfMessageId } from "../../shared/wire/budget.ts"
 import { PROTOCOL_VERSION, subjects } from "../../shared/protocol/subjects.ts"
 import { resolveSchedule, type ScheduleInput } from "../../shared/schedule/schedules.ts"
 import { initialState as initialSchedulerState, lrFrom, parseState } from "../../shared/schedule/state.ts"
@@ -193,9 +195,16 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
     /** the version of the newest checkpoint this process wrote (or resumed from). */
     let savedVersion = found ? state.core.version : -1
 
+    // an LR reply outside [0, MAX_LR] (the schema's bound), or for another step, is refused
+    // on errors and asked again; then, as with no scheduler, the shard computes the LR itself
     const lrFor = (version: number, epoch: number) =>
       bus.request(s.lr, encodeMessage({ _tag: "GetLr", v: PROTOCOL_VERSION, step: version, epoch, incarnation: state.incarnation, state: shard === 0 ? state.schedule : undefined }), { timeoutMs: 1_000 }).pipe(
-        Effect.flatMap((m) => Effect.fromResult(decodeBytes(LrForStep, m.subject, m.data))),
+        Effect.flatMap((m) => {
+          const r = decodeBytes(LrForStep, m.subject, m.data)
+          const why = Result.isFailure(r) ? r.failure.reason : r.success.step !== version ? `an LR reply for step ${r.success.step}, asked for ${version}` : undefined
+          if (why === undefined && Result.isSuccess(r)) return Effect.succeed(r.success)
+          return reject({ code: "invalid-value", reason: `LR reply refused (${why}); step ${version} uses the LR this shard computes if no valid one comes`, subject: s.lr, step: version }).pipe(Effect.andThen(Effect.fail(new Error(why))))
+        }),
         Effect.retry({ times: 2 }),
         Effect.map((r) => ({ lr: r.lr, schedule: r.state })),
         // no scheduler: the LR its last known state gives (the job's schedule before any reply)
@@ -276,10 +285,12 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
     )
 
     // ---- inputs: everything below only decodes at the edge and enqueues
+    // the live workers' ids: their pushes are reassembled in the members' pool (shared/wire/budget.ts), the rest in a small shared one
+    const knownSenders = new Set<string>()
     yield* trackMembership(s, job.train.livenessMs, (e) =>
       // a relayed worker (heartbeat info `relay`) counts for the first step but is waited for through its relay
       e.member.role !== "worker" ? Effect.void
-      : offer(e.kind === "left" ? { _tag: "MemberLeft", id: e.member.id, why: e.why } : { _tag: "MemberJoined", id: e.member.id, ...(e.member.info?.relay !== undefined ? { relayed: true } : e.member.info?.relayFor !== undefined ? { relay: true } : {}) })
+      : Effect.sync(() => void (e.kind === "left" ? knownSenders.delete(e.member.id) : knownSenders.add(e.member.id))).pipe(Effect.andThen(offer(e.kind === "left" ? { _tag: "MemberLeft", id: e.member.id, why: e.why } : { _tag: "MemberJoined", id: e.member.id, ...(e.member.info?.relay !== undefined ? { relayed: true } : e.member.info?.relayFor !== undefined ? { relay: true } : {}) })))
     )
     yield* bus.subscribe(s.hbRole("ps"), (m) => {
       const hb = decodeBytes(Heartbeat, m.subject, m.data)
@@ -289,12 +300,12 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
       return Number.isInteger(k) && Number.isFinite(inc) && Number.isInteger(ver) ? offer({ _tag: "PeerSeen", shard: k, incarnation: inc, version: ver }) : Effect.void
     })
 
-    const onGrads = (bundle: TensorBundle, info: { readonly subject: string; readonly bytes: number }) =>
+    const onGrads = (bundle: TensorBundle, info: { readonly subject: string; readonly bytes: number; readonly id: string }) =>
       Effect.gen(function* () {
         const m = bundle.meta
         metrics.addBytes("received", info.bytes, m.kind)
-        const bad = (code: "bad-message" | "wrong-job", reason: string) =>
-          reject({ code, reason, subject: info.subject, sender: m.sender }).pipe(
+        const bad = (code: "bad-message" | "wrong-job" | "invalid-value", reason: string) =>
+          reject({ code, reason, subject: info.subject, sender: m.sender, messageId: info.id }).pipe(
             Effect.flatMap((msg) => (/^[A-Za-z0-9_-]{1,64}$/.test(m.sender) ? bus.publish(s.psAck(shard, m.sender), encodeMessage(msg)).pipe(Effect.ignore) : Effect.void))
           )
         if (m.kind !== "grads") return yield* bad("bad-message", `expected a grads bundle, got ${m.kind}`)
@@ -302,6 +313,9 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
         const g = decodeValue(GradMeta, `${info.subject} meta.extra`, m.extra ?? {})
         if (Result.isFailure(g)) return yield* bad("bad-message", g.failure.reason)
         const x = g.success
+        // the numbers weigh it in the mean: held to the job's batch size (shared/protocol/limits.ts)
+        const odd = gradMetaProblem(job, x, (m.batchId ?? x.micro).split("+").length)
+        if (odd !== undefined) return yield* bad("invalid-value", odd)
         // an embedding's gradient may come as its non-zero rows (shared/wire/rows.ts)
         // any codec of the registry (the bundle says which, per tensor); an inconsistent one is refused with its reason
         let dense: ReturnType<typeof denseGrads>
@@ -311,7 +325,7 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
           dense = { problem: `cannot decode ${m.codec} gradient: ${(err as Error).message}` }
         }
         if ("problem" in dense) {
-          return yield* reject({ code: "bad-tensor", reason: dense.problem, subject: info.subject, sender: m.sender }).pipe(
+          return yield* reject({ code: "bad-tensor", reason: dense.problem, subject: info.subject, sender: m.sender, messageId: info.id }).pipe(
             Effect.flatMap((msg) => (/^[A-Za-z0-9_-]{1,64}$/.test(m.sender) ? bus.publish(s.psAck(shard, m.sender), encodeMessage(msg)).pipe(Effect.ignore) : Effect.void))
           )
         }
@@ -323,7 +337,8 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
       })
     yield* receiveBundles(bus, s.psPush(shard), onGrads, {
       ...bundleLimits(job, model),
-      onError: (e, info) => reject({ code: "wire", reason: e.message, subject: info.subject }).pipe(Effect.asVoid)
+      isKnownSender: (x) => knownSenders.has(x),
+      onError: (e, info) => reject({ code: "wire", reason: e.message, subject: info.subject, sender: senderOfMessageId(info.id), ...(info.id !== undefined ? { messageId: info.id } : {}) }).pipe(Effect.asVoid)
     })
 
     const request = <A>(schema: Parameters<typeof decodeBytes>[0], subject: string, toEvent: (m: BusMessage, a: A) => PsEvent) =>
@@ -350,7 +365,7 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
       return Result.isSuccess(r) ? offerTraced({ _tag: "NormShared", msg: r.success }) : Effect.logWarning(r.failure.message)
     })
     const verbs: ReadonlyArray<CommandVerb> = ["pause", "resume", "checkpoint", "stop", "set-optimizer", "set-consistency", "set-compression"]
-    yield* onControl(s, Object.fromEntries(verbs.filter((v) => (CONTROL_VERBS as readonly string[]).includes(v)).map((v) => [v, (_: unknown, ev: never) => offer({ _tag: "ControlApplied", event: ev })])))
+    yield* onControl(s, Object.fromEntries(verbs.filter((v) => (CONTROL_VERBS as readonly string[]).includes(v)).map((v) => [v, (_: unknown, ev: never) => offer({ _tag: "ControlApplied", event: ev })])), id)
     // (suspended: each Tick reads the clock when it is sent)
     yield* Effect.forkScoped(Effect.forever(Effect.sleep(TICK_MS).pipe(Effect.andThen(Effect.suspend(() => offer({ _tag: "Tick", now: Date.now() }))))))
 

@@ -23,6 +23,7 @@ import { runHeartbeat, trackMembership, type HeartbeatHandle } from "../../share
 import { makeReporter } from "../../shared/actor/report.ts"
 import type { JobConfig } from "../../shared/config/job.ts"
 import { bundleLimits, shardOfForJob } from "../../shared/models/pipeline.ts"
+import { gradMetaProblem } from "../../shared/protocol/limits.ts"
 import { modelForJob, trainableNames } from "../../shared/models/zoo.ts"
 import { decodeBytes, decodeValue, encodeMessage } from "../../shared/protocol/decode.ts"
 import { GradMeta, PushAck, Rejected, rejected } from "../../shared/protocol/messages.ts"
@@ -96,6 +97,9 @@ export const runRelay = (o: RelayOptions): Effect.Effect<RelayHandle, Error, Bus
       if (m.kind !== "grads" || m.job !== job.job) return refuse(m.sender, shard, m.job !== job.job ? "wrong-job" : "bad-message", `expected job ${job.job}'s grads, got ${m.job}'s ${m.kind}`, info.subject)
       const g = decodeValue(GradMeta, `${info.subject} meta.extra`, m.extra ?? {})
       if (Result.isFailure(g)) return refuse(m.sender, shard, "bad-message", g.failure.reason, info.subject)
+      // a part's numbers weigh it in the relay's mean: held to the job's batch size, as the servers hold the sum
+      const odd = gradMetaProblem(job, g.success, (m.batchId ?? g.success.micro).split("+").length)
+      if (odd !== undefined) return refuse(m.sender, shard, "invalid-value", odd, info.subject)
       const codec = g.success.stamp ?? "f32"
       if (Result.isFailure(parseCodec(codec))) return refuse(m.sender, shard, "bad-message", `stamp: ${codec} is not a known codec`, info.subject)
       let dense: ReturnType<typeof denseGrads>
@@ -138,7 +142,7 @@ export const runRelay = (o: RelayOptions): Effect.Effect<RelayHandle, Error, Bus
     yield* onControl(s, {
       stop: () => Deferred.succeed(finished, undefined).pipe(Effect.asVoid),
       "set-consistency": (c) => offer({ _tag: "ConsistencyChanged", mode: c.mode })
-    })
+    }, id)
 
     // ---- heartbeats: always as the quantizer; as the servers' worker only while it has workers
     const own = yield* runHeartbeat(s, "quantizer", `quantizer-${name}`, job.train.heartbeatMs, { relay: name, workers: 0 })

@@ -107,7 +107,7 @@ export const runScheduler = (o: SchedulerOptions): Effect.Effect<SchedulerHandle
     yield* onControl(s, {
       "set-lr": (c) => offer({ _tag: "LrSet", lr: c.lr, fromStep: c.fromStep }),
       "set-schedule": (c) => offer({ _tag: "ScheduleSet", schedule: c.schedule })
-    })
+    }, o.id)
 
     yield* runHeartbeat(s, "scheduler", o.id, o.job.train.heartbeatMs)
     yield* Effect.logDebug(`scheduler ${o.id}: ${JSON.stringify(state.schedule)}`)

@@ -7,7 +7,8 @@
  *
  * The rules it keeps (docs/RELIABILITY.md):
  *  - params: the cache rules of params-cache.ts (newer versions, restarts, pulls, the
- *    lease-generation grace); a restart drops the batches held and the push in flight (the
+ *    lease-generation grace, which broadcasts are believed, and that the last version ends
+ *    the worker only once its servers confirm it); a restart drops the batches held and the push in flight (the
  *    loader rebuilds its table on the same restart), so a resumed job re-serves exactly the
  *    batches after the checkpoint;
  *  - compute when `accumulate` batches are held, no push is in flight, every shard is
@@ -23,7 +24,7 @@
 import type { BatchLeased, PushAck, Rejected } from "../../shared/protocol/messages.ts"
 import type { TensorBundle } from "../../shared/wire/tensor.ts"
 import type { Batch as ModelBatch } from "../../shared/models/model.ts"
-import { pullAll, pullIfBehind, receiveParams, staleLease, type ParamsCache } from "./params-cache.ts"
+import { emptyCache, finalState, pullAll, pullIfBehind, pullShard, serverSaid, staleLease, takeParams, type ParamsCache, type ParamsIn } from "./params-cache.ts"
 
 /** A leased batch: the loader's meta and the model's named tensors (shared/models/model.ts). */
 export interface Batch {
@@ -80,9 +81,9 @@ export interface WorkerState extends ParamsCache {
 
 export type WorkerEvent =
   | { readonly _tag: "LeaseReplied"; readonly batch?: Batch; readonly noBatch?: { reason: string; retryAfterMs: number }; readonly failed?: string }
-  | { readonly _tag: "ParamsReceived"; readonly shard: number; readonly incarnation: number; readonly version: number; readonly params: ReadonlyMap<string, Float32Array>; readonly epochsDone?: number; readonly codec?: string; readonly run?: number }
+  | ({ readonly _tag: "ParamsReceived" } & ParamsIn)
   | { readonly _tag: "PullEnded"; readonly shard: number }
-  | { readonly _tag: "ServerSeen"; readonly shard: number; readonly incarnation: number; readonly version: number }
+  | { readonly _tag: "ServerSeen"; readonly shard: number; readonly incarnation: number; readonly version: number; readonly id?: string }
   | { readonly _tag: "PushAcked"; readonly ack: PushAck }
   | { readonly _tag: "PushRefused"; readonly rejected: Rejected; readonly shard: number }
   | { readonly _tag: "Computed"; readonly key: string; readonly versions: ReadonlyMap<number, number>; readonly micro: readonly Batch[]; readonly batchId: string; readonly bundles: ReadonlyMap<number, TensorBundle> }
@@ -98,11 +99,13 @@ export type WorkerEffect =
   | { readonly _tag: "Pull"; readonly shard: number; readonly minVersion: number }
   | { readonly _tag: "Release"; readonly batch: Batch; readonly reason: string }
   | { readonly _tag: "Finish" }
+  /** a params bundle not believed (params-cache.ts): reported on `errors`, naming its sender. */
+  | { readonly _tag: "RefuseParams"; readonly shard: number; readonly version: number; readonly sender?: string; readonly messageId?: string; readonly reason: string }
   | { readonly _tag: "Log"; readonly level: "debug" | "info" | "warn"; readonly message: string }
 
 export const initialWorker = (cfg: WorkerConfig, consistency: WorkerState["consistency"], now: number): WorkerState => ({
-  cfg, consistency, cache: new Map(), restartIncarnation: 0, restartSeenAt: -Infinity, held: [], leasing: false, leaseAfter: now,
-  computing: false, recent: [], waitingSince: now, pulling: new Set(), finished: false, now, lastReport: now, stats: { steps: 0, stale: 0, resent: 0, pulls: 0 }
+  cfg, consistency, ...emptyCache(), held: [], leasing: false, leaseAfter: now,
+  computing: false, recent: [], waitingSince: now, finished: false, now, lastReport: now, stats: { steps: 0, stale: 0, resent: 0, pulls: 0 }
 })
 
 /** The identity of the cached params: every shard's incarnation and version. */
@@ -147,6 +150,8 @@ const settle = (s: WorkerState, f: InFlight) => {
 const paramsReady = (s: WorkerState): string | undefined => {
   const key = cacheKey(s)
   if (key === undefined || key === s.lastKey) return undefined
+  // the last version (awaiting its servers' confirmation, `finish`): nothing is computed on it
+  for (const c of s.cache.values()) if (c.version >= s.cfg.steps) return undefined
   if (s.consistency === "sync" && commonVersion(s) === undefined) return undefined
   return key
 }
@@ -175,8 +180,12 @@ export const step = (s: WorkerState, e: WorkerEvent): WorkerEffect[] => {
       break
     }
     case "ParamsReceived": {
-      const got = receiveParams(s, e, s.now)
-      if (got === "stale") break
+      const got = takeParams(s, e, s.now, (x) => out.push(x))
+      if (got === "stop") break
+      if (got === "stale") {
+        if (finish(s, out)) return out
+        break
+      }
       if (got === "restarted") {
         out.push({ _tag: "Log", level: "info", message: `shard ${e.shard} restarted (incarnation ${e.incarnation}, version ${e.version}): handing back ${s.held.length} held batches${s.inflight ? `, dropping the push of ${s.inflight.batchId}` : ""}` })
         for (const b of s.held) out.push({ _tag: "Release", batch: b, reason: `shard ${e.shard} restarted` })
@@ -186,12 +195,7 @@ export const step = (s: WorkerState, e: WorkerEvent): WorkerEffect[] => {
         s.lastKey = undefined
       }
       s.waitingSince = s.now
-      const v = commonVersion(s)
-      if (v !== undefined && v >= s.cfg.steps) {
-        s.finished = true
-        out.push({ _tag: "Finish" })
-        return out
-      }
+      if (finish(s, out)) return out
       // sync: every shard moved past the version pushed on → it was applied (or superseded)
       const f = s.inflight
       if (f && s.consistency === "sync" && [...f.versions].every(([k, ver]) => (s.cache.get(k)?.version ?? -1) > ver)) settle(s, f)
@@ -201,8 +205,10 @@ export const step = (s: WorkerState, e: WorkerEvent): WorkerEffect[] => {
       s.pulling.delete(e.shard)
       break
     case "ServerSeen": {
+      serverSaid(s, e.shard, { ...(e.id !== undefined ? { id: e.id } : {}), incarnation: e.incarnation, version: e.version }, s.now)
       const pull = pullIfBehind(s, e.shard, e.incarnation, e.version)
       if (pull) out.push(pull)
+      if (finish(s, out)) return out
       break
     }
     case "PushAcked": {
@@ -232,6 +238,8 @@ export const step = (s: WorkerState, e: WorkerEvent): WorkerEffect[] => {
       out.push({ _tag: "Log", level: "warn", message: `shard ${e.shard} refused my push of ${f.batchId} (${r.code}): ${r.reason}` })
       if (f === s.inflight) s.inflight = undefined
       s.recent = s.recent.filter((x) => x !== f)
+      // the params did not move (a refused version, a bad batch): the next batch may be computed on them
+      if (r.code !== "stale" && r.code !== "conflict" && cacheKey(s) === f.key && s.lastKey === f.key) s.lastKey = undefined
       if (r.code === "stale" || r.code === "conflict") {
         s.stats.stale++
         for (const b of f.micro) out.push({ _tag: "Release", batch: b, reason: `stale: ${r.reason}` })
@@ -244,6 +252,9 @@ export const step = (s: WorkerState, e: WorkerEvent): WorkerEffect[] => {
     }
     case "Computed": {
       s.computing = false
+      // the watchdog counts the wait for params from here: a step's compute is not a lost broadcast
+      // (else a step over watchdogMs made every worker pull every shard after each push)
+      s.waitingSince = s.now
       // sync: a newer version arrived while computing — this gradient would be refused; the
       // batches go back to the loader so a worker computes them on fresh params
       if (s.consistency === "sync" && cacheKey(s) !== e.key) {
@@ -293,6 +304,19 @@ export const step = (s: WorkerState, e: WorkerEvent): WorkerEffect[] => {
   }
   next(s, out)
   return out
+}
+
+/**
+ * The job's last version, on every shard and confirmed by each server (params-cache.ts
+ * finalState: a broadcast alone is not enough): finish. Otherwise pull the unconfirmed.
+ */
+const finish = (s: WorkerState, out: WorkerEffect[]): boolean => {
+  const f = finalState(s, Array.from({ length: s.cfg.shards }, (_, k) => k), s.cfg.steps)
+  out.push(...f.pulls)
+  if (!f.done) return false
+  s.finished = true
+  out.push({ _tag: "Finish" })
+  return true
 }
 
 /** What to start now: a lease (keep one batch ahead), a computation. */

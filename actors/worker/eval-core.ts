@@ -7,10 +7,12 @@
  * version after each epoch completes; and the final one) once every shard is
  * at it — each params identity once, so a server that restarts and recomputes a version
  * gets it evaluated again. A heartbeat showing params it lacks, or QUIET_MS without any,
- * makes it pull. The shell (worker.ts) leases the validation batches, computes the losses
- * and publishes them. No I/O, no clocks.
+ * makes it pull. Which params are believed is params-cache.ts's rule (the worker's): the
+ * last version is evaluated, and ends the evaluator, only once its servers confirmed it.
+ * The shell (worker.ts) leases the validation batches, computes the losses and publishes
+ * them. No I/O, no clocks.
  */
-import { isNewer, type CachedShard } from "./params-cache.ts"
+import { emptyCache, finalState, pullIfBehind, pullShard, receiveParams, refusals, serverSaid, type ParamsCache, type ParamsIn } from "./params-cache.ts"
 
 export interface EvalConfig {
   readonly shards: number
@@ -21,17 +23,11 @@ export interface EvalConfig {
   readonly epochs: number
 }
 
-export interface CachedEval extends CachedShard {
-  /** complete epochs behind these params (ParamsMeta.epochsDone). */
-  readonly epochsDone: number
-}
-
 /** No params for this long: pull every shard (a lost broadcast, a restarted server). */
 export const QUIET_MS = 5_000
 
-export interface EvalState {
+export interface EvalState extends ParamsCache {
   readonly cfg: EvalConfig
-  readonly cache: Map<number, CachedEval>
   /** complete epochs of the last evaluation (-1: none yet). */
   lastEpoch: number
   /** the validation batches are leased: evaluations can run. */
@@ -43,35 +39,45 @@ export interface EvalState {
 }
 
 export type EvalEvent =
-  | { readonly _tag: "ParamsReceived"; readonly shard: number; readonly incarnation: number; readonly version: number; readonly params: ReadonlyMap<string, Float32Array>; readonly epochsDone?: number }
-  | { readonly _tag: "ServerSeen"; readonly shard: number; readonly incarnation: number; readonly version: number }
+  | ({ readonly _tag: "ParamsReceived" } & ParamsIn)
+  | { readonly _tag: "PullEnded"; readonly shard: number }
+  | { readonly _tag: "ServerSeen"; readonly shard: number; readonly incarnation: number; readonly version: number; readonly id?: string }
   | { readonly _tag: "ValReady" }
   | { readonly _tag: "Tick"; readonly now: number }
 
-const EVAL_TAGS: ReadonlySet<string> = new Set(["ParamsReceived", "ServerSeen", "ValReady", "Tick"])
+const EVAL_TAGS: ReadonlySet<string> = new Set(["ParamsReceived", "PullEnded", "ServerSeen", "ValReady", "Tick"])
 /** The evaluator's events among what the worker's mailbox carries. */
 export const isEvalEvent = (e: { readonly _tag: string }): e is EvalEvent => EVAL_TAGS.has(e._tag)
 
 export type EvalEffect =
-  | { readonly _tag: "Pull"; readonly shard: number }
+  | { readonly _tag: "Pull"; readonly shard: number; readonly minVersion?: number }
   | { readonly _tag: "Evaluate"; readonly version: number; readonly epochsDone: number; readonly params: ReadonlyMap<string, Float32Array> }
   | { readonly _tag: "Finish" }
+  /** a params bundle not believed (params-cache.ts): reported on `errors`, naming its sender. */
+  | { readonly _tag: "RefuseParams"; readonly shard: number; readonly version: number; readonly sender?: string; readonly messageId?: string; readonly reason: string }
 
-export const initialEval = (cfg: EvalConfig, now: number): EvalState => ({ cfg, cache: new Map(), lastEpoch: -1, ready: false, lastKey: "", quietSince: now, now, done: false })
+export const initialEval = (cfg: EvalConfig, now: number): EvalState => ({ cfg, ...emptyCache(), stats: { pulls: 0 }, lastEpoch: -1, ready: false, lastKey: "", quietSince: now, now, done: false })
 
 export const evalStep = (s: EvalState, e: EvalEvent): EvalEffect[] => {
   const out: EvalEffect[] = []
   if (s.done) return out
   switch (e._tag) {
-    case "ParamsReceived":
-      if (isNewer(s.cache.get(e.shard), e.incarnation, e.version)) {
-        s.cache.set(e.shard, { incarnation: e.incarnation, version: e.version, params: e.params, epochsDone: e.epochsDone ?? 0 })
-        s.quietSince = s.now
-      }
+    case "ParamsReceived": {
+      const r = receiveParams(s, e, s.now)
+      out.push(...refusals(r))
+      if (r.got === "unconfirmed") out.push(...[pullShard(s, e.shard)].filter((p) => p !== undefined))
+      else if (r.got === "newer" || r.got === "restarted") s.quietSince = s.now
       break
-    case "ServerSeen":
-      if (isNewer(s.cache.get(e.shard), e.incarnation, e.version)) out.push({ _tag: "Pull", shard: e.shard })
+    }
+    case "PullEnded":
+      s.pulling.delete(e.shard)
       break
+    case "ServerSeen": {
+      serverSaid(s, e.shard, { ...(e.id !== undefined ? { id: e.id } : {}), incarnation: e.incarnation, version: e.version }, s.now)
+      const p = pullIfBehind(s, e.shard, e.incarnation, e.version)
+      if (p) out.push(p)
+      break
+    }
     case "ValReady":
       s.ready = true
       break
@@ -79,7 +85,8 @@ export const evalStep = (s: EvalState, e: EvalEvent): EvalEffect[] => {
       s.now = e.now
       if (s.now - s.quietSince >= QUIET_MS) {
         s.quietSince = s.now
-        for (let k = 0; k < s.cfg.shards; k++) out.push({ _tag: "Pull", shard: k })
+        s.pulling.clear() // nothing came back for QUIET_MS: a pull that never ended is given up
+        for (let k = 0; k < s.cfg.shards; k++) out.push(pullShard(s, k)!)
       }
       break
   }
@@ -87,7 +94,13 @@ export const evalStep = (s: EvalState, e: EvalEvent): EvalEffect[] => {
   const cached = [...s.cache.values()]
   const v = cached[0].version
   const key = cached.map((x) => `${x.incarnation}:${x.version}`).join("/")
-  const epochs = Math.min(...cached.map((x) => x.epochsDone))
+  const epochs = Math.min(...cached.map((x) => x.epochsDone ?? 0))
+  // the last version counts once its servers confirmed it (else those shards are pulled)
+  const final = v >= s.cfg.steps ? finalState(s, Array.from({ length: s.cfg.shards }, (_, k) => k), s.cfg.steps) : undefined
+  if (final && !final.done) {
+    out.push(...final.pulls)
+    return out
+  }
   const last = v >= s.cfg.steps || (s.cfg.epochs > 0 && epochs >= s.cfg.epochs)
   const due = s.cfg.every === "epoch" ? epochs > s.lastEpoch && epochs > 0 : v % s.cfg.every === 0
   if (!cached.every((x) => x.version === v) || key === s.lastKey || !(due || last)) return out

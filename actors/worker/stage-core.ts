@@ -28,7 +28,7 @@ import type { PushAck, Rejected } from "../../shared/protocol/messages.ts"
 import type { Batch as ModelBatch } from "../../shared/models/model.ts"
 import type { Activation } from "../../shared/models/pipeline.ts"
 import type { TensorBundle, WireTensor } from "../../shared/wire/tensor.ts"
-import { pullAll, pullIfBehind, receiveParams, staleLease, type ParamsCache } from "./params-cache.ts"
+import { emptyCache, finalState, pullAll, pullIfBehind, pullShard, serverSaid, staleLease, takeParams, type ParamsCache, type ParamsIn } from "./params-cache.ts"
 import { addGrads, newRun, notePeak, opOf, pickOp, runKey, runOfLeased, stepGradient, type LeasedBatch, type MicroMeta, type OpTarget, type Run } from "./stage-run.ts"
 
 export interface StageConfig {
@@ -83,9 +83,9 @@ export interface StageState extends ParamsCache {
 }
 
 export type StageEvent =
-  | { readonly _tag: "ParamsReceived"; readonly shard: number; readonly incarnation: number; readonly version: number; readonly params: ReadonlyMap<string, Float32Array> }
+  | ({ readonly _tag: "ParamsReceived" } & ParamsIn)
   | { readonly _tag: "PullEnded"; readonly shard: number }
-  | { readonly _tag: "ServerSeen"; readonly shard: number; readonly incarnation: number; readonly version: number }
+  | { readonly _tag: "ServerSeen"; readonly shard: number; readonly incarnation: number; readonly version: number; readonly id?: string }
   | { readonly _tag: "LeaseReplied"; readonly batch?: LeasedBatch; readonly noBatch?: { retryAfterMs: number }; readonly failed?: string }
   | { readonly _tag: "LabelsReplied"; readonly key: string; readonly micro: number; readonly batch?: ModelBatch; readonly failed?: string }
   | { readonly _tag: "ActivationReceived"; readonly version: number; readonly attempt: number; readonly stepId: string; readonly micro: number; readonly micros: number; readonly meta: MicroMeta; readonly x: Activation }
@@ -113,11 +113,13 @@ export type StageEffect =
   | { readonly _tag: "Push"; readonly shard: number; readonly bundle: TensorBundle; readonly resend: boolean }
   | { readonly _tag: "Flushed"; readonly run: Run; readonly loss: number; readonly units: number }
   | { readonly _tag: "Finish" }
+  /** a params bundle not believed (params-cache.ts): reported on `errors`, naming its sender. */
+  | { readonly _tag: "RefuseParams"; readonly shard: number; readonly version: number; readonly sender?: string; readonly messageId?: string; readonly reason: string }
   | { readonly _tag: "Log"; readonly level: "debug" | "info" | "warn"; readonly message: string }
 
 export const initialStage = (cfg: StageConfig, now: number): StageState => ({
-  cfg, cache: new Map(), restartIncarnation: 0, restartSeenAt: -Infinity, held: [], leasing: false, leaseAfter: now,
-  computing: false, waitingSince: now, pulling: new Set(), finished: false, now, lastReport: now,
+  cfg, ...emptyCache(), held: [], leasing: false, leaseAfter: now,
+  computing: false, waitingSince: now, finished: false, now, lastReport: now,
   stats: { steps: 0, retries: 0, stale: 0, dropped: 0, pulls: 0 }
 })
 
@@ -151,8 +153,12 @@ export const step = (s: StageState, e: StageEvent): StageEffect[] => {
   if (s.finished) return out
   switch (e._tag) {
     case "ParamsReceived": {
-      const got = receiveParams(s, e, s.now)
-      if (got === "stale") break
+      const got = takeParams(s, e, s.now, (x) => out.push(x))
+      if (got === "stop") break
+      if (got === "stale") {
+        if (finish(s, out)) return out
+        break
+      }
       s.waitingSince = s.now
       if (got === "restarted") {
         out.push({ _tag: "Log", level: "info", message: `shard ${e.shard} restarted (incarnation ${e.incarnation}, version ${e.version})` })
@@ -163,11 +169,7 @@ export const step = (s: StageState, e: StageEvent): StageEffect[] => {
         s.lastKey = undefined
       }
       const v = commonVersion(s)
-      if (v !== undefined && v >= s.cfg.steps) {
-        s.finished = true
-        out.push({ _tag: "Finish" })
-        return out
-      }
+      if (finish(s, out)) return out
       // sync: every shard moved past the version pushed on: it was applied (or superseded)
       if (s.inflight && s.cfg.reads.every((k) => (s.cache.get(k)?.version ?? -1) > s.inflight!.version)) s.inflight = undefined
       // a step whose version is superseded can never be applied: drop it
@@ -178,8 +180,10 @@ export const step = (s: StageState, e: StageEvent): StageEffect[] => {
       s.pulling.delete(e.shard)
       break
     case "ServerSeen": {
+      serverSaid(s, e.shard, { ...(e.id !== undefined ? { id: e.id } : {}), incarnation: e.incarnation, version: e.version }, s.now)
       const pull = s.cfg.reads.includes(e.shard) ? pullIfBehind(s, e.shard, e.incarnation, e.version) : undefined
       if (pull) out.push(pull)
+      if (finish(s, out)) return out
       break
     }
     case "LeaseReplied": {
@@ -313,6 +317,8 @@ export const step = (s: StageState, e: StageEvent): StageEffect[] => {
       out.push({ _tag: "Log", level: "warn", message: `shard ${e.shard} refused my push of ${f.stepId} (${r.code}): ${r.reason}` })
       s.inflight = undefined
       s.stats.stale++
+      // the params did not move (a refused version): stage 0 may run the next step on them
+      if (r.code !== "stale" && r.code !== "conflict" && cacheKey(s) === f.key && s.lastKey === f.key) s.lastKey = undefined
       // stage 0 owns the leases: the batches go back to the loader
       if (isFirst(s)) for (const b of f.leased) out.push({ _tag: "Release", batch: b, reason: `refused (${r.code}): ${r.reason}` })
       break
@@ -379,6 +385,16 @@ const tick = (s: StageState, out: StageEffect[]) => {
   }
 }
 
+/** The job's last version on every shard read, confirmed by their servers (params-cache.ts finalState): finish. */
+const finish = (s: StageState, out: StageEffect[]): boolean => {
+  const f = finalState(s, s.cfg.reads, s.cfg.steps)
+  out.push(...f.pulls)
+  if (!f.done) return false
+  s.finished = true
+  out.push({ _tag: "Finish" })
+  return true
+}
+
 /** After the step's last backward (and, on stage 0, the tied part): push to the own shards. */
 const flush = (s: StageState, r: Run, out: StageEffect[]) => {
   if (r.flushed || r.done.size < r.micros.length) return
@@ -415,7 +431,7 @@ const next = (s: StageState, out: StageEffect[]) => {
   const v = commonVersion(s)
   if (isFirst(s)) {
     const key = cacheKey(s)
-    if ((!s.run || s.run.flushed) && !s.inflight && v !== undefined && key !== undefined && key !== s.lastKey && s.held.length >= s.cfg.micros) {
+    if ((!s.run || s.run.flushed) && !s.inflight && v !== undefined && v < s.cfg.steps && key !== undefined && key !== s.lastKey && s.held.length >= s.cfg.micros) {
       s.run = runOfLeased(v, 0, s.held.splice(0, s.cfg.micros), s.now)
       s.lastKey = key
     }

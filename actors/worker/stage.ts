@@ -25,14 +25,15 @@ import { explainWasmAbort } from "../../shared/compute/memory.ts"
 import { bundleLimits, freeLength, heapProblemFor, ownerStage, shapeBatch, shardOfForJob, stageBackward, stageForward, stageShards, stagesForJob, stageTensors, type Activation } from "../../shared/models/pipeline.ts"
 import { modelForJob, trainableNames } from "../../shared/models/zoo.ts"
 import { decodeBytes, decodeValue, encodeMessage } from "../../shared/protocol/decode.ts"
-import { Heartbeat, PipeMeta, PushAck, Rejected, type StageStep } from "../../shared/protocol/messages.ts"
+import { Heartbeat, PipeMeta, PushAck, Rejected, type ErrorCode, type StageStep } from "../../shared/protocol/messages.ts"
+import { checkParams, paramsExpectation } from "../../shared/protocol/params-check.ts"
+import { senderOfMessageId } from "../../shared/wire/budget.ts"
 import { PROTOCOL_VERSION, subjects } from "../../shared/protocol/subjects.ts"
 import { currentMetrics } from "../../shared/telemetry/metrics.ts"
 import type { TensorBundle } from "../../shared/wire/tensor.ts"
 import { receiveBundles, sendBundle } from "../../shared/wire/transport.ts"
 import { LoaderClient } from "../loader/protocol.ts"
-import { ParamServerClient, paramsMeta } from "../param-server/protocol.ts"
-import { decodeTensor } from "../../shared/wire/codecs.ts"
+import { ParamServerClient } from "../param-server/protocol.ts"
 import { initialStage, step, type StageConfig, type StageEffect, type StageEvent, type StageState } from "./stage-core.ts"
 import type { LeasedBatch } from "./stage-run.ts"
 
@@ -113,26 +114,30 @@ export const runStageWorker = (o: StageOptions): Effect.Effect<StageHandle, Erro
     const offer = (e: StageEvent) => Effect.sync(() => void Queue.offerUnsafe(queue, e))
     yield* Effect.logInfo(`stage ${id}: stage ${k} of ${S} (${st.blocks.map((b) => b.name).join(", ")}; ${st.params.reduce((n, p) => n + p.shape.reduce((a, b) => a * b, 1), 0)} params), replica ${replica}, shards read [${cfg.reads}], pushes to [${[...cfg.pushes.keys()]}], ${cfg.schedule} with ${cfg.micros} micro-batches${cfg.tied.length > 0 ? `, tied: ${cfg.tied.map((t) => t.name).join(", ")}` : ""}`)
 
-    // ---- params of the shards this stage reads
+    // ---- params of the shards this stage reads: checked (shared/protocol/params-check.ts), then believed or not (params-cache.ts)
     const needed = new Set(st.params.map((p) => p.name))
-    const paramsEvent = (b: TensorBundle): StageEvent | undefined => {
-      const m = paramsMeta(b)
-      if (Result.isFailure(m) || !cfg.reads.includes(m.success.shard)) return undefined
+    const expect = paramsExpectation(job, model.specs, shardOfForJob(job, model), cfg.reads)
+    const refuseParams = (r: { reason: string; code?: ErrorCode; subject: string; sender?: string; version?: number; messageId?: string }) =>
+      reject({ code: r.code ?? "invalid-value", reason: r.reason, subject: r.subject, ...(r.sender !== undefined ? { sender: r.sender } : {}), ...(r.version !== undefined ? { step: r.version } : {}), ...(r.messageId !== undefined ? { messageId: r.messageId } : {}) }).pipe(Effect.asVoid)
+    const paramsEvent = (b: TensorBundle, from: { source: "broadcast" | "pull"; subject: string; shard: number; id?: string }): Effect.Effect<StageEvent | undefined> => {
+      const c = checkParams(b, expect, Date.now(), from.shard)
+      if (!c.ok) return refuseParams({ ...c, subject: from.subject, sender: b.meta.sender, version: b.meta.version, messageId: from.id }).pipe(Effect.as(undefined))
       // a shard of another stage (the tied embedding's): keep copies of what this stage reads, so the bundle's buffer can go
-      const own = cfg.pushes.has(m.success.shard)
-      const params = new Map(b.tensors.filter((t) => own || needed.has(t.name)).map((t) => [t.name, own || t.dtype !== "float32" ? decodeTensor(t) : Float32Array.from(t.data as Float32Array)]))
-      return { _tag: "ParamsReceived", shard: m.success.shard, incarnation: m.success.incarnation, version: b.meta.version, params }
+      const own = cfg.pushes.has(c.meta.shard)
+      const params = new Map([...c.params].filter(([n]) => own || needed.has(n)).map(([n, v]) => [n, own || b.tensors.find((t) => t.name === n)!.dtype !== "float32" ? v : Float32Array.from(v)]))
+      return Effect.succeed({ _tag: "ParamsReceived", shard: c.meta.shard, incarnation: c.meta.incarnation, version: b.meta.version, params, source: from.source, sender: b.meta.sender, ...(from.id !== undefined ? { messageId: from.id } : {}) })
     }
     const limits = bundleLimits(job, model)
     for (const sh of cfg.reads) {
-      yield* receiveBundles(bus, s.psVersion(sh), (b) => {
-        const e = paramsEvent(b)
-        return e ? offer(e) : Effect.void
-      }, limits)
+      yield* receiveBundles(bus, s.psVersion(sh), (b, info) => paramsEvent(b, { source: "broadcast", subject: info.subject, shard: sh, id: info.id }).pipe(Effect.flatMap((e) => (e ? offer(e) : Effect.void))), {
+        ...limits,
+        onError: (e, info) => refuseParams({ code: "wire", reason: e.message, subject: info.subject, sender: senderOfMessageId(info.id), ...(info.id !== undefined ? { messageId: info.id } : {}) })
+      })
     }
+    const pulled = (sh: number, b: TensorBundle) => paramsEvent(b, { source: "pull", subject: s.psPull(sh), shard: sh }).pipe(Effect.flatMap((e) => offer(e ?? { _tag: "PullEnded", shard: sh })))
     const pull = (sh: number, minVersion: number) =>
       ParamServerClient.pull(bus, s, sh, id, minVersion, 60_000, limits).pipe(
-        Effect.flatMap((r) => offer(paramsEvent(r.bundle) ?? { _tag: "PullEnded", shard: sh })),
+        Effect.flatMap((r) => pulled(sh, r.bundle)),
         Effect.catch((e) => Effect.logDebug(`stage ${id}: pull of shard ${sh}: ${e.message}`).pipe(Effect.andThen(offer({ _tag: "PullEnded", shard: sh }))))
       )
     yield* bus.subscribe(s.hbRole("ps"), (m) => {
@@ -140,7 +145,7 @@ export const runStageWorker = (o: StageOptions): Effect.Effect<StageHandle, Erro
       if (Result.isFailure(hb) || hb.success.state === "leaving") return Effect.void
       const i = hb.success.info ?? {}
       const [sh, inc, ver] = [Number(i.shard), Number(i.incarnation), Number(i.version)]
-      return Number.isInteger(sh) && Number.isFinite(inc) && Number.isInteger(ver) ? offer({ _tag: "ServerSeen", shard: sh, incarnation: inc, version: ver }) : Effect.void
+      return Number.isInteger(sh) && Number.isFinite(inc) && Number.isInteger(ver) ? offer({ _tag: "ServerSeen", shard: sh, incarnation: inc, version: ver, id: hb.success.id }) : Effect.void
     })
     for (const sh of cfg.pushes.keys()) {
       yield* bus.subscribe(s.psAck(sh, replica), (m) => {
@@ -199,7 +204,7 @@ export const runStageWorker = (o: StageOptions): Effect.Effect<StageHandle, Erro
         return offer({ _tag: "GradientReceived", version: b.meta.version, attempt: p.attempt, stepId: b.meta.batchId ?? "", micro: p.micro, dy, loss: p.loss })
       })
     }
-    yield* onControl(s, { stop: () => offer({ _tag: "StopRequested" }) })
+    yield* onControl(s, { stop: () => offer({ _tag: "StopRequested" }) }, id)
     const hb = yield* runHeartbeat(s, k === 0 ? "worker" : "stage", id, job.train.heartbeatMs)
     hb.setInfo({ replica, stage: k })
 
@@ -348,6 +353,8 @@ export const runStageWorker = (o: StageOptions): Effect.Effect<StageHandle, Erro
         }
         case "Finish":
           return Deferred.succeed(finished, undefined).pipe(Effect.asVoid)
+        case "RefuseParams":
+          return refuseParams({ reason: e.reason, subject: s.psVersion(e.shard), sender: e.sender, version: e.version, messageId: e.messageId })
         case "Log":
           if (e.message.startsWith("state:")) return Effect.logInfo(`stage ${id}: ${e.message}; memory ${memoryLine()}`)
           return e.level === "warn" ? Effect.logWarning(`stage ${id}: ${e.message}`) : e.level === "info" ? Effect.logInfo(`stage ${id}: ${e.message}`) : Effect.logDebug(`stage ${id}: ${e.message}`)
@@ -371,7 +378,7 @@ export const runStageWorker = (o: StageOptions): Effect.Effect<StageHandle, Erro
     yield* Effect.forkScoped(Effect.forever(Effect.sleep(TICK_MS).pipe(Effect.andThen(Effect.suspend(() => offer({ _tag: "Tick", now: Date.now() }))))))
     const joinPull = (sh: number) =>
       ParamServerClient.pull(bus, s, sh, id, 0, 60_000, limits).pipe(
-        Effect.flatMap((r) => offer(paramsEvent(r.bundle) ?? { _tag: "PullEnded", shard: sh })),
+        Effect.flatMap((r) => pulled(sh, r.bundle)),
         Effect.retry({ times: 30, schedule: Schedule.spaced(300) }),
         Effect.catch((e) => Effect.logWarning(`stage ${id}: pull of shard ${sh} failed: ${e.message} (heartbeats will retry)`))
       )

@@ -23,19 +23,21 @@ import { Compute } from "../../shared/compute/backend.ts"
 import { addSums, batchProblem, lossAndGrads, scoreBatch } from "../../shared/models/model.ts"
 import { modelForJob, trainableNames } from "../../shared/models/zoo.ts"
 import { decodeBytes, encodeMessage } from "../../shared/protocol/decode.ts"
-import { Heartbeat, PushAck, Rejected, type GradMeta, type ValidationLoss, type WorkerStep } from "../../shared/protocol/messages.ts"
+import { Heartbeat, PushAck, Rejected, type ErrorCode, type GradMeta, type ValidationLoss, type WorkerStep } from "../../shared/protocol/messages.ts"
+import { makeReporter } from "../../shared/actor/report.ts"
+import { checkParams, paramsExpectation, shardOfSubject } from "../../shared/protocol/params-check.ts"
+import { senderOfMessageId } from "../../shared/wire/budget.ts"
 import * as tf from "@tensorflow/tfjs"
 import { explainWasmAbort } from "../../shared/compute/memory.ts"
 import { bundleLimits, heapProblemFor, shardOfForJob } from "../../shared/models/pipeline.ts"
 import { PROTOCOL_VERSION, subjects } from "../../shared/protocol/subjects.ts"
 import { currentMetrics } from "../../shared/telemetry/metrics.ts"
-import { decodeTensor } from "../../shared/wire/codecs.ts"
 import { GradEncoder, specOf } from "../../shared/wire/compression.ts"
 import type { TensorBundle } from "../../shared/wire/tensor.ts"
 import { loadSenderState, restoreResiduals, saveSenderState, senderStateFile } from "../../shared/checkpoint/sender-state.ts"
 import { receiveBundles, sendBundle } from "../../shared/wire/transport.ts"
 import { LoaderClient } from "../loader/protocol.ts"
-import { ParamServerClient, paramsMeta } from "../param-server/protocol.ts"
+import { ParamServerClient } from "../param-server/protocol.ts"
 import { accumulateGrads } from "./accumulate.ts"
 import { evalStep, initialEval, isEvalEvent, type EvalEffect, type EvalEvent } from "./eval-core.ts"
 import { initialWorker, step, type Batch, type WorkerEffect, type WorkerEvent, type WorkerState } from "./core.ts"
@@ -105,31 +107,45 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
     const offer = (e: WorkerEvent | EvalEvent) => Effect.sync(() => void Queue.offerUnsafe(queue, e))
 
     // ---- params: broadcasts and pulls become ParamsReceived (receiveBundles gives each bundle its own buffer: ours to keep)
-    const paramsEvent = (b: TensorBundle): WorkerEvent | undefined => {
-      const m = paramsMeta(b)
-      if (Result.isFailure(m) || !(m.success.shard < shards)) return undefined
-      return {
-        _tag: "ParamsReceived", shard: m.success.shard, incarnation: m.success.incarnation, version: b.meta.version, epochsDone: m.success.epochsDone, codec: m.success.codec, run: m.success.run,
-        // f32 as is; bf16 (train.compression.params) widened
-        params: new Map(b.tensors.map((t) => [t.name, decodeTensor(t)]))
-      }
+    // checked first (shared/protocol/params-check.ts: job, shard, names, shapes, dtypes, finite);
+    // which versions are believed is the reducer's (params-cache.ts); a refusal goes on `errors`
+    const reject = makeReporter(bus, s, id)
+    const expect = paramsExpectation(job, model.specs, shardOf)
+    const refuseParams = (r: { reason: string; code?: ErrorCode; subject: string; sender?: string; version?: number; messageId?: string }) =>
+      reject({ code: r.code ?? "invalid-value", reason: r.reason, subject: r.subject, ...(r.sender !== undefined ? { sender: r.sender } : {}), ...(r.version !== undefined ? { step: r.version } : {}), ...(r.messageId !== undefined ? { messageId: r.messageId } : {}) }).pipe(Effect.asVoid)
+    const paramsEvent = (b: TensorBundle, from: { source: "broadcast" | "pull"; subject: string; shard?: number; id?: string }): Effect.Effect<WorkerEvent | undefined> => {
+      const c = checkParams(b, expect, Date.now(), from.shard)
+      if (!c.ok) return refuseParams({ ...c, subject: from.subject, sender: b.meta.sender, version: b.meta.version, messageId: from.id }).pipe(Effect.as(undefined))
+      const m = c.meta
+      // f32 as is; bf16 (train.compression.params) widened
+      return Effect.succeed({
+        _tag: "ParamsReceived", shard: m.shard, incarnation: m.incarnation, version: b.meta.version, epochsDone: m.epochsDone, codec: m.codec, run: m.run,
+        params: c.params, source: from.source, sender: b.meta.sender, ...(from.id !== undefined ? { messageId: from.id } : {})
+      })
     }
-    yield* receiveBundles(bus, s.psVersionAll, (b) => {
-      const e = paramsEvent(b)
-      return e ? offer(e) : Effect.void
-    }, limits)
+    // the parameter servers' ids (from their heartbeats): their broadcasts are reassembled in the known senders' pool
+    const knownServers = new Set<string>()
+    yield* receiveBundles(bus, s.psVersionAll, (b, info) =>
+      paramsEvent(b, { source: "broadcast", subject: info.subject, shard: shardOfSubject(info.subject), id: info.id }).pipe(Effect.flatMap((e) => (e ? offer(e) : Effect.void))), {
+      ...limits,
+      isKnownSender: (x) => knownServers.has(x),
+      onError: (e, info) => refuseParams({ code: "wire", reason: e.message, subject: info.subject, sender: senderOfMessageId(info.id), ...(info.id !== undefined ? { messageId: info.id } : {}) })
+    })
+    const pulled = (k: number, b: TensorBundle) =>
+      paramsEvent(b, { source: "pull", subject: s.psPull(k), shard: k }).pipe(Effect.flatMap((e) => offer(e ?? { _tag: "PullEnded", shard: k })))
     const pull = (k: number, minVersion: number) =>
       ParamServerClient.pull(bus, s, k, id, minVersion, 10_000, limits).pipe(
-        Effect.flatMap((r) => offer(paramsEvent(r.bundle) ?? { _tag: "PullEnded", shard: k })),
+        Effect.flatMap((r) => pulled(k, r.bundle)),
         Effect.catch((e) => Effect.logDebug(`worker ${id}: pull of shard ${k}: ${e.message}`).pipe(Effect.andThen(offer({ _tag: "PullEnded", shard: k }))))
       )
     // a server heartbeat says which version and incarnation it is at: a missed broadcast shows
     yield* bus.subscribe(s.hbRole("ps"), (m) => {
       const hb = decodeBytes(Heartbeat, m.subject, m.data)
       if (Result.isFailure(hb) || hb.success.state === "leaving") return Effect.void
+      if (knownServers.size < 256) knownServers.add(hb.success.id)
       const i = hb.success.info ?? {}
       const [k, inc, ver] = [Number(i.shard), Number(i.incarnation), Number(i.version)]
-      return Number.isInteger(k) && k < shards && Number.isFinite(inc) && Number.isInteger(ver) ? offer({ _tag: "ServerSeen", shard: k, incarnation: inc, version: ver }) : Effect.void
+      return Number.isInteger(k) && k < shards && Number.isFinite(inc) && Number.isInteger(ver) ? offer({ _tag: "ServerSeen", shard: k, incarnation: inc, version: ver, id: hb.success.id }) : Effect.void
     })
 
     // a relayed worker says so from its first beat: the parameter servers wait for its relay, not for it
@@ -138,14 +154,14 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
     // ---- join: pull every shard once (broadcasts, heartbeats and the watchdog keep us current)
     const joinPull = (k: number) =>
       ParamServerClient.pull(bus, s, k, id, 0, 10_000, limits).pipe(
-        Effect.flatMap((r) => offer(paramsEvent(r.bundle) ?? { _tag: "PullEnded", shard: k })),
+        Effect.flatMap((r) => pulled(k, r.bundle)),
         Effect.retry({ times: 30, schedule: Schedule.spaced(300) }),
         Effect.catch((e) => Effect.logWarning(`worker ${id}: pull of shard ${k} failed: ${e.message} (heartbeats will retry)`))
       )
 
     if (mode === "eval") {
       yield* Effect.forEach(Array.from({ length: shards }, (_, k) => k), joinPull, { discard: true })
-      yield* evalLoop({ job, id, queue, pull, metrics, bus, s, model, scope }).pipe(
+      yield* evalLoop({ job, id, queue, pull, metrics, bus, s, model, scope, refuseParams }).pipe(
         Effect.catchCause((c) => Effect.logError(`evaluator ${id} loop ended`, c)),
         Effect.ensuring(Deferred.succeed(finished, undefined)),
         Effect.forkScoped
@@ -164,7 +180,7 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
     yield* onControl(s, {
       stop: () => offer({ _tag: "StopRequested" }),
       "set-consistency": (c) => offer({ _tag: "ConsistencyChanged", mode: c.mode })
-    })
+    }, id)
 
     const state: WorkerState = initialWorker(
       {
@@ -295,6 +311,8 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
           return LoaderClient.fail(bus, s, id, e.batch.meta.batchId, e.batch.meta.gen, e.reason)
         case "Finish":
           return Deferred.succeed(finished, undefined).pipe(Effect.asVoid)
+        case "RefuseParams":
+          return refuseParams({ reason: e.reason, subject: s.psVersion(e.shard), sender: e.sender, version: e.version, messageId: e.messageId })
         case "Log":
           return e.level === "warn" ? Effect.logWarning(`worker ${id}: ${e.message}`) : e.level === "info" ? Effect.logInfo(`worker ${id}: ${e.message}`) : Effect.logDebug(`worker ${id}: ${e.message}`)
       }
@@ -339,6 +357,7 @@ interface EvalContext {
   readonly bus: BusShape
   readonly s: ReturnType<typeof subjects>
   readonly model: ReturnType<typeof modelForJob>
+  readonly refuseParams: (r: { reason: string; subject: string; sender?: string; version?: number; messageId?: string }) => Effect.Effect<void>
 }
 
 /**
@@ -386,6 +405,8 @@ const evalLoop = (c: EvalContext): Effect.Effect<void, Error> =>
         }
         case "Finish":
           return Effect.void
+        case "RefuseParams":
+          return c.refuseParams({ reason: e.reason, subject: s.psVersion(e.shard), sender: e.sender, version: e.version, messageId: e.messageId })
       }
     }
     while (!state.done) {

@@ -1,7 +1,8 @@
 // Implements: starting a local `nats-server` child process — for `flotilla up` when no
 // server is given, and for tests (test/support/nats.ts, test/faults/). Writes a config
-// file to a temp dir (host, port, max_payload, JetStream store, optional monitoring port
-// and cluster block), waits until the server accepts connections, and can stop, SIGKILL
+// file to a temp dir (host, port, max_payload, JetStream store, optional monitoring port,
+// cluster block and verbatim extra config such as accounts and users; the file is mode
+// 0600, the dir 0700), waits until the server accepts connections, and can stop, SIGKILL
 // or restart it on the same ports and store dir. `startLocalNatsCluster` starts N such
 // servers clustered over loopback routes and waits until every route is up.
 // Does not own: connecting to it (shared/bus/nats.ts), accounts and real-host cluster
@@ -38,6 +39,17 @@ export interface LocalNatsServerOptions {
   readonly httpPort?: number
   /** `server_name` (required by clustered JetStream; shown by /connz). */
   readonly serverName?: string
+  /**
+   * Appended verbatim to the config: accounts and users (shared/bus/permissions.ts
+   * `accountBlock`), authorization. It may hold passwords: the file is readable by its owner only.
+   */
+  readonly extraConfig?: string
+  /**
+   * A config file included first (e.g. infra/nats/nats.conf): what the options above set
+   * overrides it (nats-server keeps a key's last value), so a shipped config runs on a free
+   * port with a temp JetStream store.
+   */
+  readonly baseConfig?: string
   /** Join a cluster: listen for routes on `port` (on `host`) and dial `routes`. */
   readonly cluster?: {
     readonly name: string
@@ -114,6 +126,8 @@ export const startLocalNatsServer = async (options: LocalNatsServerOptions = {})
 
   const writeConfig = () => {
     const lines = [
+      // nats-server resolves an include against the including file's directory, absolute or not
+      ...(options.baseConfig !== undefined ? [`include ${JSON.stringify(path.relative(dir, path.resolve(options.baseConfig)))}`] : []),
       `host: ${JSON.stringify(host)}`,
       `port: ${port === 0 ? -1 : port}`
     ]
@@ -131,7 +145,9 @@ export const startLocalNatsServer = async (options: LocalNatsServerOptions = {})
         `}`
       )
     }
-    fs.writeFileSync(configFile, lines.join("\n") + "\n")
+    if (options.extraConfig !== undefined) lines.push(options.extraConfig)
+    fs.writeFileSync(configFile, lines.join("\n") + "\n", { mode: 0o600 })
+    fs.chmodSync(configFile, 0o600)
   }
 
   const killOnExit = () => {

@@ -2,15 +2,21 @@
 // connect with unlimited reconnects (subscriptions are restored by the client after a
 // server restart), maxPayload from the server's INFO, typed errors for oversize messages,
 // no responders and timeouts, connection status logged through Effect's logger, and
-// `nc.drain()` when the layer's scope closes.
+// `nc.drain()` when the layer's scope closes. Also the client side of authentication,
+// shared by every connection Flotilla opens (this bus, the control history, the JetStream
+// checkpoint store): `NatsAuth` (a .creds file, an nkey seed file, user and password, a
+// token, TLS files) and `natsConnectAuth`, its nats.js connect options; a credential file
+// that cannot be read or is malformed is a `NatsAuthError` naming the file.
 // Does not own: the semantics contract and subscription runner (shared/bus/Bus.ts),
-// starting a server (shared/bus/local-server.ts), JetStream (checkpoint store).
+// starting a server (shared/bus/local-server.ts), JetStream (checkpoint store), parsing
+// --creds & co. (cli/auth.ts), who may do what (shared/bus/permissions.ts).
 //
 // nats.js quirks handled here: header values are trimmed by the client; a received
 // message's `data` is a view into the socket buffer (byteOffset may be non-zero and
 // unaligned: copy before building a Float32Array over it); request timeouts use real time.
-import { connect, Events, headers as natsHeaders } from "nats"
-import type { MsgHdrs, Msg, NatsConnection, NatsError, Status } from "nats"
+import { readFileSync } from "node:fs"
+import { connect, credsAuthenticator, Events, headers as natsHeaders, nkeyAuthenticator, nkeys } from "nats"
+import type { ConnectionOptions, MsgHdrs, Msg, NatsConnection, NatsError, Status } from "nats"
 import * as Effect from "effect/Effect"
 import * as Layer from "effect/Layer"
 import type * as Scope from "effect/Scope"
@@ -48,14 +54,141 @@ export interface NatsBusOptions {
    * in ~30-40 s (a killed server process closes the socket: noticed at once).
    */
   readonly pingIntervalMs?: number
-  readonly user?: string
-  readonly pass?: string
-  readonly token?: string
+  /** Credentials and TLS (docs/SECURITY.md); none: connect anonymously. */
+  readonly auth?: NatsAuth
   /** How long closing the layer waits for `nc.drain()` before closing hard; default 10 s. */
   readonly drainTimeoutMs?: number
 }
 
 const serversList = (s: string | ReadonlyArray<string>): Array<string> => (typeof s === "string" ? [s] : [...s])
+
+// ---------------------------------------------------------------- authentication
+
+/**
+ * How a client proves who it is, as the NATS tools take it: at most one of a `.creds` file
+ * (a user JWT and its nkey seed, operator/JWT deployments), an nkey seed file (`nkey`
+ * users in the server config: what `flotilla infra account` writes), user and password,
+ * or a token; plus TLS files (a CA to trust, a client certificate and key for mutual TLS).
+ */
+export interface NatsAuth {
+  /** path of a NATS credentials file (`-----BEGIN NATS USER JWT-----` … `-----BEGIN USER NKEY SEED-----`). */
+  readonly creds?: string
+  /** path of a file holding an nkey user seed (`SU…`). */
+  readonly nkey?: string
+  readonly user?: string
+  readonly password?: string
+  readonly token?: string
+  readonly tls?: {
+    /** PEM file of the CA(s) that signed the server's certificate. */
+    readonly ca?: string
+    /** PEM client certificate and its key (mutual TLS). */
+    readonly cert?: string
+    readonly key?: string
+  }
+}
+
+export class NatsAuthError extends Error {
+  override readonly name = "NatsAuthError"
+  readonly _tag = "NatsAuthError"
+}
+
+const CREDS_BLOCK = /-{3,}[^\n]*-{3,}\s*\n\s*(\S+)\s*\n\s*-{3,}[^\n]*-{3,}/g
+
+const readCredential = (what: string, file: string): string => {
+  try {
+    return readFileSync(file, "utf8")
+  } catch (e) {
+    throw new NatsAuthError(`${what} ${file}: cannot read it (${(e as NodeJS.ErrnoException).code ?? errorText(e)})`)
+  }
+}
+
+/** The user JWT and seed of a .creds file, or a NatsAuthError naming the file. */
+export const parseCredsFile = (file: string): { readonly jwt: string; readonly seed: string } => {
+  const text = readCredential("creds file", file)
+  const blocks = [...text.matchAll(CREDS_BLOCK)].map((m) => m[1])
+  if (blocks.length < 2 || !/^ey/.test(blocks[0]) || !/^SU/.test(blocks[1])) {
+    throw new NatsAuthError(
+      `creds file ${file}: not a NATS credentials file (expected a "-----BEGIN NATS USER JWT-----" block and a "-----BEGIN USER NKEY SEED-----" block, as nsc writes them; ` +
+        `for an nkey seed file use --nkey / NATS_NKEY)`
+    )
+  }
+  checkSeed(blocks[1], `creds file ${file}`)
+  return { jwt: blocks[0], seed: blocks[1] }
+}
+
+const checkSeed = (seed: string, where: string): void => {
+  try {
+    nkeys.fromSeed(new TextEncoder().encode(seed))
+  } catch (e) {
+    throw new NatsAuthError(`${where}: its nkey seed is not valid (${errorText(e)})`)
+  }
+}
+
+/** The user seed of an nkey seed file (the first `SU…` token), or a NatsAuthError naming the file. */
+export const parseNkeyFile = (file: string): string => {
+  const text = readCredential("nkey file", file)
+  const seed = /\bSU[A-Z2-7]{50,}\b/.exec(text)?.[0]
+  if (seed === undefined) throw new NatsAuthError(`nkey file ${file}: holds no nkey user seed (a line starting with SU…, as \`flotilla infra account\` writes)`)
+  checkSeed(seed, `nkey file ${file}`)
+  return seed
+}
+
+/** The public key (`U…`) of an nkey user seed. */
+export const nkeyPublicKey = (seed: string): string => nkeys.fromSeed(new TextEncoder().encode(seed)).getPublicKey() as string
+
+/** One line for logs: which credential a connection presents (never the secret). */
+export const describeAuth = (auth: NatsAuth | undefined): string => {
+  if (auth === undefined) return "no credentials"
+  const who = auth.creds !== undefined ? `creds ${auth.creds}` : auth.nkey !== undefined ? `nkey ${auth.nkey}` : auth.user !== undefined ? `user ${auth.user}` : auth.token !== undefined ? "a token" : "no credentials"
+  return auth.tls === undefined ? who : `${who}, TLS`
+}
+
+/**
+ * The nats.js connect options of `auth` (credential files are read and checked now, so a
+ * bad one fails here, naming the file). Throws NatsAuthError.
+ */
+export const natsConnectAuth = (auth: NatsAuth | undefined): Partial<ConnectionOptions> => {
+  if (auth === undefined) return {}
+  const given = [auth.creds !== undefined, auth.nkey !== undefined, auth.user !== undefined || auth.password !== undefined, auth.token !== undefined].filter(Boolean).length
+  if (given > 1) throw new NatsAuthError("give one way to authenticate: a creds file, an nkey file, a user and password, or a token")
+  const out: { -readonly [K in keyof ConnectionOptions]?: ConnectionOptions[K] } = {}
+  if (auth.creds !== undefined) {
+    const file = auth.creds
+    parseCredsFile(file)
+    // read on every (re)connect: a rotated file is picked up
+    out.authenticator = credsAuthenticator(() => new TextEncoder().encode(readCredential("creds file", file)))
+  } else if (auth.nkey !== undefined) {
+    const seed = new TextEncoder().encode(parseNkeyFile(auth.nkey))
+    out.authenticator = nkeyAuthenticator(seed)
+  } else if (auth.user !== undefined || auth.password !== undefined) {
+    if (auth.user === undefined || auth.user === "") throw new NatsAuthError("a password needs a user (--user / NATS_USER)")
+    if (auth.password === undefined) throw new NatsAuthError(`user ${auth.user} needs a password (--password / NATS_PASSWORD)`)
+    out.user = auth.user
+    out.pass = auth.password
+  } else if (auth.token !== undefined) {
+    if (auth.token === "") throw new NatsAuthError("the token is empty (--token / NATS_TOKEN)")
+    out.token = auth.token
+  }
+  if (auth.tls !== undefined) {
+    const { ca, cert, key } = auth.tls
+    if ((cert === undefined) !== (key === undefined)) throw new NatsAuthError("mutual TLS needs both a client certificate and its key (--tls-cert and --tls-key)")
+    for (const [what, file] of [["TLS CA file", ca], ["TLS certificate", cert], ["TLS key", key]] as const) {
+      if (file !== undefined) readCredential(what, file)
+    }
+    out.tls = { ...(ca !== undefined ? { caFile: ca } : {}), ...(cert !== undefined ? { certFile: cert } : {}), ...(key !== undefined ? { keyFile: key } : {}) }
+  }
+  return out
+}
+
+/** The connect error, said for people: a refused credential names what was presented. */
+const connectErrorText = (e: unknown, auth: NatsAuth | undefined): string => {
+  const code = (e as Partial<NatsError> | undefined)?.code
+  if (code === "AUTHORIZATION_VIOLATION" || /authorization violation|authentication/i.test(errorText(e))) {
+    return `the server refused the credentials (${describeAuth(auth)}): ${errorText(e)}. ` +
+      "Give this actor's credentials with --creds / --nkey / --user and --password / --token or NATS_CREDS, NATS_NKEY, NATS_USER and NATS_PASSWORD, NATS_TOKEN (docs/SECURITY.md)"
+  }
+  return `${errorText(e)}. Is nats-server running there? (\`flotilla up\` starts one; \`apt-get install -y nats-server\`)`
+}
 
 const make = (options: NatsBusOptions): Effect.Effect<BusShape, BusConnectionError, Scope.Scope> =>
   Effect.gen(function*() {
@@ -65,6 +198,11 @@ const make = (options: NatsBusOptions): Effect.Effect<BusShape, BusConnectionErr
       Effect.runForkWith(services)(effect)
     }
 
+    const auth = options.auth
+    const authOptions = yield* Effect.try({
+      try: () => natsConnectAuth(auth),
+      catch: (e) => new BusConnectionError({ subject: "", message: `NATS credentials: ${errorText(e)}`, cause: e })
+    })
     const nc = yield* Effect.acquireRelease(
       Effect.tryPromise({
         try: () =>
@@ -82,15 +220,12 @@ const make = (options: NatsBusOptions): Effect.Effect<BusShape, BusConnectionErr
             pingInterval: options.pingIntervalMs ?? 10_000,
             maxPingOut: 3,
             timeout: options.connectTimeoutMs ?? 5_000,
-            user: options.user,
-            pass: options.pass,
-            token: options.token
+            ...authOptions
           }),
         catch: (e) =>
           new BusConnectionError({
             subject: "",
-            message: `cannot connect to NATS at ${servers.join(", ")}: ${errorText(e)}. ` +
-              "Is nats-server running there? (`flotilla up` starts one; `apt-get install -y nats-server`)",
+            message: `cannot connect to NATS at ${servers.join(", ")}: ${connectErrorText(e, auth)}`,
             cause: e
           })
       }),
@@ -235,7 +370,9 @@ const logStatus = (s: Status): Effect.Effect<void> => {
     case Events.Reconnect:
       return Effect.logInfo(`NATS reconnected to ${data}; subscriptions restored`)
     case Events.Error:
-      return Effect.logError(`NATS async error: ${data}`)
+      return data === "PERMISSIONS_VIOLATION"
+        ? Effect.logError("NATS async error: PERMISSIONS_VIOLATION: the server refused a publish or subscription this user may not make (the server log names the subject; docs/SECURITY.md has each role's permissions)")
+        : Effect.logError(`NATS async error: ${data}`)
     case Events.LDM:
       return Effect.logWarning(`NATS server ${data} entering lame duck mode`)
     default:
@@ -296,6 +433,12 @@ const mapError = (
         subject,
         timeoutMs: ctx.timeoutMs ?? 0,
         message: `request on '${subject}' timed out after ${ctx.timeoutMs} ms`
+      })
+    case "PERMISSIONS_VIOLATION":
+      return new BusConnectionError({
+        subject,
+        message: `the NATS server refused it: ${errorText(e)}; this user's role may not do that (docs/SECURITY.md lists each role's permissions)`,
+        cause: e
       })
     case "BAD_SUBJECT":
     case "BAD_HEADER":

@@ -27,6 +27,7 @@ import {
   validKeep
 } from "./store.ts"
 import type { CheckpointRef, CheckpointStoreOp, CheckpointStoreShape, JetStreamStoreOptions } from "./store.ts"
+import { natsConnectAuth } from "../bus/nats.ts"
 
 const KEY = /^([A-Za-z0-9_-]{1,64})\/ps-(\d+)\/v(\d+)$/
 const objectKey = (job: string, shard: number, version: number) => `${job}/ps-${shard}/v${version}`
@@ -74,9 +75,7 @@ export const makeJetStreamStore = (
             maxReconnectAttempts: -1,
             reconnectTimeWait: 1_000,
             waitOnFirstConnect: opts.waitOnFirstConnect ?? false,
-            user: opts.user,
-            pass: opts.pass,
-            token: opts.token
+            ...natsConnectAuth(opts.auth)
           }),
         catch: (e) => openError(e, "Is nats-server running there? (`nats-server -js` serves JetStream)")
       }),

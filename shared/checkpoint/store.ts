@@ -30,6 +30,7 @@ import * as Layer from "effect/Layer"
 import * as Option from "effect/Option"
 import * as Schedule from "effect/Schedule"
 import type * as Scope from "effect/Scope"
+import type { NatsAuth } from "../bus/nats.ts"
 import { isToken } from "../protocol/subjects.ts"
 import { makeJetStreamStore } from "./jetstream.ts"
 export { makeJetStreamStore }
@@ -108,9 +109,8 @@ export interface JetStreamStoreOptions {
   readonly retryForMs?: number
   /** Keep trying the first connect instead of failing the layer; default false. */
   readonly waitOnFirstConnect?: boolean
-  readonly user?: string
-  readonly pass?: string
-  readonly token?: string
+  /** Credentials and TLS of its connection (shared/bus/nats.ts); none: anonymous. */
+  readonly auth?: NatsAuth
 }
 
 export class CheckpointStore extends Context.Service<CheckpointStore, CheckpointStoreShape>()(

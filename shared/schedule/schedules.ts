@@ -34,6 +34,7 @@
 import * as Data from "effect/Data"
 import * as Result from "effect/Result"
 import { finite, nonNegative, show, type Rule } from "../config/rules.ts"
+import { lrProblem } from "../protocol/limits.ts"
 
 /** What a schedule's k counts: updates (0 = the first update) or data epochs (0 = the first epoch). */
 export type ScheduleClock = "step" | "epoch"
@@ -152,13 +153,16 @@ const invalid = (field: string, value: unknown, reason: string) =>
 
 const count: Rule = [(v) => Number.isSafeInteger(v) && (v as number) >= 0, "must be an integer >= 0"]
 
+/** an LR: finite, >= 0, at most MAX_LR (shared/protocol/limits.ts: what every actor holds LRs to). */
+const lrRule: Rule = [(v) => lrProblem(v) === undefined, "must be a finite number in [0, 10] (MAX_LR)"]
+
 const RULES: Record<string, Rule> = {
-  lr: nonNegative,
+  lr: lrRule,
   stepSize: [(v) => Number.isSafeInteger(v) && (v as number) >= 1, "must be an integer >= 1"],
   gamma: [(v) => finite(v) && v > 0, "must be a finite number > 0"],
   warmupSteps: count,
   totalSteps: count,
-  minLr: nonNegative,
+  minLr: lrRule,
   mode: [(v) => v === "min" || v === "max", 'must be "min" or "max"'],
   factor: [(v) => finite(v) && v > 0 && v < 1, "must be in (0, 1)"],
   patience: count,

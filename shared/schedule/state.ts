@@ -13,6 +13,7 @@
 import { Result } from "effect"
 import { plateauInit, plateauObserve, type PlateauState } from "./plateau.ts"
 import { lrAt, resolveSchedule, type Schedule, type ScheduleInput } from "./schedules.ts"
+import { lrProblem, MAX_LR } from "../protocol/limits.ts"
 
 export interface SchedulerState {
   readonly schedule: Schedule
@@ -30,10 +31,13 @@ export const initialState = (schedule: Schedule): SchedulerState => ({
   announced: -1
 })
 
-/** The LR of update `step` in data epoch `epoch`: the newest override from it on, else plateau's, else the schedule's. */
+/**
+ * The LR of update `step` in data epoch `epoch`: the newest override from it on, else
+ * plateau's, else the schedule's — held at MAX_LR (a growing schedule, gamma > 1, stops there).
+ */
 export const lrFrom = (s: SchedulerState, step: number, epoch = 0): number => {
-  for (let i = s.overrides.length - 1; i >= 0; i--) if (step >= s.overrides[i].fromStep) return s.overrides[i].lr
-  return s.plateau ? s.plateau.lr : lrAt(s.schedule, step, epoch)
+  for (let i = s.overrides.length - 1; i >= 0; i--) if (step >= s.overrides[i].fromStep) return Math.min(MAX_LR, s.overrides[i].lr)
+  return Math.min(MAX_LR, s.plateau ? s.plateau.lr : lrAt(s.schedule, step, epoch))
 }
 
 /** An LR query for `step`: the state remembers the newest step asked for. */
@@ -66,6 +70,7 @@ export const parseState = (x: unknown): SchedulerState | undefined => {
   const o = x as Partial<SchedulerState>
   const sched = resolveSchedule(o.schedule as ScheduleInput)
   if (Result.isFailure(sched) || !Array.isArray(o.overrides) || typeof o.announced !== "number") return undefined
-  if (!o.overrides.every((v) => typeof v?.lr === "number" && Number.isFinite(v.lr) && v.lr >= 0 && Number.isInteger(v.fromStep))) return undefined
+  if (!o.overrides.every((v) => lrProblem(v?.lr) === undefined && Number.isInteger(v.fromStep))) return undefined
+  if (o.plateau !== undefined && lrProblem((o.plateau as { lr?: unknown }).lr) !== undefined) return undefined
   return { schedule: sched.success, plateau: o.plateau, overrides: o.overrides, announced: o.announced }
 }

@@ -2,6 +2,8 @@
 // `Reassembler` that puts frames back together on the receiving side, detecting and
 // reporting every way a message can go wrong (missing, duplicated, corrupt chunks;
 // inconsistent or malformed headers; oversize totals; memory budget; timeouts).
+// Memory is charged in full when a message's first frame is seen (budget.ts: its declared
+// total and chunk count, against its sender's quota and a pool).
 // Does not own: what the payload means (tensor.ts), the bus (transport.ts).
 //
 // Framing rules (protocol v1). A message of `total` bytes with id `id` becomes n ≥ 1
@@ -27,6 +29,7 @@ import type { Headers } from "../bus/Bus.ts"
 import { HEADERS } from "../protocol/headers.ts"
 import { crc32, crc32Combine } from "./crc32.ts"
 import { allocBytes } from "./tensor.ts"
+import { ReceiveBudget, type BudgetProblem, type Charge } from "./budget.ts"
 
 export const FRAME_PROTOCOL_VERSION = "1"
 
@@ -189,10 +192,19 @@ export class BufferPool {
 export interface ReassemblerOptions {
   /** Largest declared total accepted. Default 256 MiB. */
   readonly maxMessageBytes?: number
-  /** Sum of the buffers of incomplete messages. Default 512 MiB. */
+  /** Sum of the buffers (and chunk bookkeeping) of incomplete messages of known senders. Default 512 MiB. */
   readonly maxOutstandingBytes?: number
-  /** Incomplete messages held at once. Default 64. */
+  /** Incomplete messages of known senders held at once. Default 64. */
   readonly maxOutstandingMessages?: number
+  /** Incomplete messages one sender may hold. Default maxOutstandingMessages. */
+  readonly maxMessagesPerSender?: number
+  /** Bytes one sender's incomplete messages may hold. Default maxOutstandingBytes. */
+  readonly maxBytesPerSender?: number
+  /** The senders of the first pool (default: every sender); the others share the unknown pool. */
+  readonly isKnownSender?: (sender: string) => boolean
+  /** The unknown senders' pool: messages and bytes. Default 8, and maxMessageBytes. */
+  readonly maxUnknownMessages?: number
+  readonly maxUnknownBytes?: number
   /** An incomplete message with no new chunk for this long is dropped by `sweep`. Default 30 s. */
   readonly timeoutMs?: number
   /** Ids of finished (complete or failed) messages remembered to catch late chunks. Default 4096. */
@@ -232,6 +244,8 @@ export interface ReassemblerStats {
 
 interface Partial {
   readonly id: string
+  /** what it is charged, to whom (budget.ts). */
+  readonly charge: Charge
   readonly count: number
   readonly total: number
   readonly crc: string
@@ -256,17 +270,19 @@ export class Reassembler {
   readonly maxOutstandingMessages: number
   readonly timeoutMs: number
   readonly rememberIds: number
+  /** what incomplete messages hold, by sender and pool (budget.ts). */
+  readonly budget: ReceiveBudget
   private readonly alloc: (n: number) => Uint8Array
   readonly stats: ReassemblerStats = { completed: 0, rejected: 0, duplicates: 0, outOfOrder: 0, dropped: 0, timedOut: 0 }
   private readonly partials = new Map<string, Partial>()
   /** Finished ids, oldest first: "done" or "failed". */
   private readonly finished = new Map<string, "done" | "failed">()
-  private bytesHeld = 0
 
   constructor(opts: ReassemblerOptions = {}) {
     this.maxMessageBytes = opts.maxMessageBytes ?? 256 * 1024 * 1024
     this.maxOutstandingBytes = opts.maxOutstandingBytes ?? 512 * 1024 * 1024
     this.maxOutstandingMessages = opts.maxOutstandingMessages ?? 64
+    this.budget = new ReceiveBudget({ ...opts, maxMessageBytes: this.maxMessageBytes, maxOutstandingBytes: this.maxOutstandingBytes, maxOutstandingMessages: this.maxOutstandingMessages })
     this.timeoutMs = opts.timeoutMs ?? 30_000
     this.rememberIds = opts.rememberIds ?? 4096
     this.alloc = opts.alloc ?? allocBytes
@@ -276,8 +292,14 @@ export class Reassembler {
     return this.partials.size
   }
 
+  /** What incomplete messages are charged (buffers and chunk bookkeeping). */
   get outstandingBytes(): number {
-    return this.bytesHeld
+    return this.budget.bytes
+  }
+
+  /** Why a new message cannot be taken now (budget.ts), or undefined; a claim is answered by it (transport.ts). */
+  budgetProblem(id: string, total: number, count: number): BudgetProblem | undefined {
+    return this.budget.problem(id, total, count)
   }
 
   /** Take one frame. `data` is only read during the call (copied into the message buffer). */
@@ -322,13 +344,12 @@ export class Reassembler {
 
     let p = this.partials.get(id)
     if (p === undefined) {
-      if (total > this.maxMessageBytes) return reject("oversize", `message ${id}: declared total ${total} bytes > limit ${this.maxMessageBytes}`, true)
-      if (count > total + 1) return reject("inconsistent-headers", `message ${id}: ${count} chunks for ${total} bytes`, true)
-      if (this.partials.size >= this.maxOutstandingMessages || this.bytesHeld + total > this.maxOutstandingBytes) {
-        return reject("over-budget", `message ${id}: ${this.partials.size} messages / ${this.bytesHeld} bytes already held (limits ${this.maxOutstandingMessages} / ${this.maxOutstandingBytes})`, true)
-      }
+      // charged in full now: the declared total and chunk count, not the bytes that came
+      const over = this.budgetProblem(id, total, count)
+      if (over !== undefined) return reject(over.reason, over.message, true)
       p = {
         id,
+        charge: this.budget.charge(id, total, count),
         count,
         total,
         crc,
@@ -344,13 +365,12 @@ export class Reassembler {
         headers: undefined
       }
       this.partials.set(id, p)
-      this.bytesHeld += total
     } else if (p.count !== count || p.total !== total || p.crc !== crc) {
       return reject("inconsistent-headers", `message ${id}: chunk ${index} says ${count} chunks / ${total} bytes / crc ${crc}, earlier ${p.count} / ${p.total} / ${p.crc}`, true)
     }
     if (p.seen[index] === 1) {
+      // not progress: a sender repeating one chunk does not keep its message alive past timeoutMs
       this.stats.duplicates++
-      p.lastSeenMs = nowMs
       return reject("duplicate-chunk", `message ${id}: chunk ${index} of ${count} received twice (first copy kept)`, false)
     }
     const c = crc32(data)
@@ -425,7 +445,7 @@ export class Reassembler {
     const p = this.partials.get(id)
     if (p !== undefined) {
       this.partials.delete(id)
-      this.bytesHeld -= p.total
+      this.budget.release(p.charge)
     }
     this.finished.delete(id)
     this.finished.set(id, state)

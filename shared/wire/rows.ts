@@ -54,6 +54,9 @@ export const denseGrads = (
     const idx = byName.get(t.name + ROWS_SUFFIX)
     if (idx === undefined) {
       if (!(t.values instanceof Float32Array)) return { problem: `gradient ${t.name} is not float32` }
+      // the model's shape exactly (not only its element count): a reshaped tensor is another tensor
+      const want = shapeOf(t.name)
+      if (want !== undefined && (t.shape.length !== want.length || t.shape.some((d, i) => d !== want[i]))) return { problem: `gradient ${t.name} has shape [${t.shape}], the model's is [${want}]` }
       grads.set(t.name, t.values)
       continue
     }

@@ -218,13 +218,14 @@ export const receiveBundles = (
       })
 
     const answerClaim = (m: BusMessage) => {
-      const id = m.headers[T.claim]
+      const id = m.headers[T.claim]!
       const total = Number(m.headers[H.total])
+      const chunks = Number(m.headers[H.chunks] ?? 1)
       const refuse = (reason: string, text: string) => bus.respond(m, EMPTY, { [T.error]: `${reason}: ${text}` })
-      if (!(total <= reassembler.maxMessageBytes)) return refuse("oversize", `${m.headers[H.total]} bytes > ${reassembler.maxMessageBytes}`)
-      if (reassembler.outstandingMessages >= reassembler.maxOutstandingMessages || reassembler.outstandingBytes + total > reassembler.maxOutstandingBytes) {
-        return refuse("over-budget", `${reassembler.outstandingMessages} messages / ${reassembler.outstandingBytes} bytes held`)
-      }
+      if (!(Number.isSafeInteger(total) && total >= 0 && Number.isSafeInteger(chunks) && chunks >= 1)) return refuse("bad-header", `claim ${id}: ${H.total} ${m.headers[H.total]}, ${H.chunks} ${m.headers[H.chunks]}`)
+      // the same budget the frames will be charged to (its sender's quota, its pool)
+      const over = reassembler.budgetProblem(id, total, chunks)
+      if (over !== undefined) return refuse(over.reason, over.message)
       return bus.respond(m, EMPTY, { [T.inbox]: inbox, [H.id]: id })
     }
 

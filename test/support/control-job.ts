@@ -91,7 +91,7 @@ export const startJob = (job: JobConfig, o: { nats?: readonly string[]; evaluato
     yield* bus.flush()
     const loader = yield* runLoader({ job, id: "loader-0" })
     const scheduler = yield* runScheduler({ job, id: "scheduler-0" })
-    const controller = yield* runController({ job, id: "controller-0", nats: o.nats })
+    const controller = yield* runController({ job, id: "scheduler-0-controller", nats: o.nats })
     const ps = yield* runParamServer({ job, shard: 0, id: "ps-0", resume: false })
     if (o.evaluator) yield* runWorker({ job, id: "evaluator-0", mode: "eval" })
     const workers: WorkerHandle[] = []
