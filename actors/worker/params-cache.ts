@@ -94,20 +94,11 @@ export interface Pull {
 export const isNewer = (cur: { readonly incarnation: number; readonly version: number } | undefined, incarnation: number, version: number) =>
   !cur || incarnation > cur.incarnation || (incarnation === cur.incarnation && version > cur.version)
 
-/** A params bundle of a shard, as the shell decoded and checked it. */
-export interface ParamsIn {
+/** A params bundle of a shard, as the shell decoded and checked it (what is cached, and where it came from). */
+export interface ParamsIn extends CachedShard {
   readonly shard: number
-  readonly incarnation: number
-  readonly version: number
-  readonly params: ReadonlyMap<string, Float32Array>
-  readonly codec?: string
-  readonly run?: number
-  readonly epochsDone?: number
   /** a broadcast on ps.<k>.version (default), or the reply to this actor's own pull. */
   readonly source?: "broadcast" | "pull"
-  /** the bundle's meta.sender (the server's id) and Flotilla-Id. */
-  readonly sender?: string
-  readonly messageId?: string
 }
 
 /** A params bundle refused: who sent it, and why (the shell reports it on `errors`). */
