@@ -1,12 +1,13 @@
 // Implements: pure tests of the tensor wire format — bundle encode/decode, the int8 codec
-// with error feedback through codec.ts's entry points (toWire/fromWire, quantize), CRC-32,
+// with error feedback through the registry's entry points (encodeTensor/decodeTensor, quantize), CRC-32,
 // framing and the Reassembler's fault detection.
 // Run: npx vitest run test/wire.test.ts
 // Does not own: the other codecs and their dtypes (test/codecs.test.ts), anything over a bus
 // (test/wire.nats.test.ts).
 import { describe, expect, it } from "vitest"
 import { Result } from "effect"
-import { dequantize, fromWire, quantize, toWire } from "../shared/wire/codec.ts"
+import { decodeTensor as fromWire, dequantize, encodeTensor, quantize } from "../shared/wire/codecs.ts"
+import { specOf } from "../shared/wire/compression.ts"
 import { crc32, crc32Combine, crc32Table } from "../shared/wire/crc32.ts"
 import { BufferPool, DEFAULT_HEADROOM, frameMessage, H, headerBytes, Reassembler } from "../shared/wire/frames.ts"
 import type { AcceptResult, Frame } from "../shared/wire/frames.ts"
@@ -14,6 +15,10 @@ import { costOf } from "../shared/wire/budget.ts"
 import { decodeBundle, encodeBundle, manifestToJson, parseManifest } from "../shared/wire/tensor.ts"
 import { denseGrads, toSparseRows } from "../shared/wire/rows.ts"
 import type { BundleMeta, TensorBundle, WireTensor } from "../shared/wire/tensor.ts"
+
+/** A float32 tensor on the wire under the codec named `codec`, with an optional block size and residual (the registry's encodeTensor). */
+const toWire = (name: string, shape: ReadonlyArray<number>, data: Float32Array, codec: string, o: { blockSize?: number; residual?: Float32Array } = {}): WireTensor =>
+  encodeTensor(o.blockSize !== undefined ? { ...specOf(codec), blockSize: o.blockSize } : specOf(codec), name, shape, data, o.residual)
 
 const meta: BundleMeta = { kind: "grads", job: "gpt", version: 7, step: 42, sender: "w-1", batchId: "b-9", codec: "f32", extra: { loss: 2.5, note: "ü" } }
 

@@ -24,7 +24,7 @@
 import type { BatchLeased, PushAck, Rejected } from "../../shared/protocol/messages.ts"
 import type { TensorBundle } from "../../shared/wire/tensor.ts"
 import type { Batch as ModelBatch } from "../../shared/models/model.ts"
-import { emptyCache, finalState, pullAll, pullIfBehind, pullShard, serverSaid, staleLease, takeParams, type ParamsCache, type ParamsIn } from "./params-cache.ts"
+import { emptyCache, finalState, pullAll, serverSeen, staleLease, takeParams, type ParamsCache, type ParamsIn } from "./params-cache.ts"
 
 /** A leased batch: the loader's meta and the model's named tensors (shared/models/model.ts). */
 export interface Batch {
@@ -205,8 +205,7 @@ export const step = (s: WorkerState, e: WorkerEvent): WorkerEffect[] => {
       s.pulling.delete(e.shard)
       break
     case "ServerSeen": {
-      serverSaid(s, e.shard, { ...(e.id !== undefined ? { id: e.id } : {}), incarnation: e.incarnation, version: e.version }, s.now)
-      const pull = pullIfBehind(s, e.shard, e.incarnation, e.version)
+      const pull = serverSeen(s, e, s.now)
       if (pull) out.push(pull)
       if (finish(s, out)) return out
       break

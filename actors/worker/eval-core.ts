@@ -12,7 +12,7 @@
  * The shell (worker.ts) leases the validation batches, computes the losses and publishes
  * them. No I/O, no clocks.
  */
-import { emptyCache, finalState, pullIfBehind, pullShard, receiveParams, refusals, serverSaid, type ParamsCache, type ParamsIn } from "./params-cache.ts"
+import { emptyCache, finalState, pullShard, serverSeen, takeParams, type ParamsCache, type ParamsIn } from "./params-cache.ts"
 
 export interface EvalConfig {
   readonly shards: number
@@ -63,18 +63,15 @@ export const evalStep = (s: EvalState, e: EvalEvent): EvalEffect[] => {
   if (s.done) return out
   switch (e._tag) {
     case "ParamsReceived": {
-      const r = receiveParams(s, e, s.now)
-      out.push(...refusals(r))
-      if (r.got === "unconfirmed") out.push(...[pullShard(s, e.shard)].filter((p) => p !== undefined))
-      else if (r.got === "newer" || r.got === "restarted") s.quietSince = s.now
+      const got = takeParams(s, e, s.now, (x) => out.push(x))
+      if (got === "newer" || got === "restarted") s.quietSince = s.now
       break
     }
     case "PullEnded":
       s.pulling.delete(e.shard)
       break
     case "ServerSeen": {
-      serverSaid(s, e.shard, { ...(e.id !== undefined ? { id: e.id } : {}), incarnation: e.incarnation, version: e.version }, s.now)
-      const p = pullIfBehind(s, e.shard, e.incarnation, e.version)
+      const p = serverSeen(s, e, s.now)
       if (p) out.push(p)
       break
     }

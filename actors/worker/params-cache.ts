@@ -243,6 +243,20 @@ export const finalState = (c: ParamsCache, shards: readonly number[], steps: num
   return { done: false, pulls: unconfirmed.flatMap((k) => pullShard(c, k) ?? []) }
 }
 
+/** A server's heartbeat (ServerSeen): what it says it is at, and the pull of its shard when the cache lacks that. */
+export const serverSeen = (c: ParamsCache, e: { readonly shard: number; readonly incarnation: number; readonly version: number; readonly id?: string }, now: number): Pull | undefined => {
+  serverSaid(c, e.shard, { ...(e.id !== undefined ? { id: e.id } : {}), incarnation: e.incarnation, version: e.version }, now)
+  return pullIfBehind(c, e.shard, e.incarnation, e.version)
+}
+
+/** A parameter server's heartbeat as a ServerSeen (shard, incarnation, version, its id), or undefined (leaving, or no position in it). */
+export const serverPosition = (hb: { readonly id: string; readonly state: string; readonly info?: Readonly<Record<string, string | number>> }) => {
+  if (hb.state === "leaving") return undefined
+  const i = hb.info ?? {}
+  const [shard, incarnation, version] = [Number(i.shard), Number(i.incarnation), Number(i.version)]
+  return Number.isInteger(shard) && shard >= 0 && Number.isFinite(incarnation) && Number.isInteger(version) ? { _tag: "ServerSeen" as const, shard, incarnation, version, id: hb.id } : undefined
+}
+
 /** A server heartbeat: pull the shard when it has what the cache lacks (and no pull of it is under way). */
 export const pullIfBehind = (c: ParamsCache, shard: number, incarnation: number, version: number): Pull | undefined => {
   const cur = c.cache.get(shard)

@@ -28,7 +28,7 @@ import type { PushAck, Rejected } from "../../shared/protocol/messages.ts"
 import type { Batch as ModelBatch } from "../../shared/models/model.ts"
 import type { Activation } from "../../shared/models/pipeline.ts"
 import type { TensorBundle, WireTensor } from "../../shared/wire/tensor.ts"
-import { emptyCache, finalState, pullAll, pullIfBehind, pullShard, serverSaid, staleLease, takeParams, type ParamsCache, type ParamsIn } from "./params-cache.ts"
+import { emptyCache, finalState, pullAll, serverSeen, staleLease, takeParams, type ParamsCache, type ParamsIn } from "./params-cache.ts"
 import { addGrads, newRun, notePeak, opOf, pickOp, runKey, runOfLeased, stepGradient, type LeasedBatch, type MicroMeta, type OpTarget, type Run } from "./stage-run.ts"
 
 export interface StageConfig {
@@ -180,8 +180,7 @@ export const step = (s: StageState, e: StageEvent): StageEffect[] => {
       s.pulling.delete(e.shard)
       break
     case "ServerSeen": {
-      serverSaid(s, e.shard, { ...(e.id !== undefined ? { id: e.id } : {}), incarnation: e.incarnation, version: e.version }, s.now)
-      const pull = s.cfg.reads.includes(e.shard) ? pullIfBehind(s, e.shard, e.incarnation, e.version) : undefined
+      const pull = s.cfg.reads.includes(e.shard) ? serverSeen(s, e, s.now) : undefined
       if (pull) out.push(pull)
       if (finish(s, out)) return out
       break

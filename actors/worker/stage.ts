@@ -11,6 +11,7 @@
  * Stage 0 heartbeats as the replica's worker (the shards' barrier counts replicas); the
  * others as role `stage`. Run alone: `flotilla launch worker --stage K --replica R`.
  */
+import { serverPosition } from "./params-cache.ts"
 import { Deferred, Effect, Queue, Result, Schedule, type Scope } from "effect"
 import { Bus } from "../../shared/bus/Bus.ts"
 import { onControl } from "../../shared/actor/control-listener.ts"
@@ -142,10 +143,8 @@ export const runStageWorker = (o: StageOptions): Effect.Effect<StageHandle, Erro
       )
     yield* bus.subscribe(s.hbRole("ps"), (m) => {
       const hb = decodeBytes(Heartbeat, m.subject, m.data)
-      if (Result.isFailure(hb) || hb.success.state === "leaving") return Effect.void
-      const i = hb.success.info ?? {}
-      const [sh, inc, ver] = [Number(i.shard), Number(i.incarnation), Number(i.version)]
-      return Number.isInteger(sh) && Number.isFinite(inc) && Number.isInteger(ver) ? offer({ _tag: "ServerSeen", shard: sh, incarnation: inc, version: ver, id: hb.success.id }) : Effect.void
+      const seen = Result.isSuccess(hb) ? serverPosition(hb.success) : undefined
+      return seen ? offer(seen) : Effect.void
     })
     for (const sh of cfg.pushes.keys()) {
       yield* bus.subscribe(s.psAck(sh, replica), (m) => {

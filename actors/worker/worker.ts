@@ -13,6 +13,7 @@
  * Needs the Compute service (a TensorFlow.js backend). Run alone:
  * `flotilla launch worker --job FILE --nats URL`.
  */
+import { serverPosition } from "./params-cache.ts"
 import { Deferred, Effect, Queue, Result, Schedule, Scope } from "effect"
 import { Bus, type BusShape } from "../../shared/bus/Bus.ts"
 import { onControl } from "../../shared/actor/control-listener.ts"
@@ -143,9 +144,8 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
       const hb = decodeBytes(Heartbeat, m.subject, m.data)
       if (Result.isFailure(hb) || hb.success.state === "leaving") return Effect.void
       if (knownServers.size < 256) knownServers.add(hb.success.id)
-      const i = hb.success.info ?? {}
-      const [k, inc, ver] = [Number(i.shard), Number(i.incarnation), Number(i.version)]
-      return Number.isInteger(k) && k < shards && Number.isFinite(inc) && Number.isInteger(ver) ? offer({ _tag: "ServerSeen", shard: k, incarnation: inc, version: ver, id: hb.success.id }) : Effect.void
+      const seen = serverPosition(hb.success)
+      return seen && seen.shard < shards ? offer(seen) : Effect.void
     })
 
     // a relayed worker says so from its first beat: the parameter servers wait for its relay, not for it

@@ -79,12 +79,6 @@ export class GradEncoder {
     return [encodeTensor(codec, name, shape, grad, r)]
   }
 
-  /** Σ r² over every residual (what is owed, as a squared norm). */
-  owedSq(): number {
-    let s = 0
-    for (const r of this.residuals.values()) for (let i = 0; i < r.length; i++) s += r[i] * r[i]
-    return s
-  }
 }
 
 /** The params of a shard as wire tensors under the policy's `params` setting. */

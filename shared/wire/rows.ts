@@ -4,7 +4,7 @@
 // indices `name@rows` int32 [k], ascending; the receiver scatters them back into a dense
 // [R, C] of zeros. The maths is unchanged (the optimizer sees the same dense gradient), only
 // the bytes shrink. Used for f32 gradients (an int8 codec's error feedback is per dense
-// tensor). Pure. Does not own: the bundle layout (tensor.ts), quantization (codec.ts).
+// tensor). Pure. Does not own: the bundle layout (tensor.ts), quantization (codecs.ts).
 import type { WireTensor } from "./tensor.ts"
 
 export const ROWS_SUFFIX = "@rows"
