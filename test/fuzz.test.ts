@@ -14,7 +14,7 @@
 // before the timeout. No actor exits early or restarts; the job completes; every batch is
 // applied exactly once; no fuzz sender ever contributes; every LR is the schedule's; and
 // the final params equal an in-process replay of the applied batches (test/support/
-// replay.ts) within 1e-5, as a run without the fuzz does (test/dp.equivalence.test.ts).
+// replay.ts) within 5e-5 (float32 order over 400 steps), as a run without the fuzz does (test/dp.equivalence.test.ts).
 // Prints the table: inputs by kind, refused, actors restarted, worst param error.
 // Run: npx vitest run test/fuzz.test.ts   (~30 s on 2 cores)
 import { Effect, Exit, Layer, References, Result, Scope } from "effect"
@@ -33,14 +33,15 @@ import { replay, worstTensor } from "./support/replay.ts"
 
 const N = 1_000
 const SEED = 20_251
-const STEPS = 200
+const STEPS = 400
+const LR = 0.05
 const JOB = {
   job: "fuzz",
   model: { kind: "gpt", vocabSize: 256, contextLength: 16, layers: 1, heads: 2, width: 16 },
   data: { batchSize: 2, valBatches: 1 },
   train: { steps: STEPS, clipNorm: 0, evalEvery: 1000, checkpointEvery: 0, heartbeatMs: 200, livenessMs: 15_000, leaseTimeoutMs: 30_000, seed: 7 },
   optimizer: { kind: "sgd", momentum: 0.9, weightDecay: 0.01 },
-  schedule: { kind: "constant", lr: 0.1 },
+  schedule: { kind: "constant", lr: LR },
   topology: { workers: 2, psShards: 2 }
 }
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms))
@@ -71,7 +72,9 @@ describe("fuzz: a live job under 1,000 bad inputs", () => {
     const fz = await fuzzBus(cluster.url)
     const { bus, run } = fz
     try {
-      await obs.until(() => obs.version() >= 10, 60_000, () => `version 10 (at ${obs.version()})\n${cluster.logs()}`)
+      // version 30 first: a forged version 0 of a server is then behind what every receiver last
+      // heard from that server (its heartbeats lag its broadcasts by up to heartbeatMs) by more than STALE_SLACK
+      await obs.until(() => obs.version() >= 30, 60_000, () => `version 30 (at ${obs.version()})\n${cluster.logs()}`)
 
       // ---- one legit command first, so every control listener has a cursor (epoch, seq)
       const events: ControlApplied[] = []
@@ -155,7 +158,7 @@ describe("fuzz: a live job under 1,000 bad inputs", () => {
           seen.add(id)
         }
         expect(a0!.contributors.every((c) => c === "worker-a" || c === "worker-b"), `version ${v}: ${a0!.contributors}`).toBe(true)
-        expect(a0!.lr, `version ${v}'s LR`).toBe(0.1)
+        expect(a0!.lr, `version ${v}'s LR`).toBe(LR)
         versions.push(a0!)
       }
       const pulled = [await obs.pull(0), await obs.pull(1)]
@@ -176,13 +179,15 @@ describe("fuzz: a live job under 1,000 bad inputs", () => {
       const lrRefused = obs.errors.filter((e) => /LR reply refused/.test(e.reason)).length
       const lines = [...rows.values()].map((r) => `| ${r.group} | ${r.kind} | ${r.sent} | ${r.refused} | ${[...r.codes].sort().join(", ")} |`)
       console.info([
-        `[fuzz] ${N} inputs (seed ${SEED}) sent in ${sentIn} ms between versions 10 and ${versionAfterFuzz} of ${STEPS}; ${obs.errors.length} Rejected on errors`,
+        `[fuzz] ${N} inputs (seed ${SEED}) sent in ${sentIn} ms between versions 30 and ${versionAfterFuzz} of ${STEPS}; ${obs.errors.length} Rejected on errors`,
         "| group | kind | sent | refused | codes |", "| --- | --- | ---: | ---: | --- |", ...lines,
         `| LR reply (this process in the scheduler's queue group) | ${[...new Set(lrReplies)].join(", ")} | ${lrReplies.length} | ${Math.min(lrRefused, lrReplies.length)} | invalid-value |`,
         `| total | | ${N} | ${inputs.filter(accounted).length} | |`,
         `[fuzz] actors restarted: ${restarted}; early exits: 0; versions ${STEPS}, batches applied ${seen.size} (each once); worst param error vs replay ${worst.err.toExponential(2)} (${worst.name})`
       ].join("\n"))
-      expect(worst.err, worst.all.map((e) => `${e.name} ${e.err.toExponential(1)}`).join(", ")).toBeLessThan(1e-5)
+      // float32 summation order (two workers' mean vs one replay) drifts over 400 chaotic steps: 0.3–1.1e-5
+      // seen here; one bad input applied, or one batch applied twice, moves a tensor by ~lr·|g|/|p| ≫ 5e-5
+      expect(worst.err, worst.all.map((e) => `${e.name} ${e.err.toExponential(1)}`).join(", ")).toBeLessThan(5e-5)
       expect(inputs.filter(accounted).length).toBe(N)
     } finally {
       await fz.close()

@@ -176,7 +176,7 @@ export const KINDS: ReadonlyArray<{ readonly kind: string; readonly group: FuzzG
   { group: "params", kind: "shard mismatch", make: params({ extra: { shard: 99 } }) },
   { group: "params", kind: "not the shard's server", make: (c, tag, r) => params({ version: c.version + 1 })(c, tag, r) },
   { group: "params", kind: "forged last version as the server", make: (c, tag, r) => { const k = Math.floor(r() * c.job.topology.psShards); return pub(subjects(c.job.job).psVersion(k), framesOf(c, paramsBundle(c, k, tag, { version: c.job.train.steps, sender: `ps-${k}` }), idOf(tag))) } },
-  { group: "params", kind: "stale version as the server", make: (c, tag, r) => { const k = Math.floor(r() * c.job.topology.psShards); return pub(subjects(c.job.job).psVersion(k), framesOf(c, paramsBundle(c, k, tag, { version: Math.max(0, c.version - 10), sender: `ps-${k}` }), idOf(tag))) } },
+  { group: "params", kind: "stale version as the server", make: (c, tag, r) => { const k = Math.floor(r() * c.job.topology.psShards); return pub(subjects(c.job.job).psVersion(k), framesOf(c, paramsBundle(c, k, tag, { version: 0, sender: `ps-${k}` }), idOf(tag))) } },
   { group: "frames", kind: "declared total > limit", make: rawFrames((f, c) => withH(f, { [H.total]: String(c.maxMessageBytes + 1) })) },
   { group: "frames", kind: "huge declared chunk count", make: rawFrames((f) => withH(f, { [H.chunks]: "9999999999", [H.total]: String(f.data.length + 10) })) },
   { group: "frames", kind: "corrupt chunk", make: rawFrames((f) => ({ headers: f.headers, data: Uint8Array.from(f.data, (b, j) => (j === 7 ? b ^ 0xff : b)) })) },
