@@ -110,6 +110,12 @@ export type StageEffect =
   | { readonly _tag: "Backward"; readonly op: OpTarget; readonly input: ModelBatch | Activation; readonly batch?: ModelBatch; readonly dy?: Activation; readonly loss?: number }
   /** last stage: the tied weights' summed gradient part, to stage 0. */
   | { readonly _tag: "SendTied"; readonly op: Omit<OpTarget, "micro" | "meta">; readonly grads: ReadonlyMap<string, Float32Array> }
+  /**
+   * push a step's gradient part to `shard`: the bundle's tensors are f32 and its `meta.codec` is
+   * the codec the shard stamped on the version (params-cache.ts); the shell encodes them under it,
+   * with the stage's error feedback, once per (shard, version, step), so a resend or a re-run
+   * attempt sends the same bytes (stage.ts).
+   */
   | { readonly _tag: "Push"; readonly shard: number; readonly bundle: TensorBundle; readonly resend: boolean }
   | { readonly _tag: "Flushed"; readonly run: Run; readonly loss: number; readonly units: number }
   | { readonly _tag: "Finish" }
@@ -410,7 +416,7 @@ const flush = (s: StageState, r: Run, out: StageEffect[]) => {
     bundles.set(k, {
       tensors,
       meta: {
-        kind: "grads", job: s.cfg.job, version: r.version, step: r.version, sender: s.cfg.replica, batchId: r.stepId, codec: "f32",
+        kind: "grads", job: s.cfg.job, version: r.version, step: r.version, sender: s.cfg.replica, batchId: r.stepId, codec: s.cache.get(k)?.codec ?? "f32",
         extra: { samples: rows, tokens: units, loss, normSq: 0, micro: r.stepId, gen: first.gen, epochBatches: first.epochBatches, incarnation: s.cache.get(k)!.incarnation }
       }
     })

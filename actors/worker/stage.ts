@@ -6,7 +6,9 @@
  * `pipe.<replica>.<k>.fwd` and out on `pipe.<replica>.<k+1>.fwd`; activation gradients in
  * on `pipe.<replica>.<k>.bwd` and out on `pipe.<replica>.<k−1>.bwd` (the last stage's
  * tied-weight gradient to `pipe.<replica>.0.bwd`); gradients to its own shards as the
- * replica (`ps.<shard>.push`, acks on `ps.<shard>.ack.<replica>`); stage 0 leases the
+ * replica (`ps.<shard>.push`, acks on `ps.<shard>.ack.<replica>`), each encoded under the
+ * codec its shard stamped on the version, with this stage's error feedback (residuals kept
+ * in `<checkpointDir>/<job>/senders/<id>.ef`, as a worker's); stage 0 leases the
  * micro-batches (as the replica), the last stage fetches their targets (`data.fetch`).
  * Stage 0 heartbeats as the replica's worker (the shards' barrier counts replicas); the
  * others as role `stage`. Run alone: `flotilla launch worker --stage K --replica R`.
@@ -31,7 +33,9 @@ import { checkParams, paramsExpectation } from "../../shared/protocol/params-che
 import { senderOfMessageId } from "../../shared/wire/budget.ts"
 import { PROTOCOL_VERSION, subjects } from "../../shared/protocol/subjects.ts"
 import { currentMetrics } from "../../shared/telemetry/metrics.ts"
+import { GradEncoder, specOf } from "../../shared/wire/compression.ts"
 import type { TensorBundle } from "../../shared/wire/tensor.ts"
+import { loadSenderState, restoreResiduals, saveSenderState, senderStateFile, type LoadedSenderState } from "../../shared/checkpoint/sender-state.ts"
 import { receiveBundles, sendBundle } from "../../shared/wire/transport.ts"
 import { LoaderClient } from "../loader/protocol.ts"
 import { ParamServerClient } from "../param-server/protocol.ts"
@@ -126,7 +130,10 @@ export const runStageWorker = (o: StageOptions): Effect.Effect<StageHandle, Erro
       // a shard of another stage (the tied embedding's): keep copies of what this stage reads, so the bundle's buffer can go
       const own = cfg.pushes.has(c.meta.shard)
       const params = new Map([...c.params].filter(([n]) => own || needed.has(n)).map(([n, v]) => [n, own || b.tensors.find((t) => t.name === n)!.dtype !== "float32" ? v : Float32Array.from(v)]))
-      return Effect.succeed({ _tag: "ParamsReceived", shard: c.meta.shard, incarnation: c.meta.incarnation, version: b.meta.version, params, source: from.source, sender: b.meta.sender, ...(from.id !== undefined ? { messageId: from.id } : {}) })
+      return Effect.succeed({
+        _tag: "ParamsReceived", shard: c.meta.shard, incarnation: c.meta.incarnation, version: b.meta.version, codec: c.meta.codec, run: c.meta.run,
+        params, source: from.source, sender: b.meta.sender, ...(from.id !== undefined ? { messageId: from.id } : {})
+      })
     }
     const limits = bundleLimits(job, model)
     for (const sh of cfg.reads) {
@@ -208,6 +215,42 @@ export const runStageWorker = (o: StageOptions): Effect.Effect<StageHandle, Erro
     hb.setInfo({ replica, stage: k })
 
     const state = initialStage(cfg, Date.now())
+
+    // ---- the gradient's codec: each push is encoded under the codec its shard stamped on the
+    // version (train.compression, ctl set-compression), with this stage's error feedback; the
+    // residuals are saved with the checkpoint cadence and on a clean exit, and restored into the same run only
+    const encoder = new GradEncoder(job.train.compression.minElements)
+    const shardOf = shardOfForJob(job, model)
+    const senderState = senderStateFile(job, id)
+    let toRestore: LoadedSenderState | undefined = loadSenderState(senderState, job.job, id)
+    if (toRestore._tag === "Corrupt") yield* Effect.logWarning(`stage ${id}: ${toRestore.reason}; starting with zero residuals`)
+    let savedAt = -1
+    const saveResiduals = (version: number) =>
+      Effect.sync(() => {
+        if (encoder.residuals.size === 0) return
+        const runs = Object.fromEntries(cfg.reads.flatMap((sh) => { const run = state.cache.get(sh)?.run; return run === undefined ? [] : [[String(sh), run]] }))
+        saveSenderState(senderState, { job: job.job, sender: id, version, runs, residuals: encoder.residuals })
+        savedAt = version
+      }).pipe(Effect.catch((e) => Effect.logWarning(`stage ${id}: could not save its residuals: ${String(e)}`)))
+    yield* Effect.addFinalizer(() => saveResiduals(Math.max(0, savedAt)).pipe(Effect.ignore))
+    /** encoded pushes by shard, version and step: a resend, or attempt a+1 of the same step, sends these bytes again */
+    const encoded = new Map<string, TensorBundle>()
+    const encodePush = (sh: number, b: TensorBundle): { bundle: TensorBundle; restored?: string } => {
+      const key = `${sh}:${b.meta.version}:${b.meta.batchId}`
+      const done = encoded.get(key)
+      if (done) return { bundle: done }
+      let restored: string | undefined
+      if (toRestore?._tag === "Loaded") {
+        const r = restoreResiduals(encoder.residuals, toRestore, (x) => state.cache.get(x)?.run, shardOf, new Map(model.specs.map((sp) => [sp.name, sp.shape.reduce((a, c) => a * c, 1)])))
+        restored = `error-feedback residuals of ${r.restored} tensors restored from ${senderState}${r.dropped ? `; ${r.dropped} dropped (another run of the job, or another model)` : ""}`
+      }
+      toRestore = undefined
+      const codec = specOf(b.meta.codec ?? "f32")
+      const bundle = { meta: b.meta, tensors: b.tensors.flatMap((t) => encoder.encode(codec, t.name, t.shape, t.data as Float32Array)) }
+      for (const old of encoded.keys()) if (Number(old.split(":")[1]) < b.meta.version - 2) encoded.delete(old)
+      encoded.set(key, bundle)
+      return { bundle, ...(restored !== undefined ? { restored } : {}) }
+    }
 
     // ---- effects
     // the stage's params as tensors, per shard, built once per params version and reused by every op
@@ -330,14 +373,20 @@ export const runStageWorker = (o: StageOptions): Effect.Effect<StageHandle, Erro
           return Effect.sleep(0).pipe(Effect.andThen(backward(e)), Effect.orDie)
         case "SendTied":
           return send(s.pipeBwd(replica, 0), bundleOf("tied-grad", e.op, [...e.grads].map(([name, data]) => ({ name, dtype: "float32" as const, shape: cfg.tied.find((t) => t.name === name)!.shape, data })), {}))
-        case "Push":
-          return sendBundle(bus, s.psPush(e.shard), e.bundle).pipe(
+        case "Push": {
+          const { bundle, restored } = encodePush(e.shard, e.bundle)
+          const v = e.bundle.meta.version
+          const save = job.train.checkpointEvery > 0 && Math.floor(v / job.train.checkpointEvery) > Math.floor(savedAt / job.train.checkpointEvery) ? saveResiduals(v) : Effect.void
+          return (restored !== undefined ? Effect.logInfo(`stage ${id}: ${restored}`) : Effect.void).pipe(
+            Effect.andThen(sendBundle(bus, s.psPush(e.shard), bundle)),
             Effect.tap((sent) => Effect.sync(() => {
               metrics.addBytes("sent", sent.bytes, "grads")
               gradBytes += sent.bytes
             })),
-            Effect.catch((err) => Effect.logWarning(`stage ${id}: push to shard ${e.shard} failed (${err.message}); it is resent`))
+            Effect.catch((err) => Effect.logWarning(`stage ${id}: push to shard ${e.shard} failed (${err.message}); it is resent`)),
+            Effect.andThen(save)
           )
+        }
         case "Flushed": {
           const r = e.run
           hb.setInfo({ replica, stage: k, version: r.version, steps: state.stats.steps, retries: state.stats.retries })

@@ -2,7 +2,8 @@
 // `relErr` (max |a − b| over max |b| of a tensor: relative to its scale) and `replay`: the
 // versions a job's shards applied (StepApplied batch ids and LR), rebuilt with the loader's
 // plan as one concatenated batch each and applied through the parameter server's own
-// optimizer code (one ShardState holding every tensor) from the seeded init.
+// optimizer code (one ShardState holding every tensor) from the seeded init; `wire` stands
+// for what the gradients go through on their way (a codec with error feedback).
 // Does not own: running the job (cluster.ts, faults.ts).
 import { makePlanForJob } from "../../actors/loader/loader.ts"
 import { parseBatchId } from "../../actors/loader/plan.ts"
@@ -35,7 +36,13 @@ export interface AppliedVersion {
  * sees each version's whole batch and its loss (e.g. against the shards' reported loss).
  * Returns the reference's params and the model.
  */
-export const replay = async (job: JobConfig, versions: readonly AppliedVersion[], check?: (v: AppliedVersion, whole: Batch, loss: number) => void) => {
+export const replay = async (
+  job: JobConfig,
+  versions: readonly AppliedVersion[],
+  check?: (v: AppliedVersion, whole: Batch, loss: number) => void,
+  /** what the shards receive of a version's whole gradient (e.g. a codec's round trip with error feedback); default as is */
+  wire?: (v: AppliedVersion, grads: Map<string, Float32Array>) => Map<string, Float32Array>
+) => {
   await initBackend("wasm")
   const model = makeModel(job.model)
   const plan = makePlanForJob(job)
@@ -48,8 +55,9 @@ export const replay = async (job: JobConfig, versions: readonly AppliedVersion[]
       const p = parseBatchId(id)!
       return plan.trainBatch(p.epoch, p.index)
     }))
-    const { loss, grads } = lossAndGrads(model, ref.params, whole, trainable)
+    const { loss, grads: computed } = lossAndGrads(model, ref.params, whole, trainable)
     check?.(a, whole, loss)
+    const grads = wire ? wire(a, computed) : computed
     const ok = ref.admit({ sender: "reference", version: ref.version, batchId: `e99-b${a.version}`, samples: whole.size, tokens: model.units(whole).n, loss, grads })
     if (!ok.ok) throw new Error(`reference admit of version ${a.version}: ${ok.reason}`)
     ref.apply(a.lr, ref.choose(["reference"]))
