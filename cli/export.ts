@@ -67,7 +67,7 @@ export const loadTrained = async (spec: string, checkpointDir = "checkpoints"): 
     try {
       return decodeCheckpoint(new Uint8Array(readFileSync(f)), f)
     } catch (e) {
-      throw new ExportError(`${f}: ${(e as Error).message}`)
+      throw new ExportError((e as Error).message) // it names the file
     }
   })
   const d = decodeValue(Data, resolved.files[0], cks[0].data)
