@@ -16,7 +16,7 @@ import { ShardState } from "../actors/param-server/aggregate.ts"
 import { initialState, step as psStep } from "../actors/param-server/core.ts"
 import { paramsBundle } from "../actors/param-server/protocol.ts"
 import { initialRelay, step, type RelayEffect, type RelayEvent, type RelayState } from "../actors/quantizer/relay-core.ts"
-import { decodeSenderState, encodeSenderState, loadSenderState, restoreResiduals, saveSenderState } from "../shared/checkpoint/sender-state.ts"
+import { decodeSenderState, encodeSenderState, loadSenderState, restoreResiduals, saveSenderState, SenderResiduals, tensorLengths } from "../shared/checkpoint/sender-state.ts"
 import { resolveJob } from "../shared/config/job.ts"
 import type { ControlApplied } from "../shared/protocol/control.ts"
 import type { GradMeta, PushAck } from "../shared/protocol/messages.ts"
@@ -142,6 +142,36 @@ describe("a sender's saved state", () => {
     expect(restoreResiduals(new Map(), loaded, (k) => (k === 0 ? 111 : 222), shardOf, new Map([["a", 4], ["b", 1]]))).toEqual({ restored: 1, dropped: 1 })
     writeFileSync(file, readFileSync(file).subarray(0, 20))
     expect(loadSenderState(file, "j", "worker-0")._tag).toBe("Corrupt")
+  })
+
+  it("every sender's rule (SenderResiduals): saves at the checkpoint cadence, nothing while nothing is owed, restores once", () => {
+    const dir = mkdtempSync(join(tmpdir(), "flotilla-ef-"))
+    const job = resolveJob({ job: "j", train: { checkpointDir: dir, checkpointEvery: 10 } }, "test")
+    const shardOf = new Map([["a", 0], ["b", 1]])
+    const lengths = tensorLengths([{ name: "a", shape: [3] }, { name: "b", shape: [1] }])
+    const owed = new Map<string, Float32Array>()
+    const first = new SenderResiduals(job, "worker-0", owed, shardOf, lengths)
+    expect(first.corrupt).toBeUndefined()
+    expect(first.waiting).toBe(false)
+    expect(first.restore(() => 1)).toBeUndefined()
+    expect(first.due(3)).toBe(true) // nothing saved yet
+    first.save(10, new Map([[0, 111], [1, 222]]))
+    expect(loadSenderState(first.file, "j", "worker-0")._tag).toBe("Missing") // nothing owed: nothing written
+    owed.set("a", new Float32Array([1, -2, 3])).set("b", new Float32Array([0.5]))
+    first.save(10, new Map([[0, 111], [1, 222]]))
+    expect([first.lastSaved, first.due(19), first.due(20)]).toEqual([10, false, true])
+    // a relaunch under the same id: restored once, into the same run only
+    const into = new Map<string, Float32Array>()
+    const again = new SenderResiduals(job, "worker-0", into, shardOf, lengths)
+    expect(again.waiting).toBe(true)
+    expect(again.restore((k) => (k === 0 ? 111 : 999))).toMatch(/residuals of 1 tensors restored from .*worker-0\.ef; 1 dropped/)
+    expect([...into.keys()]).toEqual(["a"])
+    expect([again.waiting, again.restore(() => 111)]).toEqual([false, undefined])
+    // a corrupt file is said once, and the sender starts from zero
+    writeFileSync(first.file, "FLOTEF01 and then nonsense")
+    const bad = new SenderResiduals(job, "worker-0", new Map(), shardOf, lengths)
+    expect(bad.corrupt).toMatch(/worker-0\.ef is unusable/)
+    expect(bad.restore(() => 111)).toBeUndefined()
   })
 })
 

@@ -28,7 +28,7 @@ import { modelForJob, trainableNames } from "../../shared/models/zoo.ts"
 import { decodeBytes, decodeValue, encodeMessage } from "../../shared/protocol/decode.ts"
 import { GradMeta, PushAck, Rejected, rejected } from "../../shared/protocol/messages.ts"
 import { subjects } from "../../shared/protocol/subjects.ts"
-import { loadSenderState, restoreResiduals, saveSenderState, senderStateFile } from "../../shared/checkpoint/sender-state.ts"
+import { SenderResiduals, tensorLengths } from "../../shared/checkpoint/sender-state.ts"
 import { decodeTensor, parseCodec } from "../../shared/wire/codecs.ts"
 import { denseGrads } from "../../shared/wire/rows.ts"
 import type { TensorBundle } from "../../shared/wire/tensor.ts"
@@ -73,19 +73,15 @@ export const runRelay = (o: RelayOptions): Effect.Effect<RelayHandle, Error, Bus
     const queue = yield* Queue.unbounded<RelayEvent>()
     const offer = (e: RelayEvent) => Effect.sync(() => void Queue.offerUnsafe(queue, e))
 
-    // ---- residuals: saved like a worker's
-    const file = senderStateFile(job, id)
-    // restored with the first gradient, whose params say which run they belong to (a fresh start is a new run)
-    let toRestore: ReturnType<typeof loadSenderState> | undefined = loadSenderState(file, job.job, id)
-    if (toRestore._tag === "Corrupt") yield* Effect.logWarning(`relay ${name}: ${toRestore.reason}; starting with zero residuals`)
+    // ---- residuals: saved like a worker's (sender-state.ts), restored with the first gradient of
+    // every shard, whose params say which run they belong to (a fresh start is a new run)
+    const senderState = new SenderResiduals(job, id, state.encoder.residuals, shardOf, tensorLengths(model.specs))
+    if (senderState.corrupt) yield* Effect.logWarning(`relay ${name}: ${senderState.corrupt}; starting with zero residuals`)
     const runs = new Map<number, number>()
-    let savedAt = -1
     const save = (version: number) =>
-      Effect.sync(() => {
-        if (state.encoder.residuals.size === 0) return
-        saveSenderState(file, { job: job.job, sender: id, version, runs: Object.fromEntries([...runs].map(([k, r]) => [String(k), r])), residuals: state.encoder.residuals })
-        savedAt = version
-      }).pipe(Effect.catch((e) => Effect.logWarning(`relay ${name}: could not save its residuals: ${String(e)}`)))
+      Effect.try({ try: () => senderState.save(version, runs), catch: (e) => e }).pipe(
+        Effect.catch((e) => Effect.logWarning(`relay ${name}: could not save its residuals: ${String(e)}`))
+      )
     yield* Effect.addFinalizer(() => save(Math.max(0, state.newest)).pipe(Effect.ignore))
 
     // ---- inputs
@@ -119,10 +115,9 @@ export const runRelay = (o: RelayOptions): Effect.Effect<RelayHandle, Error, Bus
       }
       if (g.success.run !== undefined) runs.set(shard, g.success.run)
       let note: Effect.Effect<void> = Effect.void
-      if (toRestore?._tag === "Loaded" && runs.size === job.topology.psShards) {
-        const r = restoreResiduals(state.encoder.residuals, toRestore, (k) => runs.get(k), shardOf, new Map(model.specs.map((sp) => [sp.name, sp.shape.reduce((a, b) => a * b, 1)])))
-        toRestore = undefined
-        note = Effect.logInfo(`relay ${name}: error-feedback residuals of ${r.restored} tensors restored from ${file}${r.dropped ? `; ${r.dropped} dropped (another run, or another model)` : ""}`)
+      if (senderState.waiting && runs.size === job.topology.psShards) {
+        const restored = senderState.restore((k) => runs.get(k))
+        if (restored !== undefined) note = Effect.logInfo(`relay ${name}: ${restored}`)
       }
       return note.pipe(Effect.andThen(offer({ _tag: "Received", shard, worker: m.sender, version: m.version, batchId: m.batchId ?? g.success.micro, codec, meta: g.success, grads: dense.grads })))
     }
@@ -168,7 +163,7 @@ export const runRelay = (o: RelayOptions): Effect.Effect<RelayHandle, Error, Bus
       switch (e._tag) {
         case "Forward":
           return sendBundle(bus, s.psPush(e.shard), e.bundle).pipe(
-            Effect.tap(() => (!e.resend && e.shard === 0 && job.train.checkpointEvery > 0 && Math.floor(e.bundle.meta.version / job.train.checkpointEvery) > Math.floor(savedAt / job.train.checkpointEvery) ? save(e.bundle.meta.version) : Effect.void)),
+            Effect.tap(() => (!e.resend && e.shard === 0 && senderState.due(e.bundle.meta.version) ? save(e.bundle.meta.version) : Effect.void)),
             Effect.asVoid,
             Effect.catch((err) => Effect.logWarning(`relay ${name}: forward to shard ${e.shard} failed (${err.message}); it is resent`))
           )

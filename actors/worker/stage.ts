@@ -35,7 +35,7 @@ import { PROTOCOL_VERSION, subjects } from "../../shared/protocol/subjects.ts"
 import { currentMetrics } from "../../shared/telemetry/metrics.ts"
 import { GradEncoder, specOf } from "../../shared/wire/compression.ts"
 import type { TensorBundle } from "../../shared/wire/tensor.ts"
-import { loadSenderState, restoreResiduals, saveSenderState, senderStateFile, type LoadedSenderState } from "../../shared/checkpoint/sender-state.ts"
+import { SenderResiduals, tensorLengths } from "../../shared/checkpoint/sender-state.ts"
 import { receiveBundles, sendBundle } from "../../shared/wire/transport.ts"
 import { LoaderClient } from "../loader/protocol.ts"
 import { ParamServerClient } from "../param-server/protocol.ts"
@@ -220,31 +220,21 @@ export const runStageWorker = (o: StageOptions): Effect.Effect<StageHandle, Erro
     // version (train.compression, ctl set-compression), with this stage's error feedback; the
     // residuals are saved with the checkpoint cadence and on a clean exit, and restored into the same run only
     const encoder = new GradEncoder(job.train.compression.minElements)
-    const shardOf = shardOfForJob(job, model)
-    const senderState = senderStateFile(job, id)
-    let toRestore: LoadedSenderState | undefined = loadSenderState(senderState, job.job, id)
-    if (toRestore._tag === "Corrupt") yield* Effect.logWarning(`stage ${id}: ${toRestore.reason}; starting with zero residuals`)
-    let savedAt = -1
+    const senderState = new SenderResiduals(job, id, encoder.residuals, shardOfForJob(job, model), tensorLengths(model.specs))
+    if (senderState.corrupt) yield* Effect.logWarning(`stage ${id}: ${senderState.corrupt}; starting with zero residuals`)
     const saveResiduals = (version: number) =>
-      Effect.sync(() => {
-        if (encoder.residuals.size === 0) return
-        const runs = Object.fromEntries(cfg.reads.flatMap((sh) => { const run = state.cache.get(sh)?.run; return run === undefined ? [] : [[String(sh), run]] }))
-        saveSenderState(senderState, { job: job.job, sender: id, version, runs, residuals: encoder.residuals })
-        savedAt = version
+      Effect.try({
+        try: () => senderState.save(version, new Map(cfg.reads.flatMap((sh) => { const run = state.cache.get(sh)?.run; return run === undefined ? [] : [[sh, run] as const] }))),
+        catch: (e) => e
       }).pipe(Effect.catch((e) => Effect.logWarning(`stage ${id}: could not save its residuals: ${String(e)}`)))
-    yield* Effect.addFinalizer(() => saveResiduals(Math.max(0, savedAt)).pipe(Effect.ignore))
+    yield* Effect.addFinalizer(() => saveResiduals(Math.max(0, senderState.lastSaved)).pipe(Effect.ignore))
     /** encoded pushes by shard, version and step: a resend, or attempt a+1 of the same step, sends these bytes again */
     const encoded = new Map<string, TensorBundle>()
     const encodePush = (sh: number, b: TensorBundle): { bundle: TensorBundle; restored?: string } => {
       const key = `${sh}:${b.meta.version}:${b.meta.batchId}`
       const done = encoded.get(key)
       if (done) return { bundle: done }
-      let restored: string | undefined
-      if (toRestore?._tag === "Loaded") {
-        const r = restoreResiduals(encoder.residuals, toRestore, (x) => state.cache.get(x)?.run, shardOf, new Map(model.specs.map((sp) => [sp.name, sp.shape.reduce((a, c) => a * c, 1)])))
-        restored = `error-feedback residuals of ${r.restored} tensors restored from ${senderState}${r.dropped ? `; ${r.dropped} dropped (another run of the job, or another model)` : ""}`
-      }
-      toRestore = undefined
+      const restored = senderState.restore((x) => state.cache.get(x)?.run)
       const codec = specOf(b.meta.codec ?? "f32")
       const bundle = { meta: b.meta, tensors: b.tensors.flatMap((t) => encoder.encode(codec, t.name, t.shape, t.data as Float32Array)) }
       for (const old of encoded.keys()) if (Number(old.split(":")[1]) < b.meta.version - 2) encoded.delete(old)
@@ -376,7 +366,7 @@ export const runStageWorker = (o: StageOptions): Effect.Effect<StageHandle, Erro
         case "Push": {
           const { bundle, restored } = encodePush(e.shard, e.bundle)
           const v = e.bundle.meta.version
-          const save = job.train.checkpointEvery > 0 && Math.floor(v / job.train.checkpointEvery) > Math.floor(savedAt / job.train.checkpointEvery) ? saveResiduals(v) : Effect.void
+          const save = senderState.due(v) ? saveResiduals(v) : Effect.void
           return (restored !== undefined ? Effect.logInfo(`stage ${id}: ${restored}`) : Effect.void).pipe(
             Effect.andThen(sendBundle(bus, s.psPush(e.shard), bundle)),
             Effect.tap((sent) => Effect.sync(() => {

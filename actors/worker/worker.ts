@@ -35,7 +35,7 @@ import { PROTOCOL_VERSION, subjects } from "../../shared/protocol/subjects.ts"
 import { currentMetrics } from "../../shared/telemetry/metrics.ts"
 import { GradEncoder, specOf } from "../../shared/wire/compression.ts"
 import type { TensorBundle } from "../../shared/wire/tensor.ts"
-import { loadSenderState, restoreResiduals, saveSenderState, senderStateFile } from "../../shared/checkpoint/sender-state.ts"
+import { SenderResiduals, tensorLengths } from "../../shared/checkpoint/sender-state.ts"
 import { receiveBundles, sendBundle } from "../../shared/wire/transport.ts"
 import { LoaderClient } from "../loader/protocol.ts"
 import { ParamServerClient } from "../param-server/protocol.ts"
@@ -79,27 +79,17 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
     if (heap !== undefined) return yield* Effect.fail(new Error(heap))
     const shardOf = shardOfForJob(job, model)
     const limits = bundleLimits(job, model)
-    // error feedback: what each tensor's codec could not send yet (kept across restarts: sender-state.ts)
-    const encoder = new GradEncoder(job.train.compression.minElements)
-    const senderState = mode === "train" && !o.relay ? senderStateFile(job, id) : undefined
+    // error feedback: what each tensor's codec could not send yet, kept across restarts (sender-state.ts);
     // restored at the first step, once the params say which run they belong to (a fresh start is a new run)
-    let toRestore = senderState ? loadSenderState(senderState, job.job, id) : undefined
-    if (toRestore?._tag === "Corrupt") yield* Effect.logWarning(`worker ${id}: ${toRestore.reason}; starting with zero residuals`)
-    const restoreSaved = () => {
-      if (toRestore?._tag !== "Loaded") return undefined
-      const r = restoreResiduals(encoder.residuals, toRestore, (k) => state.cache.get(k)?.run, shardOf, new Map(model.specs.map((sp) => [sp.name, sp.shape.reduce((a, b) => a * b, 1)])))
-      toRestore = undefined
-      return `error-feedback residuals of ${r.restored} tensors restored from ${senderState}${r.dropped ? `; ${r.dropped} dropped (another run of the job, or another model)` : ""}`
-    }
-    let savedAt = -1
+    const encoder = new GradEncoder(job.train.compression.minElements)
+    const senderState = mode === "train" && !o.relay ? new SenderResiduals(job, id, encoder.residuals, shardOf, tensorLengths(model.specs)) : undefined
+    if (senderState?.corrupt) yield* Effect.logWarning(`worker ${id}: ${senderState.corrupt}; starting with zero residuals`)
     const saveResiduals = (version: number) =>
-      Effect.sync(() => {
-        if (!senderState || encoder.residuals.size === 0) return
-        const runs = Object.fromEntries([...state.cache].filter(([, c]) => c.run !== undefined).map(([k, c]) => [String(k), c.run!]))
-        saveSenderState(senderState, { job: job.job, sender: id, version, runs, residuals: encoder.residuals })
-        savedAt = version
+      Effect.try({
+        try: () => senderState?.save(version, new Map([...state.cache].flatMap(([k, c]) => (c.run === undefined ? [] : [[k, c.run] as const])))),
+        catch: (e) => e
       }).pipe(Effect.catch((e) => Effect.logWarning(`worker ${id}: could not save its residuals: ${String(e)}`)))
-    if (senderState) yield* Effect.addFinalizer(() => saveResiduals(Math.max(0, savedAt)).pipe(Effect.ignore))
+    if (senderState) yield* Effect.addFinalizer(() => saveResiduals(Math.max(0, senderState.lastSaved)).pipe(Effect.ignore))
     const stats = { steps: 0, stale: 0, tokens: 0, bytesSent: 0, resent: 0, pulls: 0 }
     const finished = yield* Deferred.make<void>()
     const metrics = yield* currentMetrics
@@ -215,7 +205,7 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
           Effect.withSpan("worker.forward_backward", { attributes: { "flotilla.version": v, "flotilla.micro_batches": e.micro.length } })
         )
         const t3 = performance.now()
-        const restored = restoreSaved()
+        const restored = senderState?.restore((k) => state.cache.get(k)?.run)
         if (restored) yield* Effect.logInfo(`worker ${id}: ${restored}`)
         let normSq = 0
         for (const x of g.grads.values()) for (let i = 0; i < x.length; i++) normSq += x[i] * x[i]
@@ -293,7 +283,7 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
           stats.tokens += c.tokens
           hb.setInfo({ version: c.version, steps: stats.steps, ...(o.relay ? { relay: o.relay } : {}) })
           // the residuals are saved with the job's checkpoint cadence (and on a clean exit)
-          const save = senderState && job.train.checkpointEvery > 0 && Math.floor(c.version / job.train.checkpointEvery) > Math.floor(savedAt / job.train.checkpointEvery) ? saveResiduals(c.version) : Effect.void
+          const save = senderState?.due(c.version) ? saveResiduals(c.version) : Effect.void
           const metric: WorkerStep = {
             _tag: "WorkerStep", v: PROTOCOL_VERSION, worker: id, version: c.version, batchId: e.inflight.batchId, loss: c.loss, tokens: c.tokens,
             waitBatchMs: c.waitBatch, waitParamsMs: c.waitParams, computeMs: c.compute, pushMs: t4 - c.t3, bytesSent: stats.bytesSent - bytesAtLastPush

@@ -15,7 +15,8 @@
  * they were made in (a fresh start of the job makes a new run; a resume keeps it).
  * Saved with the job's checkpoint cadence and on a clean exit: a crash loses at most the
  * error of the steps since the last save (each step's error is bounded by its codec).
- * Does not own: the residuals' arithmetic (compression.ts), when to save (the sender).
+ * `SenderResiduals` is the one load / restore / cadence / save rule of every sender.
+ * Does not own: the residuals' arithmetic (compression.ts), the moments a sender saves at.
  */
 import { closeSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, writeSync } from "node:fs"
 import { dirname, join } from "node:path"
@@ -137,3 +138,73 @@ export const saveSenderState = (file: string, st: SenderState): void => {
   }
   renameSync(tmp, file)
 }
+
+/**
+ * One sender's residuals on disk, the rules every sender (worker, stage worker, relay)
+ * follows: the file is read at start (`corrupt` says why it cannot be used); `restore`
+ * puts it back once, when the params say which run each shard is in; `due` says a version
+ * crosses the job's checkpoint cadence since the last save; `save` writes (throws on an I/O
+ * error). Nothing is written while no residual is owed.
+ */
+export class SenderResiduals {
+  readonly file: string
+  /** the encoder's residuals (GradEncoder.residuals): restored into, saved from */
+  readonly residuals: Map<string, Float32Array>
+  private readonly job: JobConfig
+  private readonly id: string
+  private readonly shardOf: ReadonlyMap<string, number>
+  /** each tensor's element count: a residual of another length (another model) is dropped */
+  private readonly lengths: ReadonlyMap<string, number>
+  private pending: LoadedSenderState | undefined
+  private savedAt = -1
+  constructor(job: JobConfig, id: string, residuals: Map<string, Float32Array>, shardOf: ReadonlyMap<string, number>, lengths: ReadonlyMap<string, number>) {
+    this.job = job
+    this.id = id
+    this.residuals = residuals
+    this.shardOf = shardOf
+    this.lengths = lengths
+    this.file = senderStateFile(job, id)
+    this.pending = loadSenderState(this.file, job.job, id)
+  }
+
+  /** why the saved file cannot be used (the sender starts from zero residuals), if it cannot. */
+  get corrupt(): string | undefined {
+    return this.pending?._tag === "Corrupt" ? this.pending.reason : undefined
+  }
+
+  /** A saved file is still to be restored. */
+  get waiting(): boolean {
+    return this.pending?._tag === "Loaded"
+  }
+
+  /** Restore (once) what was saved in the runs `runNow` says; the line to log, or undefined. */
+  restore(runNow: (shard: number) => number | undefined): string | undefined {
+    const saved = this.pending
+    this.pending = undefined
+    if (saved?._tag !== "Loaded") return undefined
+    const r = restoreResiduals(this.residuals, saved, runNow, this.shardOf, this.lengths)
+    return `error-feedback residuals of ${r.restored} tensors restored from ${this.file}${r.dropped ? `; ${r.dropped} dropped (another run of the job, or another model)` : ""}`
+  }
+
+  /** `version` is past a checkpoint boundary (train.checkpointEvery) the last save was not. */
+  due(version: number): boolean {
+    const every = this.job.train.checkpointEvery
+    return every > 0 && Math.floor(version / every) > Math.floor(this.savedAt / every)
+  }
+
+  /** The version of the last save (−1: none yet). */
+  get lastSaved(): number {
+    return this.savedAt
+  }
+
+  /** Write the residuals owed after `version`, tagged with each shard's run (`runs`). */
+  save(version: number, runs: ReadonlyMap<number, number>): void {
+    if (this.residuals.size === 0) return
+    saveSenderState(this.file, { job: this.job.job, sender: this.id, version, runs: Object.fromEntries([...runs].map(([k, r]) => [String(k), r])), residuals: this.residuals })
+    this.savedAt = version
+  }
+}
+
+/** Each tensor's element count, for SenderResiduals. */
+export const tensorLengths = (specs: ReadonlyArray<{ readonly name: string; readonly shape: ReadonlyArray<number> }>): Map<string, number> =>
+  new Map(specs.map((sp) => [sp.name, sp.shape.reduce((a, b) => a * b, 1)]))
