@@ -2,10 +2,12 @@
  * Implements: `flotilla infra` — what an operator needs to put a job on a shared,
  * secured nats-server (docs/SECURITY.md):
  *
- *   flotilla infra account <job> [--out DIR] [--shards K] [--force] [--env-refs]
+ *   flotilla infra account <job> [--out DIR] [--shards K] [--workers ID,ID@REPLICA,…] [--force] [--env-refs]
  *       DIR/account.conf  the job's account block, one nkey user per role (public keys only):
  *                         include it inside the server config's `accounts { }`
  *       DIR/<role>.nk     each role's nkey seed, mode 0600 (`flotilla launch … --nkey FILE`)
+ *       DIR/worker.<id>.nk with --workers: a user per named worker in place of worker.nk, bound
+ *                         to its id (its heartbeats, its acks, its replica's pipeline)
  *       DIR/nkeys.env     FLOTILLA_<JOB>_<ROLE>_NKEY=U… for configs that name the keys as
  *                         variables (infra/nats/nats.conf, the Kubernetes ConfigMap)
  *   flotilla infra routes [--out FILE] [--force]
@@ -22,7 +24,8 @@ import { chmodSync, existsSync, mkdirSync, writeFileSync } from "node:fs"
 import { dirname, join } from "node:path"
 import { nkeys } from "nats"
 import { loadJobFile } from "../shared/config/job.ts"
-import { accountBlock, accountName, checkJobName, jobRoles, nkeyEnvVar, ROLE_PURPOSE, type JobRole } from "../shared/bus/permissions.ts"
+import { accountBlock, accountName, checkJobName, jobRoles, nkeyEnvVar, ROLE_PURPOSE, type JobRole, type Member } from "../shared/bus/permissions.ts"
+import { isToken } from "../shared/protocol/subjects.ts"
 
 export class InfraUsageError extends Error {
   readonly _tag = "InfraUsageError"
@@ -36,6 +39,8 @@ export interface InfraOptions {
   readonly jobFile?: string
   readonly force?: boolean
   readonly envRefs?: boolean
+  /** `--workers`: workers with a user each (parseWorkers) */
+  readonly workers?: string
   /** where the report goes (default stdout). */
   readonly write?: (text: string) => void
 }
@@ -43,8 +48,30 @@ export interface InfraOptions {
 export interface WrittenAccount {
   readonly dir: string
   readonly account: string
-  readonly seeds: ReadonlyMap<JobRole, string>
-  readonly publicKeys: ReadonlyMap<JobRole, string>
+  /** each user's seed file, by role (or `worker.<id>` for a worker of its own) */
+  readonly seeds: ReadonlyMap<string, string>
+  readonly publicKeys: ReadonlyMap<string, string>
+}
+
+/** The seed file name of a worker with a user of its own. */
+export const workerSeedName = (id: string): string => `worker.${id}.nk`
+
+/**
+ * `--workers worker-0,worker-1,worker-0-s1@worker-0`: workers with a user each (a pipeline
+ * stage as `ID@REPLICA`, its replica being stage 0's id); each must be a subject token.
+ */
+export const parseWorkers = (spec: string): Member[] => {
+  const out: Member[] = []
+  for (const item of spec.split(",").map((x) => x.trim()).filter((x) => x !== "")) {
+    const [id, replica, ...more] = item.split("@")
+    if (more.length > 0 || !isToken(id) || (replica !== undefined && !isToken(replica))) {
+      throw new InfraUsageError(`--workers: ${JSON.stringify(item)} is not ID or ID@REPLICA (1-64 of [A-Za-z0-9_-] each)`)
+    }
+    if (out.some((m) => m.id === id)) throw new InfraUsageError(`--workers names ${id} twice`)
+    out.push(replica !== undefined && replica !== id ? { id, replica } : { id })
+  }
+  if (out.length === 0) throw new InfraUsageError("--workers needs at least one worker id")
+  return out
 }
 
 const secretFile = (file: string, text: string) => {
@@ -66,28 +93,32 @@ export const envRefAccount = (job: string, shards: number): string =>
   accountBlock(job, jobRoles(shards).map((role) => ({ role, auth: { kind: "nkey" as const, nkey: `$${nkeyEnvVar(job, role)}` } })))
 
 /** Write job `job`'s account and every role's seed into `dir`; existing seeds are reused unless `force`. */
-export const writeAccount = (job: string, shards: number, dir: string, force = false): WrittenAccount => {
+export const writeAccount = (job: string, shards: number, dir: string, force = false, workers?: ReadonlyArray<Member>): WrittenAccount => {
   checkJobName(job)
   mkdirSync(dir, { recursive: true, mode: 0o700 })
-  const roles = jobRoles(shards)
-  const seeds = new Map<JobRole, string>()
-  const publicKeys = new Map<JobRole, string>()
-  const existing = roles.map((role) => join(dir, `${role}.nk`)).find((f) => existsSync(f))
+  // with --workers, each named worker has a user of its own in place of the shared worker user
+  const roles = jobRoles(shards).filter((r) => workers === undefined || r !== "worker")
+  const users: Array<{ key: string; file: string; role: JobRole; member?: Member }> = [
+    ...roles.map((role) => ({ key: role as string, file: join(dir, `${role}.nk`), role })),
+    ...(workers ?? []).map((m) => ({ key: `worker.${m.id}`, file: join(dir, workerSeedName(m.id)), role: "worker" as const, member: m }))
+  ]
+  const seeds = new Map<string, string>()
+  const publicKeys = new Map<string, string>()
+  const existing = users.map((u) => u.file).find((f) => existsSync(f))
   if (existing !== undefined && !force) throw new InfraUsageError(`${existing} exists: pass --force to replace every seed in ${dir} (a key rotation), or choose another --out`)
-  for (const role of roles) {
-    const file = join(dir, `${role}.nk`)
+  for (const u of users) {
     const kp = nkeys.createUser()
     const seed = new TextDecoder().decode(kp.getSeed() as Uint8Array)
-    secretFile(file, `${seed}\n`)
-    seeds.set(role, file)
-    publicKeys.set(role, kp.getPublicKey() as string)
+    secretFile(u.file, `${seed}\n`)
+    seeds.set(u.key, u.file)
+    publicKeys.set(u.key, kp.getPublicKey() as string)
   }
   const account = join(dir, "account.conf")
   writeFileSync(
     account,
-    `# job ${job}: written by \`flotilla infra account ${job} --shards ${shards}\`. No secrets here (public keys only).\n` +
+    `# job ${job}: written by \`flotilla infra account ${job} --shards ${shards}${workers ? ` --workers ${workers.map((m) => (m.replica ? `${m.id}@${m.replica}` : m.id)).join(",")}` : ""}\`. No secrets here (public keys only).\n` +
       `# Include it inside the server config's accounts block:  accounts { include ./${job}/account.conf }\n` +
-      accountBlock(job, roles.map((role) => ({ role, auth: { kind: "nkey" as const, nkey: publicKeys.get(role)! } })))
+      accountBlock(job, users.map((u) => ({ role: u.role, auth: { kind: "nkey" as const, nkey: publicKeys.get(u.key)! }, ...(u.member ? { member: u.member } : {}) })))
   )
   writeFileSync(join(dir, "nkeys.env"), roles.map((role) => `${nkeyEnvVar(job, role)}=${publicKeys.get(role)}`).join("\n") + "\n")
   return { dir, account, seeds, publicKeys }
@@ -112,17 +143,21 @@ export const infraMain = (o: InfraOptions): void => {
       const shards = shardsOf(o)
       if (o.envRefs) return write(envRefAccount(job, shards))
       const dir = o.out ?? join("nats-accounts", job)
-      const r = writeAccount(job, shards, dir, o.force)
-      const rows = [...r.seeds].map(([role, file]) => `  ${file.padEnd(dir.length + 16)} ${role.startsWith("ps-") ? ROLE_PURPOSE["ps-k"].replace(/\bk\b/g, role.slice(3)) : ROLE_PURPOSE[role]}`)
+      const workers = o.workers !== undefined ? parseWorkers(o.workers) : undefined
+      const r = writeAccount(job, shards, dir, o.force, workers)
+      const purpose = (key: string) =>
+        key.startsWith("ps-") ? ROLE_PURPOSE["ps-k"].replace(/\bk\b/g, key.slice(3)) : key.startsWith("worker.") ? `worker ${key.slice(7)} only (flotilla launch worker --id ${key.slice(7)})` : ROLE_PURPOSE[key]
+      const width = Math.max(dir.length + 16, ...[...r.seeds.values()].map((f) => f.length + 1))
+      const rows = [...r.seeds].map(([key, file]) => `  ${file.padEnd(width)} ${purpose(key)}`)
       write(
         [
           `account ${accountName(job)} of job ${job} (${shards} parameter-server shard${shards === 1 ? "" : "s"}): ${dir}`,
-          `  ${r.account.padEnd(dir.length + 16)} the account (public keys): inside the server's accounts { }, then reload it (nats-server --signal reload)`,
-          `  ${join(dir, "nkeys.env").padEnd(dir.length + 16)} the same keys as ${nkeyEnvVar(job, "worker").replace("_WORKER_", "_<ROLE>_")}=… variables`,
+          `  ${r.account.padEnd(width)} the account (public keys): inside the server's accounts { }, then reload it (nats-server --signal reload)`,
+          `  ${join(dir, "nkeys.env").padEnd(width)} the same keys as ${nkeyEnvVar(job, "worker").replace("_WORKER_", "_<ROLE>_")}=… variables`,
           ...rows,
           "",
           "Give each role its seed file only (mode 0600; a Kubernetes Secret, a compose secret):",
-          `  flotilla launch worker --job JOB.yaml --nats nats://HOST:4222 --nkey ${join(dir, "worker.nk")}`,
+          `  flotilla launch worker --job JOB.yaml --nats nats://HOST:4222 --nkey ${join(dir, workers ? workerSeedName(workers[0].id) : "worker.nk")}${workers ? ` --id ${workers[0].id}` : ""}`,
           `  flotilla up JOB.yaml --nats nats://HOST:4222 --account ${dir}        (every process as its role)`,
           `  flotilla ctl ${job} status --nats nats://HOST:4222 --nkey ${join(dir, "observer.nk")}`,
           ""

@@ -168,10 +168,12 @@ parameter server resumes from its checkpoint. up fails only when an actor's budg
 spent, with its exits and the tail of its log. An actor that exits 0 is done.
 
 The nats-server up starts listens on 127.0.0.1 only and admits only this run's users: one
-per role, least privilege, random passwords, handed to each process in its environment.
+per actor (a worker may heartbeat only as itself), least privilege, random passwords, handed
+to each process in its environment.
 It prints how to reach the run with flotilla ctl (an operator nkey in runs/<job>/operator.nk).
 With --nats, every process connects with the credentials given below, or, with
-  --account DIR      the directory flotilla infra account wrote: each process as its role
+  --account DIR      the directory flotilla infra account wrote: each process as its role (a worker
+                     as its own user when DIR has worker.<id>.nk: infra account --workers)
 
 ${AUTH_HELP}`,
   launch: `usage: flotilla launch <loader|worker|evaluator|param-server|scheduler|quantizer> --job NAME|FILE --nats URL [options]
@@ -196,7 +198,7 @@ options:
 ${AUTH_HELP}  Each role has its own user on a secured server (docs/SECURITY.md); a parameter server's id
   defaults to ps-<shard>, the id its user may heartbeat as.
 `,
-  infra: `usage: flotilla infra account <job> [--out DIR] [--shards K] [--force] [--env-refs]
+  infra: `usage: flotilla infra account <job> [--out DIR] [--shards K] [--workers ID,…] [--force] [--env-refs]
        flotilla infra routes [--out FILE] [--force]
 
 Writes what an operator needs to add job <job> to a shared nats-server (docs/SECURITY.md):
@@ -212,6 +214,9 @@ options:
   --out DIR          where (default nats-accounts/<job>); created mode 0700
   --shards K         parameter-server shards of the job: one user per shard (default 1, or the
                      job file's topology.psShards with --job FILE)
+  --workers ID,…     a user per named worker (ID, or ID@REPLICA for a pipeline stage) in place of the
+                     shared worker user: DIR/worker.<ID>.nk, which may heartbeat only as ID, hear only
+                     its own acks and speak only in its replica's pipeline (launch it with --id ID)
   --force            replace seeds already in DIR (a key rotation: restart the job's processes)
   --env-refs         print the account block with $FLOTILLA_<JOB>_<ROLE>_NKEY references (the form of
                      infra/nats/nats.conf) and write nothing
@@ -393,10 +398,10 @@ export const main = async (argv: string[]): Promise<void> => {
         return
       }
       case "infra": {
-        const { values: v, positionals } = parse(rest, { out: { type: "string" }, shards: { type: "string" }, force: { type: "boolean" }, "env-refs": { type: "boolean" } })
+        const { values: v, positionals } = parse(rest, { out: { type: "string" }, shards: { type: "string" }, workers: { type: "string" }, force: { type: "boolean" }, "env-refs": { type: "boolean" } })
         if (v.help || positionals.length === 0) return void process.stdout.write(HELP.infra)
         const { infraMain } = await import("./infra.ts")
-        infraMain({ command: positionals[0], args: positionals.slice(1), out: v.out, shards: v.shards, jobFile: v.job, force: v.force === true, envRefs: v["env-refs"] === true })
+        infraMain({ command: positionals[0], args: positionals.slice(1), out: v.out, shards: v.shards, ...(v.workers !== undefined ? { workers: v.workers } : {}), jobFile: v.job, force: v.force === true, envRefs: v["env-refs"] === true })
         return
       }
       case "ctl": {

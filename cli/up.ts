@@ -14,9 +14,10 @@
  * is spent, with that child's exits and the tail of its log.
  *
  * Credentials (docs/SECURITY.md). The server `up` starts listens on 127.0.0.1 only and
- * admits only the users it made for this run: one per role, with the least-privilege
+ * admits only the users it made for this run: one per loader, scheduler, worker and
+ * evaluator (bound to its id), one per parameter-server shard, with the least-privilege
  * permissions of shared/bus/permissions.ts and a random password each, in a config file
- * readable by its owner only; each child gets its role's user in its environment (never
+ * readable by its owner only; each child gets its own user in its environment (never
  * on its command line), and `up` prints how to reach the run with `flotilla ctl` (an
  * operator nkey seed in runs/<job>/operator.nk, mode 0600). With --nats, every process
  * connects with the credentials `up` was given, or, with --account DIR (what `flotilla
@@ -31,7 +32,8 @@ import { Deferred, Effect, Layer } from "effect"
 import { stopRequested } from "../shared/actor/control-listener.ts"
 import { startLocalNatsServer } from "../shared/bus/local-server.ts"
 import { NatsBus, nkeyPublicKey, type NatsAuth } from "../shared/bus/nats.ts"
-import { accountBlock, roleOfActor, type JobRole, type UserAuth } from "../shared/bus/permissions.ts"
+import { workerSeedName } from "./infra.ts"
+import { accountBlock, MEMBER_ROLES, roleOfActor, type JobRole, type Member, type UserAuth } from "../shared/bus/permissions.ts"
 import { nkeys } from "nats"
 import { authEnv, withoutAuthEnv } from "./auth.ts"
 import { Compute, type BackendPreference } from "../shared/compute/backend.ts"
@@ -65,23 +67,37 @@ export class UpCredentialsError extends Error {
   readonly _tag = "UpCredentialsError"
 }
 
-/** The roles `up` connects as: every actor's, and its own (driver). */
-const rolesOf = (specs: ReadonlyArray<ActorSpec>): JobRole[] => [...new Set<JobRole>([...specs.map((s) => roleOfActor(s.role, s.shard)), "driver"])]
+
+/** The user an actor connects as on `up`'s own server: its own (MEMBER_ROLES), or its role's. */
+const credentialKey = (spec: ActorSpec): string => {
+  const role = roleOfActor(spec.role, spec.shard)
+  return MEMBER_ROLES.includes(role) ? `${role}:${spec.id}` : role
+}
 
 /**
- * Credentials of this run's own server: a random password per role (users `<job>-<role>`)
- * and an operator nkey whose seed goes to `operatorSeedFile` (mode 0600) for `flotilla ctl`.
- * Returns the server's account config and each role's credential.
+ * Credentials of this run's own server: a random password per user and an operator nkey
+ * whose seed goes to `operatorSeedFile` (mode 0600) for `flotilla ctl`. Every loader,
+ * scheduler, worker and evaluator has a user of its own (`<job>-<role>-<id>`: it heartbeats
+ * only as itself, a worker hears only its own acks and its replica's pipeline), each shard
+ * its `ps-k` user, `up` itself the driver's. Returns the server's account config and each
+ * user's credential, by credentialKey (and "driver", "operator").
  */
-export const localCredentials = (job: JobConfig, roles: ReadonlyArray<JobRole>, operatorSeedFile: string): { config: string; auth: Map<JobRole, NatsAuth> } => {
-  const auth = new Map<JobRole, NatsAuth>()
-  const users: Array<{ role: JobRole; auth: UserAuth }> = []
-  for (const role of roles) {
-    const user = `${job.job}-${role}`
+export const localCredentials = (job: JobConfig, specs: ReadonlyArray<ActorSpec>, operatorSeedFile: string): { config: string; auth: Map<string, NatsAuth> } => {
+  const auth = new Map<string, NatsAuth>()
+  const users: Array<{ role: JobRole; auth: UserAuth; member?: Member }> = []
+  const add = (key: string, role: JobRole, member?: Member) => {
+    if (auth.has(key)) return
+    const user = member ? `${job.job}-${role}-${member.id}` : `${job.job}-${role}`
     const password = randomBytes(24).toString("base64url")
-    auth.set(role, { user, password })
-    users.push({ role, auth: { kind: "password", user, password } })
+    auth.set(key, { user, password })
+    users.push({ role, auth: { kind: "password", user, password }, ...(member ? { member } : {}) })
   }
+  for (const spec of specs) {
+    const role = roleOfActor(spec.role, spec.shard)
+    if (MEMBER_ROLES.includes(role)) add(credentialKey(spec), role, { id: spec.id, ...(spec.replica !== undefined ? { replica: spec.replica } : {}) })
+    else add(role, role)
+  }
+  add("driver", "driver")
   const kp = nkeys.createUser()
   const seed = new TextDecoder().decode(kp.getSeed() as Uint8Array)
   writeFileSync(operatorSeedFile, seed + "\n", { mode: 0o600 })
@@ -91,14 +107,24 @@ export const localCredentials = (job: JobConfig, roles: ReadonlyArray<JobRole>, 
   return { config: `accounts {\n${accountBlock(job.job, users)}}\n`, auth }
 }
 
-/** With --account DIR: each role's seed file there, all checked before anything starts. */
-const accountCredentials = (dir: string, roles: ReadonlyArray<JobRole>): Map<JobRole, NatsAuth> => {
-  const out = new Map<JobRole, NatsAuth>()
-  for (const role of roles) {
-    const file = join(dir, `${role}.nk`)
-    if (!existsSync(file)) throw new UpCredentialsError(`--account ${dir}: no ${role}.nk there (\`flotilla infra account <job> --shards K --out ${dir}\` writes one per role)`)
-    out.set(role, { nkey: file })
+/**
+ * With --account DIR: each role's seed file there, all checked before anything starts; a
+ * worker's own (`worker.<id>.nk`, infra account --workers) before the shared `worker.nk`.
+ * Keyed as localCredentials keys them.
+ */
+const accountCredentials = (dir: string, specs: ReadonlyArray<ActorSpec>): Map<string, NatsAuth> => {
+  const out = new Map<string, NatsAuth>()
+  const need = (key: string, files: string[]) => {
+    const file = files.map((f) => join(dir, f)).find((f) => existsSync(f))
+    if (file === undefined) throw new UpCredentialsError(`--account ${dir}: no ${files.join(" or ")} there (\`flotilla infra account <job> --shards K [--workers IDS] --out ${dir}\` writes one per role)`)
+    out.set(key, { nkey: file })
   }
+  for (const spec of specs) {
+    const role = roleOfActor(spec.role, spec.shard)
+    if (role === "worker") need(credentialKey(spec), [workerSeedName(spec.id), "worker.nk"])
+    else need(credentialKey(spec), [`${role}.nk`])
+  }
+  need("driver", ["driver.nk"])
   return out
 }
 
@@ -135,14 +161,13 @@ export const up = (o: UpOptions) =>
     writeFileSync(jobFile, JSON.stringify(job, null, 2))
 
     const specs = jobActors(job)
-    const roles = rolesOf(specs)
     let url = o.nats
     /** each role's credentials; undefined: every process uses o.auth. */
-    let credentials: Map<JobRole, NatsAuth> | undefined
-    if (url && o.account) credentials = yield* Effect.try({ try: () => accountCredentials(o.account!, roles), catch: (e) => e as UpCredentialsError })
+    let credentials: Map<string, NatsAuth> | undefined
+    if (url && o.account) credentials = yield* Effect.try({ try: () => accountCredentials(o.account!, specs), catch: (e) => e as UpCredentialsError })
     if (!url) {
       const operatorSeed = join(dir, "operator.nk")
-      const local = localCredentials(job, roles, operatorSeed)
+      const local = localCredentials(job, specs, operatorSeed)
       credentials = local.auth
       // the seed is of this run's server only: gone with it
       yield* Effect.addFinalizer(() => Effect.sync(() => rmSync(operatorSeed, { force: true })))
@@ -170,8 +195,9 @@ export const up = (o: UpOptions) =>
       )
     }
     const quiet = process.env.FLOTILLA_LOG === undefined
-    const authOf = (role: JobRole): NatsAuth | undefined => (credentials ? credentials.get(role) : o.auth)
-    const driverAuth = authOf("driver")
+    // an actor's own user on up's server; its role's with --account; o.auth for every process otherwise
+    const authOf = (spec: ActorSpec): NatsAuth | undefined => (credentials ? credentials.get(credentialKey(spec)) ?? credentials.get(roleOfActor(spec.role, spec.shard)) : o.auth)
+    const driverAuth = credentials ? credentials.get("driver") : o.auth
     const byId = new Map(specs.map((s) => [s.id, s]))
     const tails = new Map<string, string[]>(specs.map((s) => [s.id, []]))
     const policy: RestartPolicy = { ...DEFAULT_RESTART_POLICY, ...o.restarts }
@@ -180,7 +206,7 @@ export const up = (o: UpOptions) =>
       const spec = byId.get(id)!
       const proc = spawn(process.execPath, [BIN, "launch", ...launchArgs(spec, restarts, { jobFile, url: url!, codec: o.codec, backend: o.backend })], {
         // its own credential only, in its environment (not on its command line)
-        env: { FLOTILLA_LOG: quiet ? "warn" : "info", ...withoutAuthEnv(process.env), ...authEnv(authOf(roleOfActor(spec.role, spec.shard))), FLOTILLA_RESTARTS: String(restarts) },
+        env: { FLOTILLA_LOG: quiet ? "warn" : "info", ...withoutAuthEnv(process.env), ...authEnv(authOf(spec)), FLOTILLA_RESTARTS: String(restarts) },
         stdio: ["ignore", "pipe", "pipe"]
       })
       const tail = tails.get(id)!

@@ -6,7 +6,7 @@
 // runs it). Security: nothing published beyond the host, every actor with its own role's
 // credential, the Kubernetes NATS a 3-node JetStream cluster fed from Secrets.
 import { execFileSync } from "node:child_process"
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs"
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
 import { afterAll, describe, expect, it } from "vitest"
@@ -15,7 +15,7 @@ import { loadJobFile, resolveJob } from "../shared/config/job.ts"
 import { findNatsServerBinary } from "../shared/bus/local-server.ts"
 import { roleOfActor } from "../shared/bus/permissions.ts"
 import { ROLES } from "../cli/launch.ts"
-import { envRefAccount, routeEnv, writeAccount } from "../cli/infra.ts"
+import { envRefAccount, parseWorkers, routeEnv, workerSeedName, writeAccount } from "../cli/infra.ts"
 
 const bin = () => {
   const b = findNatsServerBinary()
@@ -215,5 +215,31 @@ describe("infra/k8s/nats.yaml (a 3-node JetStream cluster, as the NATS Helm char
     const url = (i: number) => `nats://route:pw@nats-${i}.nats-headless:6222`
     check(join(root, "nats-config", "nats.conf"), { SERVER_NAME: "nats-0", ROUTE_PASSWORD: "pw", ROUTE_URL_0: url(0), ROUTE_URL_1: url(1), ROUTE_URL_2: url(2) })
     expect(conf).not.toMatch(/no_auth_user/)
+  })
+})
+
+describe("flotilla infra account --workers", () => {
+  it("writes a user per named worker in place of the shared one, bound to its id and replica; nats-server takes it", () => {
+    const dir = join(tmp, "members")
+    const r = writeAccount("gpt", 2, dir, false, parseWorkers("worker-0, worker-0-s1@worker-0,worker-1"))
+    expect([...r.seeds.keys()]).toContain("worker.worker-0-s1")
+    expect([...r.seeds.keys()]).not.toContain("worker")
+    expect(existsSync(join(dir, "worker.nk"))).toBe(false)
+    expect(statSync(join(dir, workerSeedName("worker-1"))).mode & 0o777).toBe(0o600)
+    const text = readFileSync(r.account, "utf8")
+    expect(text).toContain('"flotilla.gpt.hb.worker.worker-0"')
+    expect(text).toContain('"flotilla.gpt.ps.*.ack.worker-0"') // the stage hears its replica's acks
+    expect(text).toContain('"flotilla.gpt.pipe.worker-0.*.fwd"')
+    const userBlock = (title: string) => text.slice(text.indexOf(`# ${title}\n`), text.indexOf("} }", text.indexOf(`# ${title}\n`)))
+    expect(userBlock("worker worker-1")).toContain('"flotilla.gpt.hb.worker.worker-1"')
+    expect(userBlock("worker worker-1")).not.toContain('"flotilla.gpt.hb.worker.*"')
+    expect(userBlock("worker worker-0-s1 (replica worker-0)")).toContain('"flotilla.gpt.hb.stage.worker-0-s1"')
+    expect(text).toContain('"flotilla.gpt.hb.loader.*"') // the other roles as before
+    writeFileSync(join(dir, "server.conf"), `accounts {\n  include ./account.conf\n}\n`)
+    check(join(dir, "server.conf"))
+    expect(() => parseWorkers("worker-0,worker 1")).toThrow(/"worker 1" is not ID or ID@REPLICA/)
+    expect(() => parseWorkers("a,a")).toThrow(/names a twice/)
+    expect(() => parseWorkers(",")).toThrow(/at least one/)
+    expect(() => writeAccount("gpt", 2, dir, false, parseWorkers("worker-0"))).toThrow(/exists: pass --force/)
   })
 })

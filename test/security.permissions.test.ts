@@ -14,6 +14,9 @@
 //   - the CLI side: a bad creds file is an error naming it, a creds file and an nkey file
 //     authenticate, flags win over the environment; TLS with client certificates (the test
 //     certificates in test/fixtures/tls) admits a role that presents them, nobody else;
+//   - one user per actor (what `flotilla up` makes): a worker cannot heartbeat as another
+//     (drop it with a `leaving` beat, or keep it alive), hear another's acks, or speak in
+//     another replica's pipeline;
 //   - `flotilla up` with its own generated credentials runs a tiny job to completion, its
 //     server refuses anonymous clients, and its operator key pauses, lists the (JetStream)
 //     history and resumes the job.
@@ -30,7 +33,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest"
 import { startLocalNatsServer, type LocalNatsServer } from "../shared/bus/local-server.ts"
 import { Bus } from "../shared/bus/Bus.ts"
 import { NatsBus, natsConnectAuth, type NatsAuth } from "../shared/bus/nats.ts"
-import type { JobRole } from "../shared/bus/permissions.ts"
+import { accountBlock, type JobRole } from "../shared/bus/permissions.ts"
 import { makeJetStreamStore } from "../shared/checkpoint/store.ts"
 import { jetstreamHistory } from "../actors/controller/history.ts"
 import { authFromArgs } from "../cli/auth.ts"
@@ -331,6 +334,55 @@ describe("TLS", () => {
       expect(await connects({ nkey, "tls-ca": ca }), "no client certificate").toBe(false)
       expect(await connects({ nkey }), "no TLS at all").toBe(false)
       expect(() => authFromArgs({ nkey, "tls-cert": join(tls, "client.pem") }, {})).toThrow("needs both a client certificate and its key")
+    } finally {
+      await server.stop()
+    }
+  })
+})
+
+describe("one user per actor (as flotilla up makes them)", () => {
+  it("a worker heartbeats, hears acks and speaks in a pipeline only as itself and its replica; the others' own users can", async () => {
+    // up's users: workers worker-0 and worker-1, the stage worker-0-s1 of replica worker-0, an observer
+    const users = [
+      { role: "worker" as const, member: { id: "worker-0" } },
+      { role: "worker" as const, member: { id: "worker-1" } },
+      { role: "worker" as const, member: { id: "worker-0-s1", replica: "worker-0" } },
+      { role: "observer" as const }
+    ].map((u) => ({ ...u, auth: { kind: "password" as const, user: u.member?.id ?? u.role, password: `pw-${u.member?.id ?? u.role}` } }))
+    const server = await startLocalNatsServer({ extraConfig: `accounts {\n${accountBlock("gpt", users)}}\n` })
+    try {
+      const user = async (name: string): Promise<Client> => {
+        const nc = await connect({ servers: server.url, user: name, pass: `pw-${name}` })
+        open.push(nc)
+        const refusals: string[] = []
+        void (async () => {
+          for await (const st of nc.status()) if (st.type === "error" && st.data === "PERMISSIONS_VIOLATION") refusals.push(String(st.data))
+        })()
+        return { nc, refusals }
+      }
+      const [w0, w1, s1, observer] = [await user("worker-0"), await user("worker-1"), await user("worker-0-s1"), await user("observer")]
+      const p = "flotilla.gpt"
+      // [subject, a member it is not, its owner]
+      const cases: Array<[string, Client, Client]> = [
+        [`${p}.hb.worker.worker-0`, w1, w0], // worker-1 cannot say worker-0 is leaving, nor keep it alive
+        [`${p}.hb.worker.worker-1`, w0, w1],
+        [`${p}.hb.stage.worker-0-s1`, w0, s1],
+        [`${p}.pipe.worker-0.1.fwd`, w1, w0], // another replica's pipeline
+        [`${p}.pipe.worker-0.0.bwd`, w1, s1]
+      ]
+      for (const [subject, other, owner] of cases) {
+        expect(await publishes(other, observer, subject), `${subject} by another member`).toEqual({ delivered: 0, refused: true })
+        expect(await publishes(owner, observer, subject), `${subject} by its owner`).toEqual({ delivered: 1, refused: false })
+      }
+      // acks: a worker's own, a stage's its replica's; nobody else's
+      expect(await subscribeRefused(w0, `${p}.ps.0.ack.worker-1`)).toBe(true)
+      expect(await subscribeRefused(w1, `${p}.ps.0.ack.worker-1`)).toBe(false)
+      expect(await subscribeRefused(s1, `${p}.ps.1.ack.worker-1`)).toBe(true)
+      expect(await subscribeRefused(s1, `${p}.ps.1.ack.worker-0`)).toBe(false)
+      expect(await subscribeRefused(w1, `${p}.pipe.worker-0.1.fwd`)).toBe(true)
+      expect(await subscribeRefused(s1, `${p}.pipe.worker-0.1.fwd`)).toBe(false)
+      // what every worker does publish still goes through
+      expect(await publishes(w1, observer, `${p}.ps.0.push`)).toEqual({ delivered: 1, refused: false })
     } finally {
       await server.stop()
     }

@@ -107,8 +107,50 @@ const historyApi = (job: string, historySubject: string): string[] => {
   ]
 }
 
-/** The permissions of `role` in job `job` (subjects from shared/protocol/subjects.ts, written out as patterns). */
-export const rolePermissions = (job: string, role: JobRole): RolePermissions => {
+/**
+ * One actor with a user of its own (`flotilla up` makes one per loader, scheduler, worker and
+ * evaluator): its id, and for a pipeline stage worker its replica (stage 0's id: the sender of
+ * the replica's pushes and its lease owner).
+ */
+export interface Member {
+  readonly id: string
+  readonly replica?: string
+}
+
+/** The roles whose users can be one per actor (Member). */
+export const MEMBER_ROLES: ReadonlyArray<JobRole> = ["loader", "scheduler", "worker", "evaluator"]
+
+/**
+ * The permissions of `role` in job `job` (subjects from shared/protocol/subjects.ts, written
+ * out as patterns). With `member`, the user is one actor's: it may heartbeat only as its own
+ * id, and a worker hears only its own acks (`ps.*.ack.<replica or id>`, `relay.*.*.ack.<id>`)
+ * and speaks only in its own replica's pipeline (`pipe.<replica or id>.*`); so one member
+ * can neither drop another (a `leaving` beat), nor keep a dead one alive, nor read or
+ * disturb another replica's pipeline.
+ */
+export const rolePermissions = (job: string, role: JobRole, member?: Member): RolePermissions => {
+  const perm = permissionsOfRole(job, role)
+  if (member === undefined) return perm
+  if (!MEMBER_ROLES.includes(role)) throw new Error(`role ${role} has one user per role, not one per actor`)
+  const p = `flotilla.${assertToken("job", job)}`
+  const id = assertToken("actor id", member.id)
+  const replica = assertToken("replica", member.replica ?? member.id)
+  const bind = (xs: ReadonlyArray<string>, to: Readonly<Record<string, string>>) => xs.map((x) => to[x] ?? x)
+  const pub: Record<string, string> = { [`${p}.hb.${role}.*`]: `${p}.hb.${role}.${id}` }
+  const sub: Record<string, string> = {}
+  if (role === "worker") {
+    pub[`${p}.hb.stage.*`] = `${p}.hb.stage.${id}`
+    pub[`${p}.pipe.*.*.fwd`] = `${p}.pipe.${replica}.*.fwd`
+    pub[`${p}.pipe.*.*.bwd`] = `${p}.pipe.${replica}.*.bwd`
+    sub[`${p}.ps.*.ack.*`] = `${p}.ps.*.ack.${replica}`
+    sub[`${p}.relay.*.*.ack.*`] = `${p}.relay.*.*.ack.${id}`
+    sub[`${p}.pipe.*.*.fwd`] = `${p}.pipe.${replica}.*.fwd`
+    sub[`${p}.pipe.*.*.bwd`] = `${p}.pipe.${replica}.*.bwd`
+  }
+  return { ...perm, publish: bind(perm.publish, pub), subscribe: bind(perm.subscribe, sub) }
+}
+
+const permissionsOfRole = (job: string, role: JobRole): RolePermissions => {
   const p = `flotilla.${assertToken("job", job)}`
   const control = `${p}.events.control`
   switch (role) {
@@ -202,21 +244,22 @@ const list = (xs: ReadonlyArray<string>): string => `[${xs.map((x) => JSON.strin
 
 /**
  * The account block of `job` (nats-server config syntax, to sit inside `accounts { }`), one
- * user per role of `users` (a role absent from `users` has no user). JetStream is enabled
+ * user per entry of `users` (a role's, or with `member` one actor's; a role absent from
+ * `users` has no user). JetStream is enabled
  * for the account: the control history and the JetStream checkpoint store live in it.
  */
-export const accountBlock = (job: string, users: ReadonlyArray<{ readonly role: JobRole; readonly auth: UserAuth }>, indent = "  "): string => {
+export const accountBlock = (job: string, users: ReadonlyArray<{ readonly role: JobRole; readonly auth: UserAuth; readonly member?: Member }>, indent = "  "): string => {
   const i1 = indent
   const i2 = indent.repeat(2)
   const i3 = indent.repeat(3)
   const lines = [`${i1}# job ${job}: one user per role, least privilege (shared/bus/permissions.ts, docs/SECURITY.md)`, `${i1}${accountName(job)}: {`, `${i2}jetstream: enabled`, `${i2}users: [`]
-  for (const { role, auth } of users) {
-    const perm = rolePermissions(job, role)
+  for (const { role, auth, member } of users) {
+    const perm = rolePermissions(job, role, member)
     const who = auth.kind === "nkey" ? `nkey: ${value(auth.nkey)}` : `user: ${value(auth.user)}, password: ${value(auth.password)}`
     const pub = perm.publishDeny ? `{ allow: ${list(perm.publish)}, deny: ${list(perm.publishDeny)} }` : `{ allow: ${list(perm.publish)} }`
     const sub = perm.subscribeDeny ? `{ allow: ${list(perm.subscribe)}, deny: ${list(perm.subscribeDeny)} }` : `{ allow: ${list(perm.subscribe)} }`
     lines.push(
-      `${i3}# ${role}`,
+      `${i3}# ${role}${member ? ` ${member.id}${member.replica && member.replica !== member.id ? ` (replica ${member.replica})` : ""}` : ""}`,
       `${i3}{ ${who}, permissions: {`,
       `${i3}${indent}publish: ${pub}`,
       `${i3}${indent}subscribe: ${sub}`,
