@@ -79,7 +79,7 @@ const equivalence = async (suite: ReturnType<typeof useCluster>, patch: ReturnTy
   // every push on the wire (its manifest): the codec it names and the dtypes it carries
   const pushes: Array<{ codec: string; tensors: Array<{ name: string; dtype: string; n: number }> }> = []
   const nc = compressed ? await connect({ servers: cluster.url }) : undefined
-  const sub = nc?.subscribe(`flotilla.${job.job}.ps.*.push`)
+  const sub = nc?.subscribe(`flotilla.${job.job}.ps.*.push.*`)
   if (sub) void (async () => {
     for await (const m of sub) {
       const raw = m.headers?.get("Flotilla-Manifest")

@@ -94,13 +94,13 @@ describe("the quantizer relay", () => {
     // every push on the wire: its manifest says sender, version, codec
     const nc = await connect({ servers: cluster.url })
     const pushes: Array<{ sender: string; version: number; codec: string; shard: number; at: number }> = []
-    const sub = nc.subscribe(`flotilla.${job.job}.ps.*.push`)
+    const sub = nc.subscribe(`flotilla.${job.job}.ps.*.push.*`)
     void (async () => {
       for await (const m of sub) {
         const raw = m.headers?.get("Flotilla-Manifest")
         if (!raw) continue
         const man = JSON.parse(raw)
-        pushes.push({ sender: man.meta.sender, version: man.meta.version, codec: man.meta.codec, shard: Number(m.subject.split(".").at(-2)), at: Date.now() })
+        pushes.push({ sender: man.meta.sender, version: man.meta.version, codec: man.meta.codec, shard: Number(m.subject.split(".").at(-3)), at: Date.now() })
       }
     })()
     cluster.spawnServices()

@@ -98,15 +98,15 @@ describe("actors under bad input", () => {
         [{ ...good("e0-b8"), meta: { ...good("e0-b8").meta, extra: { ...good("e0-b8").meta.extra, incarnation: 1 } } }, /incarnation 1.*restarted/]
       ]
       const n0 = errors.length
-      for (const [b] of bundles) yield* sendBundle(bus, s.psPush(0), b)
+      for (const [b] of bundles) yield* sendBundle(bus, s.psPush(0, "w-bad"), b)
       // a corrupt chunk: a frame whose CRC does not match its data
       const enc = Result.getOrThrow(encodeBundle(good("e0-b5")))
       const frames = Result.getOrThrow(frameMessage(enc.payload, { id: "corrupt-1", maxPayload: bus.maxPayload, manifest: manifestToJson(enc.manifest) }))
       const data = Uint8Array.from(frames[0].data)
       data[data.length - 1] ^= 0xff
-      yield* bus.publish(s.psPush(0), data, { headers: frames[0].headers })
+      yield* bus.publish(s.psPush(0, "w-bad"), data, { headers: frames[0].headers })
       // garbage that is not a frame at all
-      yield* bus.publish(s.psPush(0), utf8("hello"), { headers: { [H.wire]: "1" } })
+      yield* bus.publish(s.psPush(0, "w-bad"), utf8("hello"), { headers: { [H.wire]: "1" } })
       yield* waitErrors(n0 + bundles.length + 2)
       const pushErrors = errors.slice(n0)
       for (const [, re] of bundles) expect(pushErrors.some((e) => re.test(e.reason)), `${re} in ${JSON.stringify(pushErrors.map((e) => e.reason))}`).toBe(true)
@@ -121,12 +121,12 @@ describe("actors under bad input", () => {
       // ---- nothing was applied; a valid gradient still is, once; its duplicate is rejected
       expect(ps.state.version).toBe(0)
       for (const [k, v] of before) expect(ps.state.params.get(k)).toEqual(v)
-      yield* sendBundle(bus, s.psPush(0), good("e0-b6"))
+      yield* sendBundle(bus, s.psPush(0, "w-bad"), good("e0-b6"))
       for (let i = 0; i < 200 && ps.state.version < 1; i++) yield* Effect.sleep(25)
       expect(ps.state.version).toBe(1)
       const n1 = errors.length
       // (a resend of e0-b6 alone is acknowledged as applied; inside another gradient it is a duplicate)
-      yield* sendBundle(bus, s.psPush(0), { ...good("e0-b6+e0-b9"), meta: { ...good("e0-b6+e0-b9").meta, version: 1 } })
+      yield* sendBundle(bus, s.psPush(0, "w-bad"), { ...good("e0-b6+e0-b9"), meta: { ...good("e0-b6+e0-b9").meta, version: 1 } })
       yield* waitErrors(n1 + 1)
       expect(errors.slice(n1).map((e) => e.code)).toContain("duplicate")
       expect(ps.state.version).toBe(1)

@@ -382,7 +382,10 @@ describe("one user per actor (as flotilla up makes them)", () => {
       expect(await subscribeRefused(w1, `${p}.pipe.worker-0.1.fwd`)).toBe(true)
       expect(await subscribeRefused(s1, `${p}.pipe.worker-0.1.fwd`)).toBe(false)
       // what every worker does publish still goes through
-      expect(await publishes(w1, observer, `${p}.ps.0.push`)).toEqual({ delivered: 1, refused: false })
+      expect(await publishes(w1, observer, `${p}.ps.0.push.worker-1`)).toEqual({ delivered: 1, refused: false })
+      // nor push as another: the subject names the sender, and the servers refuse a bundle naming another
+      expect(await publishes(w0, observer, `${p}.ps.0.push.worker-1`)).toEqual({ delivered: 0, refused: true })
+      expect(await publishes(s1, observer, `${p}.ps.1.push.worker-0`)).toEqual({ delivered: 1, refused: false }) // a stage pushes as its replica
     } finally {
       await server.stop()
     }

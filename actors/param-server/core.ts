@@ -436,7 +436,7 @@ const finishApply = (s: PsState, pushes: readonly Held[], lr: number, globalSumS
   for (const d of dropped) {
     out.push({
       _tag: "Reject", ackTo: d.sender,
-      rejection: { code: "stale", reason: `version ${step.version} was made without this gradient (batch ${d.batchId})`, subject: s.cfg.subjects.psPush(s.cfg.shard), sender: d.sender, step: d.version }
+      rejection: { code: "stale", reason: `version ${step.version} was made without this gradient (batch ${d.batchId})`, subject: s.cfg.subjects.psPush(s.cfg.shard, d.sender), sender: d.sender, step: d.version }
     })
   }
   out.push({ _tag: "BroadcastParams" })

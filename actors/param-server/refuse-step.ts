@@ -23,7 +23,7 @@ export const stepRefused = (s: PsState, r: { readonly reason: string; readonly p
   for (const p of r.pushes) {
     out.push({
       _tag: "Reject", ackTo: p.sender,
-      rejection: { code: "non-finite", reason: `version ${s.core.version + 1} was not made (its params would not be finite): ${r.reason}; batch ${p.batchId}`, subject: s.cfg.subjects.psPush(s.cfg.shard), sender: p.sender, step: p.version }
+      rejection: { code: "non-finite", reason: `version ${s.core.version + 1} was not made (its params would not be finite): ${r.reason}; batch ${p.batchId}`, subject: s.cfg.subjects.psPush(s.cfg.shard, p.sender), sender: p.sender, step: p.version }
     })
   }
 }
@@ -32,6 +32,6 @@ export const stepRefused = (s: PsState, r: { readonly reason: string; readonly p
 export const stepKept = (s: PsState, reason: string, out: PsEffect[]): void => {
   out.push({
     _tag: "Reject",
-    rejection: { code: "non-finite", reason: `shard ${s.cfg.shard} kept its params for version ${s.core.version} (its peers applied it): ${reason}`, subject: s.cfg.subjects.psPush(s.cfg.shard), step: s.core.version }
+    rejection: { code: "non-finite", reason: `shard ${s.cfg.shard} kept its params for version ${s.core.version} (its peers applied it): ${reason}`, subject: s.cfg.subjects.psPushAny(s.cfg.shard), step: s.core.version }
   })
 }

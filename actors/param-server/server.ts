@@ -29,7 +29,7 @@ import { GetDecision, GradientsHeld, GradMeta, Heartbeat, LrForStep, NormShare, 
 import { bundleLimits, shardOfForJob } from "../../shared/models/pipeline.ts"
 import { gradMetaProblem } from "../../shared/protocol/limits.ts"
 import { senderOfMessageId } from "../../shared/wire/budget.ts"
-import { PROTOCOL_VERSION, subjects } from "../../shared/protocol/subjects.ts"
+import { PROTOCOL_VERSION, pushSenderProblem, subjects } from "../../shared/protocol/subjects.ts"
 import { resolveSchedule, type ScheduleInput } from "../../shared/schedule/schedules.ts"
 import { initialState as initialSchedulerState, lrFrom, parseState } from "../../shared/schedule/state.ts"
 import { currentMetrics } from "../../shared/telemetry/metrics.ts"
@@ -300,7 +300,7 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
       return Number.isInteger(k) && Number.isFinite(inc) && Number.isInteger(ver) ? offer({ _tag: "PeerSeen", shard: k, incarnation: inc, version: ver }) : Effect.void
     })
 
-    const onGrads = (bundle: TensorBundle, info: { readonly subject: string; readonly bytes: number; readonly id: string }) =>
+    const onGrads = (bundle: TensorBundle, info: { readonly subject: string; readonly from: string; readonly bytes: number; readonly id: string }) =>
       Effect.gen(function* () {
         const m = bundle.meta
         metrics.addBytes("received", info.bytes, m.kind)
@@ -308,6 +308,15 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
           reject({ code, reason, subject: info.subject, sender: m.sender, messageId: info.id }).pipe(
             Effect.flatMap((msg) => (/^[A-Za-z0-9_-]{1,64}$/.test(m.sender) ? bus.publish(s.psAck(shard, m.sender), encodeMessage(msg)).pipe(Effect.ignore) : Effect.void))
           )
+        // the subject names its sender (only that sender's user may publish there, shared/bus/permissions.ts):
+        // a bundle claiming another is refused, and the answer goes to the subject's sender
+        const spoof = pushSenderProblem(info.from, m.sender)
+        if (spoof !== undefined) {
+          const named = info.from.slice(info.from.lastIndexOf(".") + 1)
+          return yield* reject({ code: "bad-message", reason: spoof, subject: info.from, sender: named, messageId: info.id }).pipe(
+            Effect.flatMap((msg) => bus.publish(s.psAck(shard, named), encodeMessage(msg)).pipe(Effect.ignore))
+          )
+        }
         if (m.kind !== "grads") return yield* bad("bad-message", `expected a grads bundle, got ${m.kind}`)
         if (m.job !== job.job) return yield* bad("wrong-job", `expected job ${job.job}, got ${m.job}`)
         const g = decodeValue(GradMeta, `${info.subject} meta.extra`, m.extra ?? {})
@@ -335,7 +344,7 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
           push: { sender: m.sender, version: m.version, batchId: m.batchId ?? x.micro, samples: x.samples, tokens: x.tokens, loss: x.loss, grads, epochBatches: x.epochBatches, normSq: x.normSq }
         })
       })
-    yield* receiveBundles(bus, s.psPush(shard), onGrads, {
+    yield* receiveBundles(bus, s.psPushAny(shard), onGrads, {
       ...bundleLimits(job, model),
       isKnownSender: (x) => knownSenders.has(x),
       onError: (e, info) => reject({ code: "wire", reason: e.message, subject: info.subject, sender: senderOfMessageId(info.id), ...(info.id !== undefined ? { messageId: info.id } : {}) }).pipe(Effect.asVoid)

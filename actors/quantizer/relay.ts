@@ -1,9 +1,9 @@
 /**
  * Implements: the quantizer relay's effectful shell around its reducer (relay-core.ts) —
  * `flotilla launch quantizer --relay NAME`. One queue of events (workers' gradients on
- * `relay.<name>.*.push`, the servers' answers on `ps.*.ack.relay-<name>`, membership of the
+ * `relay.<name>.*.push.<worker>`, the servers' answers on `ps.*.ack.relay-<name>`, membership of the
  * workers whose heartbeats say `relay: NAME`, control, a Tick) feeds the reducer; its
- * effects are performed in order: forward a combination to `ps.<k>.push`, answer a worker
+ * effects are performed in order: forward a combination to `ps.<k>.push.relay-<name>`, answer a worker
  * on `relay.<name>.<k>.ack.<worker>` (the servers' answer, passed on).
  *
  * To the parameter servers the relay is ONE worker, `relay-<name>`, while it has workers:
@@ -27,7 +27,7 @@ import { gradMetaProblem } from "../../shared/protocol/limits.ts"
 import { modelForJob, trainableNames } from "../../shared/models/zoo.ts"
 import { decodeBytes, decodeValue, encodeMessage } from "../../shared/protocol/decode.ts"
 import { GradMeta, PushAck, Rejected, rejected } from "../../shared/protocol/messages.ts"
-import { subjects } from "../../shared/protocol/subjects.ts"
+import { pushSenderProblem, subjects } from "../../shared/protocol/subjects.ts"
 import { SenderResiduals, tensorLengths } from "../../shared/checkpoint/sender-state.ts"
 import { decodeTensor, parseCodec } from "../../shared/wire/codecs.ts"
 import { denseGrads } from "../../shared/wire/rows.ts"
@@ -87,9 +87,12 @@ export const runRelay = (o: RelayOptions): Effect.Effect<RelayHandle, Error, Bus
     // ---- inputs
     const refuse = (worker: string, shard: number, code: Rejected["code"], reason: string, subject: string) =>
       report({ code, reason, subject, sender: worker }).pipe(Effect.flatMap((msg) => bus.publish(s.relayAck(name, shard, worker), encodeMessage(msg))), Effect.ignore)
-    const onPush = (shard: number) => (b: TensorBundle, info: { readonly subject: string }) => {
+    const onPush = (shard: number) => (b: TensorBundle, info: { readonly subject: string; readonly from: string }) => {
       const m = b.meta
       if (!/^[A-Za-z0-9_-]{1,64}$/.test(m.sender)) return report({ code: "bad-message", reason: `sender ${JSON.stringify(m.sender)} is not an actor id`, subject: info.subject }).pipe(Effect.asVoid)
+      // the subject names the worker (its user alone may publish there): a bundle claiming another is refused to it
+      const spoof = pushSenderProblem(info.from, m.sender)
+      if (spoof !== undefined) return refuse(info.from.slice(info.from.lastIndexOf(".") + 1), shard, "bad-message", spoof, info.from)
       if (m.kind !== "grads" || m.job !== job.job) return refuse(m.sender, shard, m.job !== job.job ? "wrong-job" : "bad-message", `expected job ${job.job}'s grads, got ${m.job}'s ${m.kind}`, info.subject)
       const g = decodeValue(GradMeta, `${info.subject} meta.extra`, m.extra ?? {})
       if (Result.isFailure(g)) return refuse(m.sender, shard, "bad-message", g.failure.reason, info.subject)
@@ -122,7 +125,7 @@ export const runRelay = (o: RelayOptions): Effect.Effect<RelayHandle, Error, Bus
       return note.pipe(Effect.andThen(offer({ _tag: "Received", shard, worker: m.sender, version: m.version, batchId: m.batchId ?? g.success.micro, codec, meta: g.success, grads: dense.grads })))
     }
     for (let k = 0; k < job.topology.psShards; k++) {
-      yield* receiveBundles(bus, s.relayPush(name, k), onPush(k), { ...limits, onError: (e, info) => report({ code: "wire", reason: e.message, subject: info.subject }).pipe(Effect.asVoid) })
+      yield* receiveBundles(bus, s.relayPushAny(name, k), onPush(k), { ...limits, onError: (e, info) => report({ code: "wire", reason: e.message, subject: info.subject }).pipe(Effect.asVoid) })
     }
     yield* bus.subscribe(s.psAckFor(id), (m) => {
       const shard = Number(m.subject.split(".").at(-3))
@@ -162,7 +165,7 @@ export const runRelay = (o: RelayOptions): Effect.Effect<RelayHandle, Error, Bus
     const perform = (e: RelayEffect): Effect.Effect<void> => {
       switch (e._tag) {
         case "Forward":
-          return sendBundle(bus, s.psPush(e.shard), e.bundle).pipe(
+          return sendBundle(bus, s.psPush(e.shard, id), e.bundle).pipe(
             Effect.tap(() => (!e.resend && e.shard === 0 && senderState.due(e.bundle.meta.version) ? save(e.bundle.meta.version) : Effect.void)),
             Effect.asVoid,
             Effect.catch((err) => Effect.logWarning(`relay ${name}: forward to shard ${e.shard} failed (${err.message}); it is resent`))

@@ -6,7 +6,7 @@
  * `pipe.<replica>.<k>.fwd` and out on `pipe.<replica>.<k+1>.fwd`; activation gradients in
  * on `pipe.<replica>.<k>.bwd` and out on `pipe.<replica>.<k−1>.bwd` (the last stage's
  * tied-weight gradient to `pipe.<replica>.0.bwd`); gradients to its own shards as the
- * replica (`ps.<shard>.push`, acks on `ps.<shard>.ack.<replica>`), each encoded under the
+ * replica (`ps.<shard>.push.<replica>`, acks on `ps.<shard>.ack.<replica>`), each encoded under the
  * codec its shard stamped on the version, with this stage's error feedback (residuals kept
  * in `<checkpointDir>/<job>/senders/<id>.ef`, as a worker's); stage 0 leases the
  * micro-batches (as the replica), the last stage fetches their targets (`data.fetch`).
@@ -368,7 +368,7 @@ export const runStageWorker = (o: StageOptions): Effect.Effect<StageHandle, Erro
           const v = e.bundle.meta.version
           const save = senderState.due(v) ? saveResiduals(v) : Effect.void
           return (restored !== undefined ? Effect.logInfo(`stage ${id}: ${restored}`) : Effect.void).pipe(
-            Effect.andThen(sendBundle(bus, s.psPush(e.shard), bundle)),
+            Effect.andThen(sendBundle(bus, s.psPush(e.shard, replica), bundle)),
             Effect.tap((sent) => Effect.sync(() => {
               metrics.addBytes("sent", sent.bytes, "grads")
               gradBytes += sent.bytes

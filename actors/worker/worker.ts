@@ -117,7 +117,7 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
     // the parameter servers' ids (from their heartbeats): their broadcasts are reassembled in the known senders' pool
     const knownServers = new Set<string>()
     yield* receiveBundles(bus, s.psVersionAll, (b, info) =>
-      paramsEvent(b, { source: "broadcast", subject: info.subject, shard: shardOfSubject(info.subject), id: info.id }).pipe(Effect.flatMap((e) => (e ? offer(e) : Effect.void))), {
+      paramsEvent(b, { source: "broadcast", subject: info.from, shard: shardOfSubject(info.from), id: info.id }).pipe(Effect.flatMap((e) => (e ? offer(e) : Effect.void))), {
       ...limits,
       isKnownSender: (x) => knownServers.has(x),
       onError: (e, info) => refuseParams({ code: "wire", reason: e.message, subject: info.subject, sender: senderOfMessageId(info.id), ...(info.id !== undefined ? { messageId: info.id } : {}) })
@@ -266,7 +266,7 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
           // the short sleep lets the lease request's socket write happen before TensorFlow.js holds the thread
           return Effect.sleep(1).pipe(Effect.andThen(compute(e)), Effect.orDie)
         case "Push":
-          return sendBundle(bus, o.relay ? s.relayPush(o.relay, e.shard) : s.psPush(e.shard), e.bundle).pipe(
+          return sendBundle(bus, o.relay ? s.relayPush(o.relay, e.shard, id) : s.psPush(e.shard, id), e.bundle).pipe(
             Effect.tap((sent) => Effect.sync(() => {
               stats.bytesSent += sent.bytes
               metrics.addBytes("sent", sent.bytes, "grads")

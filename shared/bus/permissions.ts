@@ -140,6 +140,8 @@ export const rolePermissions = (job: string, role: JobRole, member?: Member): Ro
   const sub: Record<string, string> = {}
   if (role === "worker") {
     pub[`${p}.hb.stage.*`] = `${p}.hb.stage.${id}`
+    pub[`${p}.ps.*.push.*`] = `${p}.ps.*.push.${replica}`
+    pub[`${p}.relay.*.*.push.*`] = `${p}.relay.*.*.push.${id}`
     pub[`${p}.pipe.*.*.fwd`] = `${p}.pipe.${replica}.*.fwd`
     pub[`${p}.pipe.*.*.bwd`] = `${p}.pipe.${replica}.*.bwd`
     sub[`${p}.ps.*.ack.*`] = `${p}.ps.*.ack.${replica}`
@@ -171,7 +173,7 @@ const permissionsOfRole = (job: string, role: JobRole): RolePermissions => {
     case "worker":
       return {
         publish: [
-          `${p}.data.lease`, `${p}.data.fetch`, `${p}.data.ack`, `${p}.ps.*.push`, `${p}.ps.*.pull`, `${p}.relay.*.*.push`,
+          `${p}.data.lease`, `${p}.data.fetch`, `${p}.data.ack`, `${p}.ps.*.push.*`, `${p}.ps.*.pull`, `${p}.relay.*.*.push.*`,
           `${p}.pipe.*.*.fwd`, `${p}.pipe.*.*.bwd`, `${p}.hb.worker.*`, `${p}.hb.stage.*`, `${p}.metrics.worker`, `${p}.metrics.stage`, `${p}.errors`
         ],
         subscribe: [`${p}.ps.*.version`, `${p}.hb.ps.*`, `${p}.ps.*.ack.*`, `${p}.relay.*.*.ack.*`, `${p}.pipe.*.*.fwd`, `${p}.pipe.*.*.bwd`, control, `${p}.errors`, INBOX],
@@ -186,8 +188,8 @@ const permissionsOfRole = (job: string, role: JobRole): RolePermissions => {
     case "quantizer":
       // the quantize service, and a relay: one worker (`relay-<name>`) to the servers
       return {
-        publish: [`${p}.ps.*.push`, `${p}.relay.*.*.ack.*`, `${p}.hb.quantizer.*`, `${p}.hb.worker.*`, `${p}.errors`],
-        subscribe: [`${p}.quantize`, `${p}.relay.*.*.push`, `${p}.ps.*.ack.*`, `${p}.hb.>`, control, INBOX],
+        publish: [`${p}.ps.*.push.*`, `${p}.relay.*.*.ack.*`, `${p}.hb.quantizer.*`, `${p}.hb.worker.*`, `${p}.errors`],
+        subscribe: [`${p}.quantize`, `${p}.relay.*.*.push.*`, `${p}.ps.*.ack.*`, `${p}.hb.>`, control, INBOX],
         responses: true
       }
     case "observer":
@@ -218,7 +220,7 @@ const permissionsOfRole = (job: string, role: JobRole): RolePermissions => {
       `${p}.hb.ps.ps-${k}`, `${p}.errors`, `${p}.lr`, `${p}.data.info`, TRANSPORT_INBOX, ...checkpointApi(true)
     ],
     subscribe: [
-      `${ps}.push`, `${ps}.pull`, `${ps}.log`, ...(k === 0 ? [`${p}.ps.0.decision`, `${p}.ps.*.held`] : [`${p}.ps.0.decided`]),
+      `${ps}.push.*`, `${ps}.pull`, `${ps}.log`, ...(k === 0 ? [`${p}.ps.0.decision`, `${p}.ps.*.held`] : [`${p}.ps.0.decided`]),
       `${p}.ps.*.norm`, `${p}.hb.>`, control, INBOX
     ],
     publishDeny: NO_DELETE,

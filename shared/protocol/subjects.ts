@@ -45,8 +45,13 @@ export const subjects = (job: string) => {
     dataFetch: `${p}.data.fetch`,
     /** request/reply, queue group `loader`: what the data is (DataInfo: task, sizes, labels, tokenizer). */
     dataInfo: `${p}.data.info`,
-    /** gradients for param shard k (chunked wire bundles). */
-    psPush: (shard: number) => `${p}.ps.${shard}.push`,
+    /**
+     * gradients for param shard k from `sender` (chunked wire bundles): the sender is in the
+     * subject, so a server's permissions can bind it to its user (shared/bus/permissions.ts)
+     * and shard k refuses a bundle whose meta names another sender.
+     */
+    psPush: (shard: number, sender: string) => `${p}.ps.${shard}.push.${assertToken("sender", sender)}`,
+    psPushAny: (shard: number) => `${p}.ps.${shard}.push.*`,
     /** request/reply: params of shard k (reply is chunked to the requester's inbox). */
     psPull: (shard: number) => `${p}.ps.${shard}.pull`,
     /** broadcast: shard k's new params version (a chunked bundle of params). */
@@ -75,8 +80,9 @@ export const subjects = (job: string) => {
     pipeFwd: (replica: string, stage: number) => `${p}.pipe.${assertToken("replica", replica)}.${stage}.fwd`,
     pipeBwd: (replica: string, stage: number) => `${p}.pipe.${assertToken("replica", replica)}.${stage}.bwd`,
     /** a relayed worker's gradient for shard k, to the quantizer relay `name` (actors/quantizer/relay.ts). */
-    relayPush: (name: string, shard: number) => `${p}.relay.${assertToken("relay name", name)}.${shard}.push`,
-    relayPushAll: (name: string) => `${p}.relay.${assertToken("relay name", name)}.*.push`,
+    relayPush: (name: string, shard: number, worker: string) => `${p}.relay.${assertToken("relay name", name)}.${shard}.push.${assertToken("worker id", worker)}`,
+    relayPushAny: (name: string, shard: number) => `${p}.relay.${assertToken("relay name", name)}.${shard}.push.*`,
+    relayPushAll: (name: string) => `${p}.relay.${assertToken("relay name", name)}.*.push.*`,
     /** the relay's answer to a relayed worker's push to shard k (the servers' PushAck or Rejected, passed on). */
     relayAck: (name: string, shard: number, worker: string) => `${p}.relay.${assertToken("relay name", name)}.${shard}.ack.${assertToken("worker id", worker)}`,
     relayAckFor: (name: string, worker: string) => `${p}.relay.${assertToken("relay name", name)}.*.ack.${assertToken("worker id", worker)}`,
@@ -110,3 +116,12 @@ export const queues = {
   control: "control",
   quantizer: "quantizer"
 } as const
+
+/**
+ * The sender a push subject names (`….push.<sender>`: subjects(job).psPush, relayPush), and
+ * why a bundle on it is refused when its meta names another one (undefined: they agree).
+ */
+export const pushSenderProblem = (subject: string, metaSender: string): string | undefined => {
+  const named = subject.slice(subject.lastIndexOf(".") + 1)
+  return named === metaSender ? undefined : `a push on ${subject} (${named}'s subject) names sender ${JSON.stringify(metaSender)}: a sender pushes on its own subject only`
+}

@@ -93,7 +93,10 @@ export interface SentBundle {
 
 export interface BundleInfo {
   readonly id: string
+  /** the subscription's subject (a pattern, e.g. `….ps.*.version`) */
   readonly subject: string
+  /** the subject the message's frames came on (its last frame's): a broadcast's own, or a claim's inbox */
+  readonly from: string
   /** Frame 0's headers. */
   readonly headers: Headers
   readonly bytes: number
@@ -213,7 +216,7 @@ export const receiveBundles = (
         const decoded = decodeMessage(r.message)
         if (Result.isFailure(decoded)) return yield* report(decoded.failure, r.message.id)
         const { id, headers, payload, chunks } = r.message
-        const delivered = onBundle(decoded.success, { id, subject, headers, bytes: payload.length, chunks })
+        const delivered = onBundle(decoded.success, { id, subject, from: m.subject, headers, bytes: payload.length, chunks })
         yield* pool === undefined ? delivered : Effect.ensuring(delivered, Effect.sync(() => pool.give(payload)))
       })
 
@@ -302,7 +305,7 @@ export const requestBundle = Effect.fn("wire.requestBundle")(function*(
       return yield* new WireFrameError({ reason: "inconsistent-headers", id, message: `reply announced bundle ${id}, inbox got ${message.id}` })
     }
     const bundle = yield* Effect.fromResult(decodeMessage(message))
-    return { bundle, reply, info: { id, subject, headers: message.headers, bytes: message.payload.length, chunks: message.chunks } }
+    return { bundle, reply, info: { id, subject, from: inbox, headers: message.headers, bytes: message.payload.length, chunks: message.chunks } }
   }))
 })
 

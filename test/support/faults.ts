@@ -4,7 +4,7 @@
 //     drill job (drill-job.ts), spawns its topology as processes and observes it.
 //   - the faults: `kill(id)` (SIGKILL), `relaunch(id)` (SIGKILL if running, then the same
 //     id and flags again; a parameter server comes back WITHOUT --no-resume, so it
-//     resumes from its checkpoint), `onPushFrame` (a worker's frame on `ps.<k>.push`, to
+//     resumes from its checkpoint), `onPushFrame` (a worker's frame on `ps.<k>.push.<worker>`, to
 //     kill it between its pushes to two shards), nats restart/kill and `/connz`.
 //   - the checks every drill makes (`verify`): the job completes (shard 0 reaches
 //     train.steps, the last process of every worker exits 0); every planned batch is
@@ -114,7 +114,7 @@ export interface Drill {
   /** SIGKILL (if running) and launch again: same id and flags, a PS without --no-resume. */
   /** `env` is added over the process's own (e.g. a FLOTILLA_FAILPOINT for the new process). */
   relaunch(id: string, env?: NodeJS.ProcessEnv): Promise<ActorProcess>
-  /** Every frame a worker sends to `ps.<k>.push` (a claim or a frame), as it is seen. */
+  /** Every frame a worker sends to `ps.<k>.push.<worker>` (a claim or a frame), as it is seen. */
   onPushFrame(f: (p: PushFrame) => void): void
   /** The next frame `sender` sends to shard `shard` (any shard when undefined). */
   nextPushFrame(sender: string, shard?: number, timeoutMs?: number): Promise<PushFrame>
@@ -263,7 +263,7 @@ const startDrill = async (nats: DrillNats, spec: DrillSpec): Promise<Drill & { c
         return Effect.void
       })
       for (let k = 0; k < job.topology.psShards; k++) {
-        yield* bus.subscribe(s.psPush(k), (m) => {
+        yield* bus.subscribe(s.psPushAny(k), (m) => {
           const id = m.headers[WT.claim] ?? m.headers[H.id]
           if (id === undefined || pushListeners.length === 0) return Effect.void
           const sender = workerIds.find((w) => id.startsWith(`${w}-`))

@@ -77,7 +77,8 @@ const push = (o: { tensors?: (t: WireTensor[]) => WireTensor[]; meta?: Record<st
     tensors: (o.tensors ?? ((t) => t))(gradTensors(c, k)),
     meta: { kind: "grads", job: c.job.job, version: c.version, step: c.version, sender: tag, batchId: `e9-b${tag.slice(2)}`, codec: "f32", extra: extra as never, ...o.meta }
   }
-  return pub(subjects(c.job.job).psPush(k), framesOf(c, b, idOf(tag)))
+  // on the fuzz sender's own subject (a bundle naming another sender there is one of the kinds)
+  return pub(subjects(c.job.job).psPush(k, tag), framesOf(c, b, idOf(tag)))
 }
 const edit0 = (f: (t: WireTensor) => WireTensor) => (ts: WireTensor[]) => ts.map((t, i) => (i === 0 ? f(t) : t))
 const poke = (v: number) => edit0((t) => ({ ...t, data: Float32Array.from(t.data as Float32Array, (x, j) => (j === 1 ? v : x)) }))
@@ -103,7 +104,7 @@ const params = (o: Parameters<typeof paramsBundle>[3] | ((c: FuzzContext) => Par
  */
 const rawFrames = (tamper: (f: Frame, c: FuzzContext) => Frame[] | Frame, pushOnly = false): Make => (c, tag, r) => {
   const k = Math.floor(r() * c.job.topology.psShards)
-  const subject = pushOnly || r() < 0.5 ? subjects(c.job.job).psPush(k) : subjects(c.job.job).psVersion(k)
+  const subject = pushOnly || r() < 0.5 ? subjects(c.job.job).psPush(k, tag) : subjects(c.job.job).psVersion(k)
   const [f] = framesOf(c, paramsBundle(c, k, tag, { tensors: (t) => t.slice(0, 1).map((x) => ({ ...x, shape: [numel(x.shape)] })) }), idOf(tag))
   const out = tamper(f, c)
   return pub(subject, Array.isArray(out) ? out : [out])
@@ -166,6 +167,7 @@ export const KINDS: ReadonlyArray<{ readonly kind: string; readonly group: FuzzG
   { group: "push", kind: "stale version", make: (c, tag, r) => push({ meta: { version: 0, step: 0 } })(c, tag, r) },
   { group: "push", kind: "future version", make: (c, tag, r) => push({ meta: { version: c.version + 1000, step: c.version + 1000 } })(c, tag, r) },
   { group: "push", kind: "another incarnation", make: push({ extra: { incarnation: 12345 } }) },
+  { group: "push", kind: "another sender's name on its own subject", make: push({ meta: { sender: "worker-a" } }) },
   { group: "params", kind: "wrong shape", make: params({ tensors: edit0((t) => ({ ...t, shape: [numel(t.shape)] })) }) },
   { group: "params", kind: "NaN value", make: params({ tensors: poke(Number.NaN) }) },
   { group: "params", kind: "missing tensor", make: params({ tensors: (t) => t.slice(1) }) },
