@@ -4,6 +4,8 @@
  * SIGINT/SIGTERM interrupt the program, so every scope closes: subscriptions drain, a
  * `leaving` heartbeat goes out, parameter servers checkpoint. A second signal exits at
  * once. Log level: FLOTILLA_LOG (debug|info|warn|error), else the command's default.
+ * A process `flotilla up` started (FLOTILLA_SUPERVISOR_PID, its pid) stops the same clean way
+ * when `up` is gone (killed with SIGKILL, say): no actor outlives its supervisor.
  */
 import { Cause, Effect, Exit, Fiber, Layer, Logger, References } from "effect"
 import type { LogLevel } from "effect/LogLevel"
@@ -36,6 +38,16 @@ export const runMain = <E>(program: Effect.Effect<void, E>, level: LogLevel = "I
   }
   process.on("SIGINT", () => onSignal("SIGINT"))
   process.on("SIGTERM", () => onSignal("SIGTERM"))
+  const supervisor = Number(process.env.FLOTILLA_SUPERVISOR_PID)
+  if (Number.isInteger(supervisor) && supervisor > 1) {
+    // a child of `flotilla up`: once up is gone (this process re-parented), stop as on SIGTERM
+    const watch = setInterval(() => {
+      if (process.ppid === supervisor) return
+      clearInterval(watch)
+      onSignal(`flotilla up (pid ${supervisor}) is gone`)
+    }, 1_000)
+    watch.unref()
+  }
   fiber.addObserver((exit) => {
     if (Exit.isSuccess(exit)) process.exit(0)
     if (Cause.hasInterruptsOnly(exit.cause)) process.exit(signals > 0 ? 0 : 130)

@@ -206,7 +206,7 @@ export const up = (o: UpOptions) =>
       const spec = byId.get(id)!
       const proc = spawn(process.execPath, [BIN, "launch", ...launchArgs(spec, restarts, { jobFile, url: url!, codec: o.codec, backend: o.backend })], {
         // its own credential only, in its environment (not on its command line)
-        env: { FLOTILLA_LOG: quiet ? "warn" : "info", ...withoutAuthEnv(process.env), ...authEnv(authOf(spec)), FLOTILLA_RESTARTS: String(restarts) },
+        env: { FLOTILLA_LOG: quiet ? "warn" : "info", ...withoutAuthEnv(process.env), ...authEnv(authOf(spec)), FLOTILLA_RESTARTS: String(restarts), FLOTILLA_SUPERVISOR_PID: String(process.pid) },
         stdio: ["ignore", "pipe", "pipe"]
       })
       const tail = tails.get(id)!

@@ -3,7 +3,8 @@
 // set-lr is accepted (exit 0), a negative LR is rejected with the reason (exit 1), status
 // prints the topology table, history lists the accepted change with its sender, and
 // `stop` makes every actor exit cleanly: the parameter server checkpoints, `flotilla up`
-// finishes with exit code 0 and its summary, and no controller answers afterwards.
+// finishes with exit code 0 and its summary, and no controller answers afterwards. And an
+// actor whose `flotilla up` is SIGKILLed stops by itself, cleanly (a `leaving` beat, exit 0).
 // Run: npx vitest run test/control.stop.test.ts
 // Does not own: in-process control behaviour (test/control.test.ts).
 import { spawn } from "node:child_process"
@@ -115,4 +116,35 @@ describe("flotilla ctl against flotilla up", () => {
       up.proc.kill("SIGTERM")
     }
   }, 90_000)
+})
+
+describe("an actor of flotilla up outlives it by about a second", () => {
+  it("stops cleanly (exit 0, its leaving heartbeat sent) once its supervisor is gone", async () => {
+    const cwd = mkdtempSync(join(tmpdir(), "flotilla-orphan-"))
+    const job = uniqueJob("orphan")
+    const file = join(cwd, "job.json")
+    writeFileSync(file, JSON.stringify({ job, model: { kind: "gpt", vocabSize: 256, contextLength: 16, layers: 1, heads: 2, width: 16 }, data: { batchSize: 4 }, train: { steps: 10, heartbeatMs: 200 } }))
+    // a stand-in for up: a shell that starts the loader as its child (FLOTILLA_SUPERVISOR_PID is the shell's pid) and waits
+    const sh = spawn("sh", ["-c", `FLOTILLA_SUPERVISOR_PID=$$ "${process.execPath}" "${BIN}" launch loader --job "${file}" --nats ${nats.url} --id loader-0 & echo $!; wait`], { cwd, stdio: ["ignore", "pipe", "pipe"] })
+    const childPid = await new Promise<number>((res) => sh.stdout.once("data", (b) => res(Number(String(b).trim()))))
+    const nc = await connect({ servers: nats.url })
+    try {
+      const beats: string[] = []
+      const sub = nc.subscribe(`flotilla.${job}.hb.loader.loader-0`, { callback: (_e, m) => void beats.push(JSON.parse(new TextDecoder().decode(m.data)).state) })
+      const alive = () => { try { process.kill(childPid, 0); return true } catch { return false } }
+      for (let i = 0; i < 200 && beats.length === 0; i++) await new Promise((r) => setTimeout(r, 100))
+      expect(beats.length, "the loader heartbeats").toBeGreaterThan(0)
+      sh.kill("SIGKILL") // up is gone; the loader is re-parented
+      const t0 = Date.now()
+      while (alive() && Date.now() - t0 < 10_000) await new Promise((r) => setTimeout(r, 100))
+      expect(alive(), "the loader stopped").toBe(false)
+      expect(Date.now() - t0).toBeLessThan(10_000)
+      await nc.flush()
+      expect(beats.at(-1), `its last beats: ${beats.slice(-3).join(" ")}`).toBe("leaving")
+      sub.unsubscribe()
+    } finally {
+      await nc.close()
+      try { process.kill(childPid, "SIGKILL") } catch {}
+    }
+  }, 40_000)
 })

@@ -452,7 +452,12 @@ describe("flotilla up with its own credentials", () => {
       // every actor had the rights it needed (a refusal, or a history fallen back to memory, would show here)
       expect(stderr).not.toMatch(/PERMISSIONS_VIOLATION|Permissions Violation|no JetStream|Authorization Violation/)
     } finally {
-      up.kill("SIGKILL")
+      // a failed run: up stops its actors and its server on SIGTERM (SIGKILL only if it will not)
+      if (up.exitCode === null) {
+        up.kill("SIGTERM")
+        await Promise.race([exited, sleep(15_000)])
+        up.kill("SIGKILL")
+      }
     }
-  }, 120_000)
+  }, 140_000)
 })
