@@ -154,7 +154,7 @@ describe("loader over NATS", () => {
       const val = yield* LoaderClient.lease(bus, s, "e0", "val", 0)
       expect(val).toMatchObject({ _tag: "Batch", meta: { batchId: "val-0", split: "val" } })
       expect(yield* LoaderClient.lease(bus, s, "e0", "val", 5)).toMatchObject({ _tag: "Failed", reason: expect.stringMatching(/val batch index/) })
-      const bad = yield* bus.request(s.dataLease, encodeUtf8("{nope"), { timeoutMs: 2_000 })
+      const bad = yield* bus.request(s.dataLease("w1"), encodeUtf8("{nope"), { timeoutMs: 2_000 })
       const rej = decodeBytes(Rejected, bad.subject, bad.data)
       expect(Result.isSuccess(rej) && rej.success.reason).toMatch(/not JSON/)
 

@@ -63,9 +63,11 @@ describe("actors under bad input", () => {
 
       // ---- requests: each bad one is answered with a Rejected
       const badRequests: Array<[string, Uint8Array, RegExp]> = [
-        [s.dataLease, utf8("{not json"), /not JSON/],
-        [s.dataLease, utf8(JSON.stringify({ _tag: "LeaseBatch", v: 1, worker: "w 1", split: "train" })), /worker|pattern|Expected/],
-        [s.dataLease, utf8(JSON.stringify({ _tag: "LeaseBatch", v: 1, worker: "w1", split: "val", index: 99 })), /val batch index/],
+        [s.dataLease("w1"), utf8("{not json"), /not JSON/],
+        [s.dataLease("w1"), utf8(JSON.stringify({ _tag: "LeaseBatch", v: 1, worker: "w 1", split: "train" })), /worker|pattern|Expected/],
+        [s.dataLease("w1"), utf8(JSON.stringify({ _tag: "LeaseBatch", v: 1, worker: "w1", split: "val", index: 99 })), /val batch index/],
+        // a lease for another worker on one's own subject
+        [s.dataLease("w2"), utf8(JSON.stringify({ _tag: "LeaseBatch", v: 1, worker: "w1", split: "train" })), /names worker "w1": a worker asks on its own subject only/],
         [s.lr, utf8(JSON.stringify({ _tag: "GetLr", v: 1, step: -3 })), /greater than or equal to 0|step/],
         [s.psPull(0), utf8(JSON.stringify({ _tag: "PullParams", v: 2, worker: "w1", minVersion: 0 })), /Expected|v/],
         [s.lr, new Uint8Array(0), /empty payload/]
@@ -115,7 +117,7 @@ describe("actors under bad input", () => {
       for (const e of pushErrors.filter((e) => e.code !== "wire")) expect(e.sender).toBe("w-bad")
 
       // ---- oversize: the bus refuses before sending, with a typed error
-      const big = yield* bus.publish(s.dataAck, new Uint8Array(bus.maxPayload + 1)).pipe(Effect.flip)
+      const big = yield* bus.publish(s.dataAck("w1"), new Uint8Array(bus.maxPayload + 1)).pipe(Effect.flip)
       expect(big).toBeInstanceOf(MaxPayloadExceededError)
 
       // ---- nothing was applied; a valid gradient still is, once; its duplicate is rejected
@@ -133,10 +135,10 @@ describe("actors under bad input", () => {
 
       // ---- and every actor still answers valid requests
       // (the loader builds its table from the servers' applied logs first: NoBatch "rebuilding" meanwhile)
-      let lease = yield* bus.request(s.dataLease, encodeMessage({ _tag: "LeaseBatch", v: PROTOCOL_VERSION, worker: "w1", split: "train" }))
+      let lease = yield* bus.request(s.dataLease("w1"), encodeMessage({ _tag: "LeaseBatch", v: PROTOCOL_VERSION, worker: "w1", split: "train" }))
       for (let i = 0; i < 50 && lease.headers[HEADER_BATCH] === undefined; i++) {
         yield* Effect.sleep(100)
-        lease = yield* bus.request(s.dataLease, encodeMessage({ _tag: "LeaseBatch", v: PROTOCOL_VERSION, worker: "w1", split: "train" }))
+        lease = yield* bus.request(s.dataLease("w1"), encodeMessage({ _tag: "LeaseBatch", v: PROTOCOL_VERSION, worker: "w1", split: "train" }))
       }
       expect(lease.headers[HEADER_BATCH], new TextDecoder().decode(lease.data)).toBeDefined()
       expect(lease.data.byteLength).toBe(2 * 9 * 4)

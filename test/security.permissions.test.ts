@@ -368,7 +368,9 @@ describe("one user per actor (as flotilla up makes them)", () => {
         [`${p}.hb.worker.worker-1`, w0, w1],
         [`${p}.hb.stage.worker-0-s1`, w0, s1],
         [`${p}.pipe.worker-0.1.fwd`, w1, w0], // another replica's pipeline
-        [`${p}.pipe.worker-0.0.bwd`, w1, s1]
+        [`${p}.pipe.worker-0.0.bwd`, w1, s1],
+        [`${p}.data.lease.worker-0`, w1, w0], // leasing as another
+        [`${p}.data.ack.worker-0`, w1, w0] // giving back another's batches
       ]
       for (const [subject, other, owner] of cases) {
         expect(await publishes(other, observer, subject), `${subject} by another member`).toEqual({ delivered: 0, refused: true })

@@ -1,7 +1,7 @@
 /**
  * Implements: the data shard loader actor — the thin effectful shell around core.ts.
  *
- * One mailbox: subscriptions (`data.lease` in the `loader` queue group, `data.ack`,
+ * One mailbox: subscriptions (`data.lease.*` in the `loader` queue group, `data.ack.*`,
  * `ps.*.applied`, `ps.*.ack.*`, PS heartbeats), membership (a worker left), control
  * (pause/resume/stop) and a timer (`Tick`) only enqueue events; one fiber takes them off
  * the queue, runs the pure reducer `step` and performs the effects it returns (reply with
@@ -101,7 +101,7 @@ export const runLoader = (o: LoaderOptions): Effect.Effect<LoaderHandle, Error, 
       maxAttempts: o.maxAttempts ?? 5,
       logRetryMs: o.logRetryMs ?? 500,
       refreshMs: o.refreshMs ?? 10_000,
-      leaseSubject: s.dataLease
+      leaseSubject: s.dataLeaseAny
     }
     const logTimeoutMs = o.logTimeoutMs ?? 2_000
     const reject = makeReporter(bus, s, id)
@@ -149,7 +149,7 @@ export const runLoader = (o: LoaderOptions): Effect.Effect<LoaderHandle, Error, 
         Effect.flatMap(({ data, headers }) => bus.respond(to, data, headers)),
         Effect.catch((e) =>
           e._tag === "LoaderConfigError"
-            ? reject({ code: "internal", reason: e.message, subject: s.dataLease }, to).pipe(Effect.asVoid)
+            ? reject({ code: "internal", reason: e.message, subject: s.dataLeaseAny }, to).pipe(Effect.asVoid)
             : Effect.logWarning(`loader ${id}: reply with ${meta.batchId} not sent: ${e.message}`)
         )
       )
@@ -198,14 +198,20 @@ export const runLoader = (o: LoaderOptions): Effect.Effect<LoaderHandle, Error, 
     )
 
     // ---- everything else only enqueues
+    // the subject names the worker (its user alone may request there): a request for another is refused
+    const otherWorker = (subject: string, worker: string) => {
+      const named = subject.slice(subject.lastIndexOf(".") + 1)
+      return named === worker ? undefined : `a request on ${subject} (${named}'s subject) names worker ${JSON.stringify(worker)}: a worker asks on its own subject only`
+    }
     yield* bus.subscribe(
-      s.dataLease,
+      s.dataLeaseAny,
       (m) => {
         const r = decodeBytes(LeaseBatch, m.subject, m.data)
+        const other = Result.isSuccess(r) ? otherWorker(m.subject, r.success.worker) : undefined
         return offer(
-          Result.isSuccess(r)
+          Result.isSuccess(r) && other === undefined
             ? { _tag: "LeaseRequested", request: r.success, replyTo: m, now: Date.now() }
-            : { _tag: "BadMessageReceived", subject: m.subject, reason: r.failure.reason, replyTo: m }
+            : { _tag: "BadMessageReceived", subject: m.subject, reason: Result.isFailure(r) ? r.failure.reason : other!, replyTo: m }
         )
       },
       { queue: queues.loader }
@@ -234,9 +240,10 @@ export const runLoader = (o: LoaderOptions): Effect.Effect<LoaderHandle, Error, 
       },
       { queue: queues.loader }
     )
-    yield* bus.subscribe(s.dataAck, (m) => {
+    yield* bus.subscribe(s.dataAckAny, (m) => {
       const r = decodeBytes(BatchFailed, m.subject, m.data)
-      return offer(Result.isSuccess(r) ? { _tag: "BatchFailedReceived", failed: r.success } : { _tag: "BadMessageReceived", subject: m.subject, reason: r.failure.reason })
+      const other = Result.isSuccess(r) ? otherWorker(m.subject, r.success.worker) : undefined
+      return offer(Result.isSuccess(r) && other === undefined ? { _tag: "BatchFailedReceived", failed: r.success } : { _tag: "BadMessageReceived", subject: m.subject, reason: Result.isFailure(r) ? r.failure.reason : other! })
     })
     yield* bus.subscribe(s.psAppliedAll, (m) => {
       const r = decodeBytes(StepApplied, m.subject, m.data)

@@ -1,6 +1,6 @@
 /**
- * Implements: the loader's protocol — what it accepts (`LeaseBatch` on `data.lease`,
- * request/reply in the `loader` queue group; `BatchFailed` on `data.ack`), typed
+ * Implements: the loader's protocol — what it accepts (`LeaseBatch` on `data.lease.<worker>`,
+ * request/reply in the `loader` queue group; `BatchFailed` on `data.ack.<worker>`), typed
  * constructors for what it sends and is sent, the wire form of a batch reply (payload = the
  * batch's named tensors as a tensor bundle, its manifest in `Flotilla-Manifest`; header
  * `Flotilla-Batch` = BatchLeased JSON), `getDataInfo` (`data.info`),
@@ -110,7 +110,7 @@ export const decodeBatch = (m: BusMessage): LeaseResult => {
 export const LoaderClient = {
   /** Lease the next train batch (or val batch `index`). Never fails: a failure is `Failed`. */
   lease: (bus: BusShape, s: Subjects, worker: string, split: "train" | "val", index?: number, timeoutMs = 5_000): Effect.Effect<LeaseResult> =>
-    bus.request(s.dataLease, encodeMessage(leaseBatch(worker, split, index)), { timeoutMs }).pipe(
+    bus.request(s.dataLease(worker), encodeMessage(leaseBatch(worker, split, index)), { timeoutMs }).pipe(
       Effect.map(decodeBatch),
       Effect.catch((e) => Effect.succeed<LeaseResult>({ _tag: "Failed", reason: `${e._tag}: ${e.message}` }))
     ),
@@ -144,7 +144,7 @@ export const LoaderClient = {
     ),
   /** Give a leased batch back (failed, or its gradient is known stale). Never fails. */
   fail: (bus: BusShape, s: Subjects, worker: string, batchId: string, gen: number, reason: string): Effect.Effect<void> =>
-    bus.publish(s.dataAck, encodeMessage(batchFailed(worker, batchId, gen, reason))).pipe(
+    bus.publish(s.dataAck(worker), encodeMessage(batchFailed(worker, batchId, gen, reason))).pipe(
       Effect.catch((e) => Effect.logWarning(`${worker}: BatchFailed for ${batchId} not sent: ${e.message}`))
     )
 }

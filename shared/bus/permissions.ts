@@ -136,11 +136,13 @@ export const rolePermissions = (job: string, role: JobRole, member?: Member): Ro
   const id = assertToken("actor id", member.id)
   const replica = assertToken("replica", member.replica ?? member.id)
   const bind = (xs: ReadonlyArray<string>, to: Readonly<Record<string, string>>) => xs.map((x) => to[x] ?? x)
-  const pub: Record<string, string> = { [`${p}.hb.${role}.*`]: `${p}.hb.${role}.${id}` }
+  const pub: Record<string, string> = { [`${p}.hb.${role}.*`]: `${p}.hb.${role}.${id}`, ...(role === "evaluator" ? { [`${p}.data.lease.*`]: `${p}.data.lease.${id}` } : {}) }
   const sub: Record<string, string> = {}
   if (role === "worker") {
     pub[`${p}.hb.stage.*`] = `${p}.hb.stage.${id}`
     pub[`${p}.ps.*.push.*`] = `${p}.ps.*.push.${replica}`
+    pub[`${p}.data.lease.*`] = `${p}.data.lease.${replica}`
+    pub[`${p}.data.ack.*`] = `${p}.data.ack.${replica}`
     pub[`${p}.relay.*.*.push.*`] = `${p}.relay.*.*.push.${id}`
     pub[`${p}.pipe.*.*.fwd`] = `${p}.pipe.${replica}.*.fwd`
     pub[`${p}.pipe.*.*.bwd`] = `${p}.pipe.${replica}.*.bwd`
@@ -159,7 +161,7 @@ const permissionsOfRole = (job: string, role: JobRole): RolePermissions => {
     case "loader":
       return {
         publish: [`${p}.ps.*.log`, `${p}.hb.loader.*`, `${p}.errors`],
-        subscribe: [`${p}.data.lease`, `${p}.data.info`, `${p}.data.fetch`, `${p}.data.ack`, `${p}.ps.*.applied`, `${p}.ps.*.ack.*`, `${p}.hb.>`, control, INBOX],
+        subscribe: [`${p}.data.lease.*`, `${p}.data.info`, `${p}.data.fetch`, `${p}.data.ack.*`, `${p}.ps.*.applied`, `${p}.ps.*.ack.*`, `${p}.hb.>`, control, INBOX],
         responses: true
       }
     case "scheduler":
@@ -173,7 +175,7 @@ const permissionsOfRole = (job: string, role: JobRole): RolePermissions => {
     case "worker":
       return {
         publish: [
-          `${p}.data.lease`, `${p}.data.fetch`, `${p}.data.ack`, `${p}.ps.*.push.*`, `${p}.ps.*.pull`, `${p}.relay.*.*.push.*`,
+          `${p}.data.lease.*`, `${p}.data.fetch`, `${p}.data.ack.*`, `${p}.ps.*.push.*`, `${p}.ps.*.pull`, `${p}.relay.*.*.push.*`,
           `${p}.pipe.*.*.fwd`, `${p}.pipe.*.*.bwd`, `${p}.hb.worker.*`, `${p}.hb.stage.*`, `${p}.metrics.worker`, `${p}.metrics.stage`, `${p}.errors`
         ],
         subscribe: [`${p}.ps.*.version`, `${p}.hb.ps.*`, `${p}.ps.*.ack.*`, `${p}.relay.*.*.ack.*`, `${p}.pipe.*.*.fwd`, `${p}.pipe.*.*.bwd`, control, `${p}.errors`, INBOX],
@@ -181,7 +183,7 @@ const permissionsOfRole = (job: string, role: JobRole): RolePermissions => {
       }
     case "evaluator":
       return {
-        publish: [`${p}.data.lease`, `${p}.ps.*.pull`, `${p}.hb.evaluator.*`, `${p}.metrics.evaluator`],
+        publish: [`${p}.data.lease.*`, `${p}.ps.*.pull`, `${p}.hb.evaluator.*`, `${p}.metrics.evaluator`],
         subscribe: [`${p}.ps.*.version`, `${p}.hb.ps.*`, control, INBOX],
         responses: false
       }

@@ -47,7 +47,7 @@ export type Heartbeat = typeof Heartbeat.Type
 
 // ---------------------------------------------------------------- data loader
 
-/** request on `data.lease`: the next batch for this worker. */
+/** request on `data.lease.<worker>`: the next batch for this worker. */
 export const LeaseBatch = Schema.Struct({
   _tag: Schema.Literal("LeaseBatch"),
   v: V,
@@ -110,7 +110,7 @@ export const NoBatch = Schema.Struct({
 })
 export type NoBatch = typeof NoBatch.Type
 
-/** on `data.ack`: a worker gives a batch back (failed, or its gradient is known stale). */
+/** on `data.ack.<worker>`: a worker gives a batch back (failed, or its gradient is known stale). */
 export const BatchFailed = Schema.Struct({
   _tag: Schema.Literal("BatchFailed"),
   v: V,

@@ -37,10 +37,16 @@ export const subjects = (job: string) => {
   const p = `flotilla.${assertToken("job", job)}`
   return {
     prefix: p,
-    /** request/reply, queue group `loader`: a worker asks for its next batch. */
-    dataLease: `${p}.data.lease`,
-    /** a worker reports a batch failed (or given up); done-ness comes from `psApplied`. */
-    dataAck: `${p}.data.ack`,
+    /**
+     * request/reply, queue group `loader`: a worker asks for its next batch, on its own subject
+     * (the worker in the request must be the one the subject names; as for pushes, a user per
+     * actor may lease only as itself).
+     */
+    dataLease: (worker: string) => `${p}.data.lease.${assertToken("worker id", worker)}`,
+    dataLeaseAny: `${p}.data.lease.*`,
+    /** a worker reports a batch failed (or given up), on its own subject; done-ness comes from `psApplied`. */
+    dataAck: (worker: string) => `${p}.data.ack.${assertToken("worker id", worker)}`,
+    dataAckAny: `${p}.data.ack.*`,
     /** request/reply, queue group `loader`: a train batch by id, read only (a pipeline's last stage: its labels). */
     dataFetch: `${p}.data.fetch`,
     /** request/reply, queue group `loader`: what the data is (DataInfo: task, sizes, labels, tokenizer). */

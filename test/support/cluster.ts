@@ -318,7 +318,7 @@ export const observe = async (url: string, job: JobConfig): Promise<Observer> =>
       })
       // a plain (non-queue) subscriber sees every lease request; the reply goes to the
       // requester's inbox, which a `_INBOX.>` subscriber sees as well
-      yield* bus.subscribe(s.dataLease, (m) => {
+      yield* bus.subscribe(s.dataLeaseAny, (m) => {
         const r = decodeBytes(LeaseBatch, m.subject, m.data)
         if (Result.isFailure(r) || r.success.split !== "train" || !m.reply) return Effect.void
         const reply = replies.get(m.reply)
