@@ -6,7 +6,7 @@
 //   encoding rules — error-feedback residual per worker and tensor, small tensors f32,
 //   f32 embedding grads as sparse rows) → encodeBundle (shared/wire/tensor.ts) + the
 //   manifest as header JSON;
-//   the "server": decodeBundle → decodeTensor (shared/wire/codecs.ts) → denseGrads
+//   the "server": decodeBundle → denseOfWire (shared/wire/rows.ts: decodeTensor, then denseGrads)
 //   (rows.ts) → ShardState.admit / choose / apply (actors/param-server/aggregate.ts: the
 //   sample-weighted mean, global-norm clipping and the job's optimizer, as a sync PS does),
 //   with the LR the scheduler would give version v (lrAt(schedule, v)).
@@ -33,9 +33,8 @@ import { makeModel } from "../shared/models/zoo.ts"
 import { resolveOptimizer } from "../shared/optim/optimizers.ts"
 import { batchId } from "../shared/protocol/applied-log.ts"
 import { lrAt, resolveSchedule, type ScheduleInput } from "../shared/schedule/schedules.ts"
-import { decodeTensor } from "../shared/wire/codecs.ts"
 import { GradEncoder, specOf } from "../shared/wire/compression.ts"
-import { denseGrads } from "../shared/wire/rows.ts"
+import { denseOfWire } from "../shared/wire/rows.ts"
 import { decodeBundle, encodeBundle, manifestToJson, type TensorBundle, type WireTensor } from "../shared/wire/tensor.ts"
 import { median } from "./stats.ts"
 
@@ -117,7 +116,7 @@ export const train = async (a: TrainArgs, progress: (line: string) => void = () 
       const d0 = performance.now()
       const dec = decodeBundle(header, enc.success.payload)
       if (Result.isFailure(dec)) throw new Error(`${a.codec}: decodeBundle: ${dec.failure.message}`)
-      const dense = denseGrads(dec.success.tensors.map((t) => ({ name: t.name, shape: t.shape, values: t.dtype === "int32" ? (t.data as Int32Array) : decodeTensor(t) })), (n) => shapes.get(n))
+      const dense = denseOfWire(dec.success.tensors, (n) => shapes.get(n)) // the server's path
       decodeMs.push(performance.now() - d0)
       if ("problem" in dense) throw new Error(`${a.codec}: ${dense.problem}`)
       const adm = server.admit({ sender: senders[w], version: v, batchId: batchId(0, index), samples: plan.B, tokens: plan.B * plan.T, loss, grads: dense.grads, epochBatches: plan.batchesPerEpoch })

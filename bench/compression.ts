@@ -276,7 +276,7 @@ interface LinkRun {
 /** why `flotilla launch --codec` would refuse the codec (cli/launch.ts), if it does. */
 const launchRefuses = async (codec: string): Promise<string | undefined> => {
   try {
-    const { codecFromFlag } = await import("../cli/launch.ts")
+    const { codecFromFlag } = await import("../cli/main.ts")
     codecFromFlag(codec)
     return undefined
   } catch (e) {

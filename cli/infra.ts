@@ -53,6 +53,12 @@ export interface WrittenAccount {
   readonly publicKeys: ReadonlyMap<string, string>
 }
 
+/** A new nkey user (nkeys.js): its seed (`SU…`) and public key (`U…`). */
+export const newUserKey = (): { readonly seed: string; readonly publicKey: string } => {
+  const kp = nkeys.createUser()
+  return { seed: new TextDecoder().decode(kp.getSeed() as Uint8Array), publicKey: kp.getPublicKey() as string }
+}
+
 /** The seed file name of a worker with a user of its own. */
 export const workerSeedName = (id: string): string => `worker.${id}.nk`
 
@@ -74,7 +80,8 @@ export const parseWorkers = (spec: string): Member[] => {
   return out
 }
 
-const secretFile = (file: string, text: string) => {
+/** Write `text` readable by its owner only (mode 0600, also when the file exists). */
+export const secretFile = (file: string, text: string) => {
   writeFileSync(file, text, { mode: 0o600 })
   chmodSync(file, 0o600) // an existing file keeps its mode otherwise
 }
@@ -107,11 +114,10 @@ export const writeAccount = (job: string, shards: number, dir: string, force = f
   const existing = users.map((u) => u.file).find((f) => existsSync(f))
   if (existing !== undefined && !force) throw new InfraUsageError(`${existing} exists: pass --force to replace every seed in ${dir} (a key rotation), or choose another --out`)
   for (const u of users) {
-    const kp = nkeys.createUser()
-    const seed = new TextDecoder().decode(kp.getSeed() as Uint8Array)
-    secretFile(u.file, `${seed}\n`)
+    const key = newUserKey()
+    secretFile(u.file, `${key.seed}\n`)
     seeds.set(u.key, u.file)
-    publicKeys.set(u.key, kp.getPublicKey() as string)
+    publicKeys.set(u.key, key.publicKey)
   }
   const account = join(dir, "account.conf")
   writeFileSync(

@@ -15,7 +15,7 @@
  */
 import { existsSync } from "node:fs"
 import { hostname } from "node:os"
-import { Deferred, Effect, Layer, Result } from "effect"
+import { Deferred, Effect, Layer } from "effect"
 import { stopRequested } from "../shared/actor/control-listener.ts"
 import { describeAuth, NatsBus } from "../shared/bus/nats.ts"
 import { authFromArgs } from "./auth.ts"
@@ -25,8 +25,7 @@ import { isToken, subjects } from "../shared/protocol/subjects.ts"
 import { Metrics } from "../shared/telemetry/metrics.ts"
 import { Telemetry } from "../shared/telemetry/otel.ts"
 import { TracedBus } from "../shared/telemetry/traced-bus.ts"
-import { codecName, parseCodec } from "../shared/wire/codecs.ts"
-import { UsageError } from "./main.ts"
+import { codecFromFlag, UsageError } from "./main.ts"
 import { stageId } from "../actors/worker/stage.ts"
 import { ACTOR_ROLES, finishesOnItsOwn, isActorRole, runActor, wireRole } from "./topology.ts"
 
@@ -36,14 +35,6 @@ export const ROLES = ACTOR_ROLES
 export const jobFromFlag = (flag: string | undefined): JobConfig => {
   if (!flag) throw new UsageError("--job is required: a job file (JSON/YAML) or a job name")
   return existsSync(flag) ? loadJobFile(flag) : resolveJob({ job: flag }, `--job ${flag}`)
-}
-
-/** `--codec C`: a codec of the registry (its canonical name), or undefined when not given. */
-export const codecFromFlag = (c: unknown): string | undefined => {
-  if (c === undefined) return undefined
-  const r = parseCodec(String(c))
-  if (Result.isFailure(r)) throw new UsageError(`--codec: ${r.failure}`)
-  return codecName(r.success)
 }
 
 /** The job with `--codec` over train.compression.codec (the parameter servers stamp it on every version; the senders follow). */

@@ -261,14 +261,15 @@ export const restartPolicyFromArgs = (v: Record<string, unknown>): Partial<Resta
   return out
 }
 
-/** Job from a file (or defaults) with command-line overrides applied. */
-/** `--codec C` as the registry's canonical name, or a usage error listing the codecs. */
-const codecOf = (c: string): string => {
-  const r = parseCodec(c)
+/** `--codec C`: the registry's canonical name (a usage error listing the codecs), or undefined when not given. */
+export const codecFromFlag = (c: unknown): string | undefined => {
+  if (c === undefined) return undefined
+  const r = parseCodec(String(c))
   if (r._tag === "Failure") throw new UsageError(`--codec: ${r.failure}`)
   return codecName(r.success)
 }
 
+/** Job from a file (or defaults) with command-line overrides applied. */
 export const jobFromArgs = (file: string | undefined, v: Record<string, unknown>): JobConfig => {
   const base: Record<string, any> = file ? { ...loadJobFile(file) } : {}
   const patch: Record<string, any> = { train: {}, topology: {} }
@@ -295,7 +296,7 @@ export const jobFromArgs = (file: string | undefined, v: Record<string, unknown>
   }
   if (v.codec !== undefined) {
     const given = base.train?.compression
-    patch.train.compression = { ...(typeof given === "string" ? { codec: given } : given), codec: codecOf(String(v.codec)) }
+    patch.train.compression = { ...(typeof given === "string" ? { codec: given } : given), codec: codecFromFlag(v.codec)! }
   }
   if (typeof v.jobName === "string") patch.job = v.jobName
   const merged: Record<string, any> = { ...base, train: { ...base.train, ...patch.train }, topology: { ...base.topology, ...patch.topology } }

@@ -25,16 +25,15 @@
  */
 import { spawn, type ChildProcess } from "node:child_process"
 import { randomBytes } from "node:crypto"
-import { chmodSync, existsSync, mkdirSync, rmSync, writeFileSync } from "node:fs"
+import { existsSync, mkdirSync, rmSync, writeFileSync } from "node:fs"
 import { dirname, join, resolve } from "node:path"
 import { fileURLToPath } from "node:url"
 import { Deferred, Effect, Layer } from "effect"
 import { stopRequested } from "../shared/actor/control-listener.ts"
 import { startLocalNatsServer } from "../shared/bus/local-server.ts"
-import { NatsBus, nkeyPublicKey, type NatsAuth } from "../shared/bus/nats.ts"
-import { workerSeedName } from "./infra.ts"
+import { NatsBus, type NatsAuth } from "../shared/bus/nats.ts"
+import { newUserKey, secretFile, workerSeedName } from "./infra.ts"
 import { accountBlock, MEMBER_ROLES, roleOfActor, type JobRole, type Member, type UserAuth } from "../shared/bus/permissions.ts"
-import { nkeys } from "nats"
 import { authEnv, withoutAuthEnv } from "./auth.ts"
 import { Compute, type BackendPreference } from "../shared/compute/backend.ts"
 import type { JobConfig } from "../shared/config/job.ts"
@@ -98,12 +97,10 @@ export const localCredentials = (job: JobConfig, specs: ReadonlyArray<ActorSpec>
     else add(role, role)
   }
   add("driver", "driver")
-  const kp = nkeys.createUser()
-  const seed = new TextDecoder().decode(kp.getSeed() as Uint8Array)
-  writeFileSync(operatorSeedFile, seed + "\n", { mode: 0o600 })
-  chmodSync(operatorSeedFile, 0o600)
+  const operator = newUserKey()
+  secretFile(operatorSeedFile, `${operator.seed}\n`)
   auth.set("operator", { nkey: operatorSeedFile })
-  users.push({ role: "operator", auth: { kind: "nkey", nkey: nkeyPublicKey(seed) } })
+  users.push({ role: "operator", auth: { kind: "nkey", nkey: operator.publicKey } })
   return { config: `accounts {\n${accountBlock(job.job, users)}}\n`, auth }
 }
 
@@ -196,7 +193,7 @@ export const up = (o: UpOptions) =>
     }
     const quiet = process.env.FLOTILLA_LOG === undefined
     // an actor's own user on up's server; its role's with --account; o.auth for every process otherwise
-    const authOf = (spec: ActorSpec): NatsAuth | undefined => (credentials ? credentials.get(credentialKey(spec)) ?? credentials.get(roleOfActor(spec.role, spec.shard)) : o.auth)
+    const authOf = (spec: ActorSpec): NatsAuth | undefined => (credentials ? credentials.get(credentialKey(spec)) : o.auth)
     const driverAuth = credentials ? credentials.get("driver") : o.auth
     const byId = new Map(specs.map((s) => [s.id, s]))
     const tails = new Map<string, string[]>(specs.map((s) => [s.id, []]))

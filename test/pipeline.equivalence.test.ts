@@ -24,9 +24,8 @@ import { connect } from "nats"
 import { describe, expect, it } from "vitest"
 import type { JobConfig } from "../shared/config/job.ts"
 import { modelForJob } from "../shared/models/zoo.ts"
-import { decodeTensor } from "../shared/wire/codecs.ts"
 import { GradEncoder, gradCodecAt, specOf } from "../shared/wire/compression.ts"
-import { denseGrads } from "../shared/wire/rows.ts"
+import { denseOfWire } from "../shared/wire/rows.ts"
 import { loadSenderState, senderStateFile } from "../shared/checkpoint/sender-state.ts"
 import type { StepApplied } from "../shared/protocol/messages.ts"
 import { useCluster } from "./support/cluster.ts"
@@ -63,7 +62,7 @@ const codecRoundTrip = (job: JobConfig, model: { specs: readonly { name: string;
   return (a: { version: number }, grads: Map<string, Float32Array>) => {
     const codec = specOf(gradCodecAt(job.train.compression, [], a.version - 1))
     const wire = [...grads].flatMap(([name, g]) => encoder.encode(codec, name, shapes.get(name)!, Float32Array.from(g)))
-    const d = denseGrads(wire.map((t) => ({ name: t.name, shape: t.shape, values: t.dtype === "int32" ? (t.data as Int32Array) : decodeTensor(t) })), (n) => shapes.get(n))
+    const d = denseOfWire(wire, (n) => shapes.get(n))
     if ("problem" in d) throw new Error(d.problem)
     return d.grads
   }

@@ -48,7 +48,7 @@ import { jetstreamHistory, memoryHistory, type HistoryStore } from "./history.ts
 import type { NatsAuth } from "../../shared/bus/nats.ts"
 import { codecName, parseCodec } from "../../shared/wire/codecs.ts"
 import { commandProblem, eventProblem } from "../../shared/protocol/control-check.ts"
-import { gradCodecAt, type CodecSwitch, type CompressionConfig } from "../../shared/wire/compression.ts"
+import { gradCodecAt, withSwitch, type CodecSwitch, type CompressionConfig } from "../../shared/wire/compression.ts"
 
 /** Control events are at-most-once: the newest REPLAY_KEEP accepted commands go out again every REPLAY_MS. */
 export const REPLAY_MS = 2_000
@@ -110,7 +110,7 @@ export const validateCommand = (view: ControlView, c: ControlCommand): Result.Re
     case "SetCompression": {
       const codec = parseCodec(c.codec)
       if (Result.isFailure(codec) || c.fromVersion === undefined) return Result.fail(problem("invalid-value", "set-compression needs a codec of the registry and fromVersion"))
-      const switches = [...view.compression.switches.filter((x) => x.fromVersion < c.fromVersion!), { fromVersion: c.fromVersion, codec: codecName(codec.success) }]
+      const switches = withSwitch(view.compression.switches, { fromVersion: c.fromVersion, codec: codecName(codec.success) })
       return Result.succeed({ ...view, compression: { ...view.compression, switches } })
     }
   }

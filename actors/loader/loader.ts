@@ -27,7 +27,7 @@ import {
   PushAck,
   StepApplied
 } from "../../shared/protocol/messages.ts"
-import { queues, subjects } from "../../shared/protocol/subjects.ts"
+import { queues, senderProblem, subjects } from "../../shared/protocol/subjects.ts"
 import { currentMetrics } from "../../shared/telemetry/metrics.ts"
 import { start, statusOf, step, type LoaderConfig, type LoaderEffect, type LoaderEvent, type LoaderStatus } from "./core.ts"
 import { makePlanForJob, type DataPlan } from "./tasks.ts"
@@ -199,10 +199,7 @@ export const runLoader = (o: LoaderOptions): Effect.Effect<LoaderHandle, Error, 
 
     // ---- everything else only enqueues
     // the subject names the worker (its user alone may request there): a request for another is refused
-    const otherWorker = (subject: string, worker: string) => {
-      const named = subject.slice(subject.lastIndexOf(".") + 1)
-      return named === worker ? undefined : `a request on ${subject} (${named}'s subject) names worker ${JSON.stringify(worker)}: a worker asks on its own subject only`
-    }
+    const otherWorker = (subject: string, worker: string) => senderProblem(subject, worker, "request")
     yield* bus.subscribe(
       s.dataLeaseAny,
       (m) => {

@@ -21,7 +21,7 @@
  * shard of a coordinated sync job whose peers apply the same version, the version is
  * made with this shard's params kept (`keep`). No I/O and no clocks: core.ts drives it.
  */
-import { findNonFinite } from "../../shared/optim/clip.ts"
+import { allFinite, findNonFinite } from "../../shared/optim/clip.ts"
 import { makeOptimizer, type Optimizer, type OptimizerConfig, type OptimizerSlots } from "../../shared/optim/optimizers.ts"
 import type { Consistency } from "../../shared/config/job.ts"
 import { AppliedLog, parseBatchId, type BatchRef } from "../../shared/protocol/applied-log.ts"
@@ -97,6 +97,7 @@ export class ShardState {
   private readonly snapshot = new StepSnapshot(PREV_GRAD)
   /** the trained params (the ones a step changes), for the finite check. */
   private readonly trainedParams: ReadonlyMap<string, Float32Array>
+  private readonly trainedNames: ReadonlyArray<string>
 
   constructor(o: {
     specs: readonly Spec[]
@@ -126,6 +127,7 @@ export class ShardState {
       if (!p || p.length !== numel(s.shape)) throw new RangeError(`param ${s.name}: expected ${numel(s.shape)} elements, got ${p?.length}`)
     }
     this.trainedParams = new Map(this.trained.map((s) => [s.name, o.params.get(s.name)!]))
+    this.trainedNames = this.trained.map((s) => s.name)
   }
 
   isApplied = (batchId: string) => this.log.hasId(batchId)
@@ -257,7 +259,7 @@ export class ShardState {
   applyChecked(lr: number, pushes: readonly Held[], globalSumSq: number | undefined, onNonFinite: "refuse" | "keep"): ApplyResult {
     if (pushes.length === 0) throw new RangeError("apply: no gradients")
     const { agg, sumSq } = this.aggregate(pushes)
-    const names = this.trained.map((s) => s.name)
+    const names = this.trainedNames
     this.snapshot.save(names, this.params, this.slots)
     const ratio = this.compensateDelay(agg, pushes)
     const norm = Math.sqrt((globalSumSq ?? sumSq) * ratio)
@@ -267,7 +269,7 @@ export class ShardState {
     }
     this.updates++
     for (const s of this.trained) this.optimizer.update(this.params.get(s.name)!, agg.get(s.name)!, this.slots.get(s.name)!, lr, this.updates)
-    const bad = findNonFinite(this.trainedParams) ?? findNonFinite(this.slotArrays())
+    const bad = findNonFinite(this.trainedParams) ?? this.nonFiniteSlot()
     let kept: string | undefined
     if (bad) {
       this.snapshot.restore(names, this.params, this.slots)
@@ -348,11 +350,15 @@ export class ShardState {
     return rawSq > 0 ? extSq / rawSq : 1
   }
 
-  /** The optimizer state a step changes, by `<tensor>.<slot>` (the delay compensation's copy of a finite gradient aside). */
-  private slotArrays(): Map<string, Float32Array> {
-    const out = new Map<string, Float32Array>()
-    for (const s of this.trained) for (const [k, a] of Object.entries(this.slots.get(s.name)!)) if (k !== PREV_GRAD) out.set(`${s.name}.${k}`, a)
-    return out
+  /** The first non-finite element of the optimizer state a step changes, named `<tensor>.<slot>` (the delay compensation's copy of a finite gradient aside). */
+  private nonFiniteSlot() {
+    for (const name of this.trainedNames) {
+      for (const [k, a] of Object.entries(this.slots.get(name)!)) {
+        if (k === PREV_GRAD || allFinite(a)) continue
+        return findNonFinite(new Map([[`${name}.${k}`, a]]))
+      }
+    }
+    return undefined
   }
 
   /** Bounded/async: the oldest held gradient. */

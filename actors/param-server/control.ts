@@ -9,6 +9,7 @@ import type { Consistency } from "../../shared/config/job.ts"
 import { makeOptimizer, setHyperparams, type OptimizerPatch } from "../../shared/optim/optimizers.ts"
 import type { ControlApplied } from "../../shared/protocol/control.ts"
 import { Result } from "effect"
+import { withSwitch } from "../../shared/wire/compression.ts"
 import type { PsEffect, PsState } from "./core.ts"
 
 export const control = (s: PsState, ev: ControlApplied, out: PsEffect[]) => {
@@ -41,7 +42,7 @@ export const control = (s: PsState, ev: ControlApplied, out: PsEffect[]) => {
       const from = Number(c.fromVersion)
       const at = from > s.core.version ? from : s.core.version + 1
       if (at !== from) out.push({ _tag: "Log", level: "warn", message: `set-compression ${c.codec} from version ${from} arrived at version ${s.core.version}: it starts at ${at} on this shard` })
-      s.codecSwitches = [...s.codecSwitches.filter((x) => x.fromVersion < at), { fromVersion: at, codec: String(c.codec) }]
+      s.codecSwitches = withSwitch(s.codecSwitches, { fromVersion: at, codec: String(c.codec) })
       out.push({ _tag: "Log", level: "info", message: `gradient codec → ${c.codec} from version ${at}` })
       break
     }

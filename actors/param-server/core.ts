@@ -31,7 +31,7 @@ import type { AppliedStep, GradientPush, Held, ShardState } from "./aggregate.ts
 import type { Subjects } from "../../shared/protocol/subjects.ts"
 import * as P from "./protocol.ts"
 import { control } from "./control.ts"
-import { stepKept, stepRefused } from "./refuse-step.ts"
+import { reopen, stepKept, stepRefused } from "./refuse-step.ts"
 import { canStart, memberJoined, memberLeft } from "./members.ts"
 import type { CodecSwitch, CompressionConfig } from "../../shared/wire/compression.ts"
 
@@ -428,11 +428,8 @@ const finishApply = (s: PsState, pushes: readonly Held[], lr: number, globalSumS
   const { step, dropped } = r
   if (r.kept !== undefined) stepKept(s, r.kept, out)
   for (const p of pushes) if ((p.epochBatches ?? 0) > 0) s.epochBatches = p.epochBatches!
-  s.phase = { _tag: "Idle" }
+  reopen(s)
   s.done = finished(s)
-  s.barrier = new Set(s.members)
-  s.waitingSince = s.now
-  s.lastProgress = s.now
   for (const d of dropped) {
     out.push({
       _tag: "Reject", ackTo: d.sender,

@@ -13,12 +13,17 @@
 import type { Held } from "./aggregate.ts"
 import type { PsEffect, PsState } from "./core.ts"
 
-/** The version was not made: refuse its pushes, and wait for the barrier again. */
-export const stepRefused = (s: PsState, r: { readonly reason: string; readonly pushes: readonly Held[] }, out: PsEffect[]): void => {
+/** After a step (made or refused): idle, the barrier reopened on the members, the clocks restarted. */
+export const reopen = (s: PsState): void => {
   s.phase = { _tag: "Idle" }
   s.barrier = new Set(s.members)
   s.waitingSince = s.now
   s.lastProgress = s.now
+}
+
+/** The version was not made: refuse its pushes, and wait for the barrier again. */
+export const stepRefused = (s: PsState, r: { readonly reason: string; readonly pushes: readonly Held[] }, out: PsEffect[]): void => {
+  reopen(s)
   out.push({ _tag: "Log", level: "warn", message: `version ${s.core.version + 1} refused, the params stay at version ${s.core.version}: ${r.reason}` })
   for (const p of r.pushes) {
     out.push({

@@ -29,12 +29,11 @@ import { GetDecision, GradientsHeld, GradMeta, Heartbeat, LrForStep, NormShare, 
 import { bundleLimits, shardOfForJob } from "../../shared/models/pipeline.ts"
 import { gradMetaProblem } from "../../shared/protocol/limits.ts"
 import { senderOfMessageId } from "../../shared/wire/budget.ts"
-import { PROTOCOL_VERSION, pushSenderProblem, subjects } from "../../shared/protocol/subjects.ts"
+import { isToken, PROTOCOL_VERSION, senderProblem, subjectSender, subjects } from "../../shared/protocol/subjects.ts"
 import { resolveSchedule, type ScheduleInput } from "../../shared/schedule/schedules.ts"
 import { initialState as initialSchedulerState, lrFrom, parseState } from "../../shared/schedule/state.ts"
 import { currentMetrics } from "../../shared/telemetry/metrics.ts"
-import { decodeTensor } from "../../shared/wire/codecs.ts"
-import { denseGrads } from "../../shared/wire/rows.ts"
+import { denseOfWire } from "../../shared/wire/rows.ts"
 import type { TensorBundle } from "../../shared/wire/tensor.ts"
 import { receiveBundles, replyWithBundle, sendBundle } from "../../shared/wire/transport.ts"
 import { AppliedLog } from "../../shared/protocol/applied-log.ts"
@@ -304,15 +303,15 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
       Effect.gen(function* () {
         const m = bundle.meta
         metrics.addBytes("received", info.bytes, m.kind)
-        const bad = (code: "bad-message" | "wrong-job" | "invalid-value", reason: string) =>
+        const bad = (code: "bad-message" | "wrong-job" | "invalid-value" | "bad-tensor", reason: string) =>
           reject({ code, reason, subject: info.subject, sender: m.sender, messageId: info.id }).pipe(
-            Effect.flatMap((msg) => (/^[A-Za-z0-9_-]{1,64}$/.test(m.sender) ? bus.publish(s.psAck(shard, m.sender), encodeMessage(msg)).pipe(Effect.ignore) : Effect.void))
+            Effect.flatMap((msg) => (isToken(m.sender) ? bus.publish(s.psAck(shard, m.sender), encodeMessage(msg)).pipe(Effect.ignore) : Effect.void))
           )
         // the subject names its sender (only that sender's user may publish there, shared/bus/permissions.ts):
         // a bundle claiming another is refused, and the answer goes to the subject's sender
-        const spoof = pushSenderProblem(info.from, m.sender)
+        const spoof = senderProblem(info.from, m.sender, "push")
         if (spoof !== undefined) {
-          const named = info.from.slice(info.from.lastIndexOf(".") + 1)
+          const named = subjectSender(info.from)
           return yield* reject({ code: "bad-message", reason: spoof, subject: info.from, sender: named, messageId: info.id }).pipe(
             Effect.flatMap((msg) => bus.publish(s.psAck(shard, named), encodeMessage(msg)).pipe(Effect.ignore))
           )
@@ -327,17 +326,8 @@ export const runParamServer = (o: ParamServerOptions): Effect.Effect<ParamServer
         if (odd !== undefined) return yield* bad("invalid-value", odd)
         // an embedding's gradient may come as its non-zero rows (shared/wire/rows.ts)
         // any codec of the registry (the bundle says which, per tensor); an inconsistent one is refused with its reason
-        let dense: ReturnType<typeof denseGrads>
-        try {
-          dense = denseGrads(bundle.tensors.map((t) => ({ name: t.name, shape: t.shape, values: t.dtype === "int32" ? (t.data as Int32Array) : decodeTensor(t) })), (n) => specShapes.get(n))
-        } catch (err) {
-          dense = { problem: `cannot decode ${m.codec} gradient: ${(err as Error).message}` }
-        }
-        if ("problem" in dense) {
-          return yield* reject({ code: "bad-tensor", reason: dense.problem, subject: info.subject, sender: m.sender, messageId: info.id }).pipe(
-            Effect.flatMap((msg) => (/^[A-Za-z0-9_-]{1,64}$/.test(m.sender) ? bus.publish(s.psAck(shard, m.sender), encodeMessage(msg)).pipe(Effect.ignore) : Effect.void))
-          )
-        }
+        const dense = denseOfWire(bundle.tensors, (n) => specShapes.get(n))
+        if ("problem" in dense) return yield* bad("bad-tensor", dense.decode ? `cannot decode ${m.codec} gradient: ${dense.problem}` : dense.problem)
         const grads = dense.grads
         yield* offerTraced({
           _tag: "GradientsReceived", subject: info.subject, incarnation: x.incarnation,

@@ -93,7 +93,8 @@ export interface QuantizeReport {
 }
 
 /** invalid-request: a bad field; checkpoint: unreadable or not a model; data: its validation data cannot be rebuilt; quantize: quantizing or running it failed; write: the file cannot be written or read back; bad-reply: (a client) a quantizer answered something undecodable. */
-export type QuantizeFailure = "invalid-request" | "checkpoint" | "data" | "quantize" | "write" | "bad-reply"
+export const QUANTIZE_FAILURES = ["invalid-request", "checkpoint", "data", "quantize", "write", "bad-reply"] as const
+export type QuantizeFailure = (typeof QUANTIZE_FAILURES)[number]
 
 export class QuantizeError extends Data.TaggedError("QuantizeError")<{ readonly reason: QuantizeFailure; readonly message: string }> {}
 
@@ -203,8 +204,10 @@ export const quantizeCheckpoint = Effect.fn("Quantizer.quantize")(function* (req
   // evaluate what was written: the file read back, so the numbers are the file's
   const { qm: back, header } = yield* attempt("write", () => decodeQModel(new Uint8Array(readFileSync(r.out)), r.out))
   progress(`quantize: wrote ${r.out} (${bytes.length.toLocaleString("en")} bytes); evaluating fp32 and ${r.mode} on ${plan.valBatches} validation batches`)
-  const fp32 = yield* attempt("data", () => evaluate(plan, (i) => scoreBatch(def, params, plan.valBatch(i)), def.summarize))
-  const quant = yield* attempt("quantize", () => evaluate(plan, (i) => qScore(back, plan.valBatch(i)), def.summarize))
+  // the same batches for both, cut once
+  const val = yield* attempt("data", () => Array.from({ length: plan.valBatches }, (_, i) => plan.valBatch(i)))
+  const fp32 = yield* attempt("data", () => evaluate(plan, (i) => scoreBatch(def, params, val[i]), def.summarize))
+  const quant = yield* attempt("quantize", () => evaluate(plan, (i) => qScore(back, val[i]), def.summarize))
   const counts = { int8: 0, int4: 0, float32: 0 }
   let wf = 0
   let wq = 0

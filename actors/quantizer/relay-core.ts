@@ -56,8 +56,7 @@ interface Entry {
 export interface Forwarded {
   readonly version: number
   readonly batchId: string
-  readonly parts: ReadonlyArray<{ readonly worker: string; readonly batchId: string }>
-  /** the workers' gradients it was made of (a "duplicate" refusal sends them again one by one). */
+  /** the workers' gradients it was made of, in worker-id order (their acks go to each; a "duplicate" refusal sends them again one by one). */
   readonly entries: ReadonlyArray<Entry>
   readonly bundles: ReadonlyMap<number, TensorBundle>
   /** the servers' answers so far, by shard. */
@@ -123,7 +122,7 @@ export const step = (s: RelayState, e: RelayEvent): RelayEffect[] => {
       const f = s.forwarded.find((x) => x.batchId === e.ack.batchId && x.version === e.ack.version)
       if (!f) break
       f.answered.set(e.ack.shard, e.ack)
-      for (const p of f.parts) out.push({ _tag: "AckWorker", worker: p.worker, ack: { ...e.ack, sender: p.worker, batchId: p.batchId } })
+      for (const p of f.entries) out.push({ _tag: "AckWorker", worker: p.worker, ack: { ...e.ack, sender: p.worker, batchId: p.batchId } })
       break
     }
     case "ServerRefused": {
@@ -131,14 +130,14 @@ export const step = (s: RelayState, e: RelayEvent): RelayEffect[] => {
       const f = s.forwarded.find((x) => r.step === undefined || x.version === r.step)
       if (!f) break
       s.stats.refused++
-      if (r.code === "duplicate" && f.parts.length > 1) {
+      if (r.code === "duplicate" && f.entries.length > 1) {
         // some part was applied already (this relay restarted between a combination and its answer): each goes alone now
         s.forwarded = s.forwarded.filter((x) => x !== f)
-        out.push({ _tag: "Log", level: "warn", message: `shard ${e.shard} refused the combination of v${f.version} (${r.reason}): its ${f.parts.length} parts go again one by one` })
+        out.push({ _tag: "Log", level: "warn", message: `shard ${e.shard} refused the combination of v${f.version} (${r.reason}): its ${f.entries.length} parts go again one by one` })
         for (const en of f.entries) forward(s, f.version, [en], out)
         break
       }
-      for (const p of f.parts) {
+      for (const p of f.entries) {
         out.push({ _tag: "RefuseWorker", worker: p.worker, shard: e.shard, rejected: { code: r.code, reason: `${r.reason} (via relay ${s.cfg.name})`, subject: r.subject, by: r.by, sender: p.worker, step: f.version } })
       }
       break
@@ -162,7 +161,7 @@ export const step = (s: RelayState, e: RelayEvent): RelayEffect[] => {
 
 const received = (s: RelayState, e: Extract<RelayEvent, { _tag: "Received" }>, out: RelayEffect[]) => {
   // a resend of a part already combined: the servers' answer again, or the combination again
-  const f = s.forwarded.find((x) => x.version === e.version && x.parts.some((p) => p.worker === e.worker && p.batchId === e.batchId))
+  const f = s.forwarded.find((x) => x.version === e.version && x.entries.some((p) => p.worker === e.worker && p.batchId === e.batchId))
   if (f) {
     const ack = f.answered.get(e.shard)
     if (ack) out.push({ _tag: "AckWorker", worker: e.worker, ack: { ...ack, sender: e.worker, batchId: e.batchId } })
@@ -247,7 +246,8 @@ const forward = (s: RelayState, v: number, entries: readonly Entry[], out: Relay
         for (let i = 0; i < g.length; i++) acc[i] += w * g[i]
       }
       const f = Float32Array.from(acc)
-      for (let i = 0; i < f.length; i++) normSq += f[i] * f[i]
+      // one part: its own norm is the combination's (below)
+      if (parts.length > 1) for (let i = 0; i < f.length; i++) normSq += f[i] * f[i]
       out.set(name, f)
     }
     sums.set(k, out)
@@ -263,7 +263,7 @@ const forward = (s: RelayState, v: number, entries: readonly Entry[], out: Relay
     const tensors = [...sums.get(k)!].flatMap(([name, g]) => s.encoder.encode(codec, name, s.cfg.shapes.get(name) ?? [g.length], g))
     bundles.set(k, { tensors, meta: { kind: "grads", job: s.cfg.job, version: v, step: v, sender: s.cfg.id, batchId, codec: codecName, extra } })
   }
-  const f: Forwarded = { version: v, batchId, parts: parts.map((p) => ({ worker: p.worker, batchId: p.batchId })), entries: parts, bundles, answered: new Map(), sentAt: s.now }
+  const f: Forwarded = { version: v, batchId, entries: parts, bundles, answered: new Map(), sentAt: s.now }
   s.forwarded = [f, ...s.forwarded.filter((x) => !(x.version === v && x.batchId === batchId))].slice(0, KEEP_FORWARDED)
   s.stats.combined++
   s.stats.parts += parts.length

@@ -27,10 +27,11 @@ import { gradMetaProblem } from "../../shared/protocol/limits.ts"
 import { modelForJob, trainableNames } from "../../shared/models/zoo.ts"
 import { decodeBytes, decodeValue, encodeMessage } from "../../shared/protocol/decode.ts"
 import { GradMeta, PushAck, Rejected, rejected } from "../../shared/protocol/messages.ts"
-import { pushSenderProblem, subjects } from "../../shared/protocol/subjects.ts"
+import { isToken, senderProblem, subjectSender, subjects } from "../../shared/protocol/subjects.ts"
 import { SenderResiduals, tensorLengths } from "../../shared/checkpoint/sender-state.ts"
-import { decodeTensor, parseCodec } from "../../shared/wire/codecs.ts"
-import { denseGrads } from "../../shared/wire/rows.ts"
+import { parseCodec } from "../../shared/wire/codecs.ts"
+import { denseOfWire } from "../../shared/wire/rows.ts"
+import { findNonFinite } from "../../shared/optim/clip.ts"
 import type { TensorBundle } from "../../shared/wire/tensor.ts"
 import { receiveBundles, sendBundle } from "../../shared/wire/transport.ts"
 import { initialRelay, step, type RelayEffect, type RelayEvent, type RelayState } from "./relay-core.ts"
@@ -79,9 +80,7 @@ export const runRelay = (o: RelayOptions): Effect.Effect<RelayHandle, Error, Bus
     if (senderState.corrupt) yield* Effect.logWarning(`relay ${name}: ${senderState.corrupt}; starting with zero residuals`)
     const runs = new Map<number, number>()
     const save = (version: number) =>
-      Effect.try({ try: () => senderState.save(version, runs), catch: (e) => e }).pipe(
-        Effect.catch((e) => Effect.logWarning(`relay ${name}: could not save its residuals: ${String(e)}`))
-      )
+      Effect.suspend(() => { const err = senderState.trySave(version, runs); return err ? Effect.logWarning(`relay ${name}: ${err}`) : Effect.void })
     yield* Effect.addFinalizer(() => save(Math.max(0, state.newest)).pipe(Effect.ignore))
 
     // ---- inputs
@@ -89,10 +88,10 @@ export const runRelay = (o: RelayOptions): Effect.Effect<RelayHandle, Error, Bus
       report({ code, reason, subject, sender: worker }).pipe(Effect.flatMap((msg) => bus.publish(s.relayAck(name, shard, worker), encodeMessage(msg))), Effect.ignore)
     const onPush = (shard: number) => (b: TensorBundle, info: { readonly subject: string; readonly from: string }) => {
       const m = b.meta
-      if (!/^[A-Za-z0-9_-]{1,64}$/.test(m.sender)) return report({ code: "bad-message", reason: `sender ${JSON.stringify(m.sender)} is not an actor id`, subject: info.subject }).pipe(Effect.asVoid)
+      if (!isToken(m.sender)) return report({ code: "bad-message", reason: `sender ${JSON.stringify(m.sender)} is not an actor id`, subject: info.subject }).pipe(Effect.asVoid)
       // the subject names the worker (its user alone may publish there): a bundle claiming another is refused to it
-      const spoof = pushSenderProblem(info.from, m.sender)
-      if (spoof !== undefined) return refuse(info.from.slice(info.from.lastIndexOf(".") + 1), shard, "bad-message", spoof, info.from)
+      const spoof = senderProblem(info.from, m.sender, "push")
+      if (spoof !== undefined) return refuse(subjectSender(info.from), shard, "bad-message", spoof, info.from)
       if (m.kind !== "grads" || m.job !== job.job) return refuse(m.sender, shard, m.job !== job.job ? "wrong-job" : "bad-message", `expected job ${job.job}'s grads, got ${m.job}'s ${m.kind}`, info.subject)
       const g = decodeValue(GradMeta, `${info.subject} meta.extra`, m.extra ?? {})
       if (Result.isFailure(g)) return refuse(m.sender, shard, "bad-message", g.failure.reason, info.subject)
@@ -101,21 +100,15 @@ export const runRelay = (o: RelayOptions): Effect.Effect<RelayHandle, Error, Bus
       if (odd !== undefined) return refuse(m.sender, shard, "invalid-value", odd, info.subject)
       const codec = g.success.stamp ?? "f32"
       if (Result.isFailure(parseCodec(codec))) return refuse(m.sender, shard, "bad-message", `stamp: ${codec} is not a known codec`, info.subject)
-      let dense: ReturnType<typeof denseGrads>
-      try {
-        dense = denseGrads(b.tensors.map((t) => ({ name: t.name, shape: t.shape, values: t.dtype === "int32" ? (t.data as Int32Array) : decodeTensor(t) })), (n) => shapes.get(n))
-      } catch (err) {
-        dense = { problem: (err as Error).message }
-      }
+      const dense = denseOfWire(b.tensors, (n) => shapes.get(n))
       if ("problem" in dense) return refuse(m.sender, shard, "bad-tensor", dense.problem, info.subject)
       const names = [...dense.grads.keys()]
       const want = expected[shard]
       if (names.length !== want.size || names.some((n) => !want.has(n))) {
         return refuse(m.sender, shard, "bad-tensor", `shard ${shard}'s gradient has tensors [${names.sort()}]; this job's are [${[...want].sort()}]`, info.subject)
       }
-      for (const [n, x] of dense.grads) {
-        for (let i = 0; i < x.length; i++) if (!Number.isFinite(x[i])) return refuse(m.sender, shard, "invalid-value", `gradient ${n} has a non-finite value at ${i}`, info.subject)
-      }
+      const nf = findNonFinite(dense.grads)
+      if (nf !== undefined) return refuse(m.sender, shard, "invalid-value", `gradient ${nf.name} has a non-finite value at ${nf.index}`, info.subject)
       if (g.success.run !== undefined) runs.set(shard, g.success.run)
       let note: Effect.Effect<void> = Effect.void
       if (senderState.waiting && runs.size === job.topology.psShards) {

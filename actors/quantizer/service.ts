@@ -19,7 +19,7 @@ import { Bus, type BusError, type BusShape } from "../../shared/bus/Bus.ts"
 import { Compute } from "../../shared/compute/backend.ts"
 import { decodeBytes, encodeMessage } from "../../shared/protocol/decode.ts"
 import { PROTOCOL_VERSION, queues, subjects } from "../../shared/protocol/subjects.ts"
-import { quantizeCheckpoint, QuantizeError, type Progress, type QuantizeFailure, type QuantizeReport, type QuantizeRequest } from "./ptq.ts"
+import { QUANTIZE_FAILURES, quantizeCheckpoint, QuantizeError, type Progress, type QuantizeFailure, type QuantizeReport, type QuantizeRequest } from "./ptq.ts"
 import { QUANT_MODES } from "./qmodel.ts"
 
 /** The request subject of a job's quantizers. */
@@ -41,7 +41,7 @@ export const QuantizeMessage = Schema.Struct({
   groupSize: Schema.optional(PosInt)
 })
 
-const FAILURES = ["invalid-request", "checkpoint", "data", "quantize", "write", "bad-reply"] as const satisfies readonly QuantizeFailure[]
+const FAILURES = QUANTIZE_FAILURES
 
 export const QuantizeReply = Schema.Union([
   Schema.Struct({ _tag: Schema.Literal("Quantized"), v: Schema.Literal(PROTOCOL_VERSION), report: Schema.Record(Schema.String, Schema.Unknown) }),

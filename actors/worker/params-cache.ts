@@ -132,8 +132,8 @@ export const serverSaid = (c: ParamsCache, shard: number, at: ServerPosition, no
   if (authoritative || isNewer(cur, at.incarnation, at.version) || (cur?.incarnation === at.incarnation && cur.version === at.version && cur.id === undefined)) c.confirmed.set(shard, at)
 }
 
-const refusalOf = (e: { readonly shard: number; readonly version: number; readonly sender?: string; readonly messageId?: string }, reason: string, version = e.version): Refusal => ({
-  shard: e.shard, version, reason, ...(e.sender !== undefined ? { sender: e.sender } : {}), ...(e.messageId !== undefined ? { messageId: e.messageId } : {})
+const refusalOf = (e: { readonly shard: number; readonly version: number; readonly sender?: string; readonly messageId?: string }, reason: string): Refusal => ({
+  shard: e.shard, version: e.version, reason, ...(e.sender !== undefined ? { sender: e.sender } : {}), ...(e.messageId !== undefined ? { messageId: e.messageId } : {})
 })
 
 /**
@@ -190,10 +190,7 @@ export const receiveParams = (c: ParamsCache, e: ParamsIn, now: number): Receive
     ...(e.sender !== undefined ? { sender: e.sender } : {}), ...(e.messageId !== undefined ? { messageId: e.messageId } : {})
   })
   if (behind) {
-    refusals.push({
-      shard: e.shard, version: cur.version, ...(cur.sender !== undefined ? { sender: cur.sender } : {}), ...(cur.messageId !== undefined ? { messageId: cur.messageId } : {}),
-      reason: `params of shard ${e.shard} at version ${cur.version} were not its server's: its pull reply says version ${e.version} (incarnation ${e.incarnation})`
-    })
+    refusals.push(refusalOf({ ...cur, shard: e.shard }, `params of shard ${e.shard} at version ${cur.version} were not its server's: its pull reply says version ${e.version} (incarnation ${e.incarnation})`))
   }
   if (cur === undefined || e.incarnation <= cur.incarnation) return { got: "newer", refusals }
   c.restartIncarnation = Math.max(c.restartIncarnation, e.incarnation)
@@ -219,6 +216,10 @@ export const takeParams = (c: ParamsCache, e: ParamsIn, now: number, emit: (x: P
   }
   return r.got
 }
+
+/** Each cached shard's run (ParamsMeta.run), what a sender's saved residuals are tagged with (sender-state.ts). */
+export const runsOf = (c: ParamsCache): Map<number, number> =>
+  new Map([...c.cache].flatMap(([k, x]) => (x.run === undefined ? [] : [[k, x.run] as const])))
 
 /** Pull `shard` unless a pull of it is under way. */
 export const pullShard = (c: ParamsCache, shard: number): Pull | undefined => {

@@ -13,7 +13,7 @@
  * Stage 0 heartbeats as the replica's worker (the shards' barrier counts replicas); the
  * others as role `stage`. Run alone: `flotilla launch worker --stage K --replica R`.
  */
-import { serverPosition } from "./params-cache.ts"
+import { runsOf, serverPosition } from "./params-cache.ts"
 import { Deferred, Effect, Queue, Result, Schedule, type Scope } from "effect"
 import { Bus } from "../../shared/bus/Bus.ts"
 import { onControl } from "../../shared/actor/control-listener.ts"
@@ -223,10 +223,7 @@ export const runStageWorker = (o: StageOptions): Effect.Effect<StageHandle, Erro
     const senderState = new SenderResiduals(job, id, encoder.residuals, shardOfForJob(job, model), tensorLengths(model.specs))
     if (senderState.corrupt) yield* Effect.logWarning(`stage ${id}: ${senderState.corrupt}; starting with zero residuals`)
     const saveResiduals = (version: number) =>
-      Effect.try({
-        try: () => senderState.save(version, new Map(cfg.reads.flatMap((sh) => { const run = state.cache.get(sh)?.run; return run === undefined ? [] : [[sh, run] as const] }))),
-        catch: (e) => e
-      }).pipe(Effect.catch((e) => Effect.logWarning(`stage ${id}: could not save its residuals: ${String(e)}`)))
+      Effect.suspend(() => { const err = senderState.trySave(version, runsOf(state)); return err ? Effect.logWarning(`stage ${id}: ${err}`) : Effect.void })
     yield* Effect.addFinalizer(() => saveResiduals(Math.max(0, senderState.lastSaved)).pipe(Effect.ignore))
     /** encoded pushes by shard, version and step: a resend, or attempt a+1 of the same step, sends these bytes again */
     const encoded = new Map<string, TensorBundle>()

@@ -13,7 +13,7 @@
  * Needs the Compute service (a TensorFlow.js backend). Run alone:
  * `flotilla launch worker --job FILE --nats URL`.
  */
-import { serverPosition } from "./params-cache.ts"
+import { runsOf, serverPosition } from "./params-cache.ts"
 import { Deferred, Effect, Queue, Result, Schedule, Scope } from "effect"
 import { Bus, type BusShape } from "../../shared/bus/Bus.ts"
 import { onControl } from "../../shared/actor/control-listener.ts"
@@ -85,10 +85,7 @@ export const runWorker = (o: WorkerOptions): Effect.Effect<WorkerHandle, Error, 
     const senderState = mode === "train" && !o.relay ? new SenderResiduals(job, id, encoder.residuals, shardOf, tensorLengths(model.specs)) : undefined
     if (senderState?.corrupt) yield* Effect.logWarning(`worker ${id}: ${senderState.corrupt}; starting with zero residuals`)
     const saveResiduals = (version: number) =>
-      Effect.try({
-        try: () => senderState?.save(version, new Map([...state.cache].flatMap(([k, c]) => (c.run === undefined ? [] : [[k, c.run] as const])))),
-        catch: (e) => e
-      }).pipe(Effect.catch((e) => Effect.logWarning(`worker ${id}: could not save its residuals: ${String(e)}`)))
+      Effect.suspend(() => { const err = senderState?.trySave(version, runsOf(state)); return err ? Effect.logWarning(`worker ${id}: ${err}`) : Effect.void })
     if (senderState) yield* Effect.addFinalizer(() => saveResiduals(Math.max(0, senderState.lastSaved)).pipe(Effect.ignore))
     const stats = { steps: 0, stale: 0, tokens: 0, bytesSent: 0, resent: 0, pulls: 0 }
     const finished = yield* Deferred.make<void>()

@@ -133,9 +133,6 @@ export const parseNkeyFile = (file: string): string => {
   return seed
 }
 
-/** The public key (`U…`) of an nkey user seed. */
-export const nkeyPublicKey = (seed: string): string => nkeys.fromSeed(new TextEncoder().encode(seed)).getPublicKey() as string
-
 /** One line for logs: which credential a connection presents (never the secret). */
 export const describeAuth = (auth: NatsAuth | undefined): string => {
   if (auth === undefined) return "no credentials"

@@ -44,7 +44,6 @@ export const jobRoles = (shards: number): JobRole[] => {
   return ["loader", "scheduler", ...Array.from({ length: shards }, (_, k): JobRole => `ps-${k}`), "worker", "evaluator", "quantizer", "observer", "operator", "driver"]
 }
 
-export const isJobRole = (r: string, shards: number): r is JobRole => (jobRoles(shards) as string[]).includes(r)
 
 /** The role a `flotilla launch <role>` process connects as (cli/topology.ts roles). */
 export const roleOfActor = (actorRole: string, shard: number): JobRole => (actorRole === "param-server" ? `ps-${shard}` : (actorRole as JobRole))

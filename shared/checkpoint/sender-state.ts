@@ -197,6 +197,16 @@ export class SenderResiduals {
     return this.savedAt
   }
 
+  /** save, and say why it could not (a line to log), or undefined. */
+  trySave(version: number, runs: ReadonlyMap<number, number>): string | undefined {
+    try {
+      this.save(version, runs)
+      return undefined
+    } catch (e) {
+      return `could not save its residuals: ${String(e)}`
+    }
+  }
+
   /** Write the residuals owed after `version`, tagged with each shard's run (`runs`). */
   save(version: number, runs: ReadonlyMap<number, number>): void {
     if (this.residuals.size === 0) return

@@ -123,11 +123,18 @@ export const queues = {
   quantizer: "quantizer"
 } as const
 
+/** The sender a subject names in its last token (`….push.<sender>`, `data.lease.<worker>`, `data.ack.<worker>`). */
+export const subjectSender = (subject: string): string => subject.slice(subject.lastIndexOf(".") + 1)
+
 /**
- * The sender a push subject names (`….push.<sender>`: subjects(job).psPush, relayPush), and
- * why a bundle on it is refused when its meta names another one (undefined: they agree).
+ * Why a message on a subject that names its sender is refused: it claims another one
+ * (`claimed`: a push's meta.sender, a lease's worker); undefined when they agree. Only the
+ * named sender's user may publish there (shared/bus/permissions.ts), so the refusal goes to it.
  */
-export const pushSenderProblem = (subject: string, metaSender: string): string | undefined => {
-  const named = subject.slice(subject.lastIndexOf(".") + 1)
-  return named === metaSender ? undefined : `a push on ${subject} (${named}'s subject) names sender ${JSON.stringify(metaSender)}: a sender pushes on its own subject only`
+export const senderProblem = (subject: string, claimed: string, what: "push" | "request"): string | undefined => {
+  const named = subjectSender(subject)
+  if (named === claimed) return undefined
+  return what === "push"
+    ? `a push on ${subject} (${named}'s subject) names sender ${JSON.stringify(claimed)}: a sender pushes on its own subject only`
+    : `a request on ${subject} (${named}'s subject) names worker ${JSON.stringify(claimed)}: a worker asks on its own subject only`
 }

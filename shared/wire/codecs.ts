@@ -422,6 +422,18 @@ export const encodeTensor = (
   }
 }
 
+/** Why topk `indices` do not fit `numel` (k in [1, numel], strictly increasing, each < numel), or undefined. */
+export const badIndices = (indices: Uint32Array, numel: number): string | undefined => {
+  const k = indices.length
+  if (k > numel || (k === 0 && numel > 0)) return `k = ${k} kept values must be in [1, ${numel}] (numel)`
+  for (let j = 0, prev = -1; j < k; j++) {
+    const i = indices[j]
+    if (i <= prev || i >= numel) return `indices[${j}] = ${i} must be > ${prev} (strictly increasing) and < ${numel} (numel)`
+    prev = i
+  }
+  return undefined
+}
+
 /**
  * The float32 values of any float wire tensor, into `out` when given (numel elements; for
  * topk it is zeroed first): float32 as is (the data itself when there is no `out`), bf16
@@ -464,14 +476,10 @@ export const decodeTensor = (t: WireTensor, out?: Float32Array): Float32Array =>
       if (!(idx instanceof Uint32Array)) throw new RangeError(`${what}: topk needs a Uint32Array of indices, got ${typeName(idx)}`)
       const k = idx.length
       need(d instanceof Float32Array, "Float32Array", k)
-      if (k > n || (k === 0 && n > 0)) throw new RangeError(`${what}: k = ${k} kept values must be in [1, ${n}] (numel)`)
+      const bad = badIndices(idx, n)
+      if (bad !== undefined) throw new RangeError(`${what}: ${bad}`)
       if (out) out.fill(0)
-      for (let j = 0, prev = -1; j < k; j++) {
-        const i = idx[j]
-        if (i <= prev || i >= n) throw new RangeError(`${what}: indices[${j}] = ${i} must be > ${prev} (strictly increasing) and < ${n} (numel)`)
-        y[i] = d[j]
-        prev = i
-      }
+      for (let j = 0; j < k; j++) y[idx[j]] = d[j]
       return y
     }
     default:

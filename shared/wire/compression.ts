@@ -39,6 +39,9 @@ export interface CodecSwitch {
   readonly codec: string
 }
 
+/** The switches after `sw` is added: it replaces every one at or after its version (a later command wins). */
+export const withSwitch = (switches: readonly CodecSwitch[], sw: CodecSwitch): CodecSwitch[] => [...switches.filter((x) => x.fromVersion < sw.fromVersion), sw]
+
 /** The codec of a gradient computed on params `version`. */
 export const gradCodecAt = (c: CompressionConfig, switches: readonly CodecSwitch[], version: number): string => {
   if (version < c.warmupSteps) return "f32"

@@ -29,7 +29,7 @@ import type { Headers } from "../bus/Bus.ts"
 import { HEADERS } from "../protocol/headers.ts"
 import { crc32, crc32Combine } from "./crc32.ts"
 import { allocBytes } from "./tensor.ts"
-import { ReceiveBudget, type BudgetProblem, type Charge } from "./budget.ts"
+import { MIN_CHUNK_BYTES, ReceiveBudget, type BudgetProblem, type Charge } from "./budget.ts"
 
 export const FRAME_PROTOCOL_VERSION = "1"
 
@@ -112,7 +112,7 @@ export const frameMessage = (payload: Uint8Array, opts: FrameOptions): Result.Re
   // Our numeric headers at their widest (index/count/offset ≤ 16 digits, CRCs 8).
   const ours = headerBytes(fixed) + 6 * 20 + 2 * 8 + 7 * 24
   const room = opts.maxPayload - (opts.headroom ?? DEFAULT_HEADROOM) - ours
-  if (room < 1024) {
+  if (room < MIN_CHUNK_BYTES) {
     return fail("max-payload-too-small", `maxPayload ${opts.maxPayload} leaves ${room} bytes per frame after headers and headroom`)
   }
   const manifestCost = opts.manifest === undefined ? 0 : H.manifest.length + opts.manifest.length + 4

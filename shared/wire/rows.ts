@@ -5,6 +5,7 @@
 // [R, C] of zeros. The maths is unchanged (the optimizer sees the same dense gradient), only
 // the bytes shrink. Used for f32 gradients (an int8 codec's error feedback is per dense
 // tensor). Pure. Does not own: the bundle layout (tensor.ts), quantization (codecs.ts).
+import { decodeTensor } from "./codecs.ts"
 import type { WireTensor } from "./tensor.ts"
 
 export const ROWS_SUFFIX = "@rows"
@@ -79,4 +80,20 @@ export const denseGrads = (
     grads.set(t.name, dense)
   }
   return { grads }
+}
+
+/**
+ * A gradient bundle's wire tensors as dense float32 gradients: every codec of the registry
+ * decoded (codecs.ts decodeTensor), the row-sparse ones scattered (denseGrads); what does not
+ * fit as `problem` — `decode` when a tensor itself would not decode.
+ */
+export const denseOfWire = (
+  tensors: ReadonlyArray<WireTensor>,
+  shapeOf: (name: string) => readonly number[] | undefined
+): { readonly grads: Map<string, Float32Array> } | { readonly problem: string; readonly decode?: true } => {
+  try {
+    return denseGrads(tensors.map((t) => ({ name: t.name, shape: t.shape, values: t.dtype === "int32" ? (t.data as Int32Array) : decodeTensor(t) })), shapeOf)
+  } catch (err) {
+    return { problem: (err as Error).message, decode: true }
+  }
 }

@@ -27,7 +27,7 @@
 // topk and the fields k, indexOffset were added within v1 (old bundles decode unchanged).
 
 import { Data, Result, Schema } from "effect"
-import { parseCodec } from "./codecs.ts"
+import { badIndices, parseCodec } from "./codecs.ts"
 
 export const DTYPES = ["float32", "int8", "int32", "bf16", "int4", "sign1", "topk"] as const
 export type DType = (typeof DTYPES)[number]
@@ -167,17 +167,6 @@ const ARRAY: Record<DType, Function> = {
 }
 const BLOCKED: ReadonlySet<DType> = new Set(["int8", "int4", "sign1"])
 
-/** Why topk indices do not describe a tensor of numel elements, or undefined when they do. */
-const badIndices = (indices: Uint32Array, numel: number): string | undefined => {
-  const k = indices.length
-  if (k > numel || (k === 0 && numel > 0)) return `k = ${k} kept values must be in [1, ${numel}] (numel)`
-  for (let j = 0, prev = -1; j < k; j++) {
-    const i = indices[j]
-    if (i <= prev || i >= numel) return `indices[${j}] = ${i} must be > ${prev} (strictly increasing) and < ${numel} (numel)`
-    prev = i
-  }
-  return undefined
-}
 /** The next multiple of 4 (arithmetic, not a bitwise AND: payloads may pass 2 GiB). */
 const align4 = (n: number): number => Math.ceil(n / 4) * 4
 const LITTLE_ENDIAN = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1
